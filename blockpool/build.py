@@ -1,0 +1,280 @@
+"""Split checkpoints into a pool of per-block safetensors files.
+
+The build streams: it reads the tensors of one block, casts them, writes that block's
+file atomically and lets them go, so its peak memory tracks the largest block rather than
+the model (GGUF sources are converted once, whole, into a cached directory first). Block
+files are written before the manifest; a killed build, rerun, keeps every block file that
+is already complete and current and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from blockpool.errors import SourceError, UsageError
+from blockpool.families import FamilySpec, family_for_config
+from blockpool.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    atomic_write_bytes,
+    block_id,
+    empty_manifest,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
+from blockpool.sources import Source, iter_sources, open_source
+
+__all__ = ["DTYPES", "build_pool", "plan_blocks"]
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+Progress = Callable[[str, int, int], None]
+
+
+def plan_blocks(spec: FamilySpec, config: Any, names: Sequence[str]) -> dict[str, Any]:
+    """Assign a checkpoint's tensors to blocks.
+
+    Args:
+        spec: the family of the checkpoint.
+        config: its transformers config.
+        names: its tensor names as stored.
+
+    Returns:
+        ``{"blocks": {(kind, index): [(source_name, local_name), ...]}, "tied": {local: (kind,
+        index, local)}, "ignored": [...], "unassigned": [...]}``, blocks in execution order.
+
+    Raises:
+        SourceError: a layer is missing, or an untied head weight is absent.
+    """
+    blocks: dict[tuple[str, int], list[tuple[str, str]]] = defaultdict(list)
+    ignored, unassigned = [], []
+    tie = bool(getattr(config, "tie_word_embeddings", False))
+    canonical = {spec.canonical_name(n): n for n in names}
+    for name, stored in canonical.items():
+        if spec.is_ignored(name) or (tie and name in spec.tied):
+            ignored.append(stored)
+        elif (where := spec.locate(name)) is None:
+            unassigned.append(stored)
+        else:
+            blocks[where[0], where[1]].append((stored, where[2]))
+    tied = {}
+    for target, src in spec.tied.items() if tie else ():
+        src_where = spec.locate(src)
+        tgt_where = spec.locate(target)
+        if src_where and tgt_where and src in canonical:
+            tied[tgt_where[2]] = src_where
+    n_layers = config.num_hidden_layers
+    missing = [i for i in range(n_layers) if ("layer", i) not in blocks]
+    if missing:
+        raise SourceError(f"checkpoint lacks the tensors of layers {missing[:5]} of {n_layers}")
+    order = [("embed", 0)] + [("layer", i) for i in range(n_layers)]
+    if ("head", 0) in blocks or tied:
+        order.append(("head", 0))
+    return {
+        "blocks": {k: blocks.get(k, []) for k in order},
+        "tied": tied,
+        "ignored": ignored,
+        "unassigned": unassigned,
+    }
+
+
+def _block_file(model: str, kind: str, index: int) -> str:
+    name = f"layer.{index:03d}" if kind == "layer" else kind
+    return f"blocks/{model}/{name}.safetensors"
+
+
+def _interface(spec: FamilySpec, config: Any) -> dict[str, Any]:
+    return {
+        "hidden_size": int(config.hidden_size),
+        "position": spec.position,
+        "attention": "causal" if spec.causal else "bidirectional",
+        "norm": spec.norm,
+    }
+
+
+def _existing_ok(path: Path, meta: dict[str, str]) -> bool:
+    """A block file left by an earlier run that is complete and was made the same way."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(path, "pt") as f:
+            found = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return False
+    return all(found.get(k) == v for k, v in meta.items())
+
+
+def _write_block(
+    path: Path,
+    source: Source,
+    tensors: list[tuple[str, str]],
+    dtype: torch.dtype,
+    meta: dict[str, str],
+) -> str:
+    state = {}
+    for stored, local in tensors:
+        t = source.read(stored)
+        state[local] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    data = save(state, metadata=meta)
+    del state
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add_model(
+    root: Path,
+    manifest: dict[str, Any],
+    name: str,
+    source: Source,
+    dtype: str,
+    progress: Progress | None,
+) -> None:
+    spec = family_for_config(source.config)
+    plan = plan_blocks(spec, source.config, source.names())
+    if plan["unassigned"]:
+        warnings.warn(
+            f"{name}: tensors in no block, not stored: {plan['unassigned'][:5]}", stacklevel=2
+        )
+    ids = []
+    for step, ((kind, index), tensors) in enumerate(plan["blocks"].items()):
+        bid = block_id(name, kind, index)
+        rel = _block_file(name, kind, index)
+        meta = {
+            "block_id": bid,
+            "family": spec.name,
+            "kind": kind,
+            "index": str(index),
+            "precision": dtype,
+            "source": source.fingerprint,
+            "format_version": str(FORMAT_VERSION),
+        }
+        path = root / rel
+        digest = (
+            sha256_file(path)
+            if _existing_ok(path, meta)
+            else _write_block(path, source, tensors, DTYPES[dtype], meta)
+        )
+        tied = {
+            local: block_id(name, k, i) + ":" + src_local
+            for local, (k, i, src_local) in plan["tied"].items()
+            if kind == "head"
+        }
+        manifest["blocks"][bid] = {
+            "file": rel,
+            "model": name,
+            "kind": kind,
+            "index": index,
+            "family": spec.name,
+            "precision": dtype,
+            "sparsity": 0.0,
+            "bytes": path.stat().st_size,
+            "sha256": digest,
+            "interface": _interface(spec, source.config),
+            "parent": None,
+            "tied": tied,
+            "tensors": [local for _, local in tensors],
+        }
+        ids.append(bid)
+        if progress:
+            progress(name, step + 1, len(plan["blocks"]))
+    manifest["models"][name] = {
+        "family": spec.name,
+        "config": source.config.to_dict(),
+        "blocks": ids,
+        "source": {"origin": source.origin, "fingerprint": source.fingerprint},
+        "tokenizer": _copy_tokenizer(root, name, source),
+        "ignored": plan["ignored"],
+    }
+
+
+def _copy_tokenizer(root: Path, name: str, source: Source) -> dict[str, str]:
+    sums = {}
+    for f in source.tokenizer_files():
+        rel = f"tokenizers/{name}/{f.name}"
+        data = f.read_bytes()
+        atomic_write_bytes(root / rel, data)
+        sums[rel] = hashlib.sha256(data).hexdigest()
+    return sums
+
+
+def build_pool(
+    sources: Sequence[str],
+    out: Path,
+    *,
+    dtype: str = "fp16",
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Split each source into blocks under ``out`` and write ``out/pool.json``.
+
+    Args:
+        sources: ``name=SOURCE`` or ``SOURCE`` strings (HF directory, ``.gguf``, builtin name).
+        out: the pool directory; an existing pool is extended (a model of the same name and
+            the same source is rebuilt in place, reusing its complete block files).
+        dtype: storage precision of floating tensors: ``fp32``, ``bf16`` or ``fp16``.
+        allow_pickle: accept directories holding only ``pytorch_model.bin`` (loaded with
+            ``torch.load(weights_only=True)``).
+        progress: called as ``progress(model, blocks_done, blocks_total)``.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        UsageError, SourceError, UnsupportedArchitecture: bad input; nothing is half-written
+            (block files are atomic and the manifest is written last).
+    """
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not sources:
+        raise UsageError(
+            "give at least one SOURCE (an HF directory, a .gguf file or a builtin name)"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    manifest = read_manifest(out) if (out / MANIFEST).is_file() else empty_manifest()
+    named = list(iter_sources(list(sources)))
+    opened = [(name, open_source(src, allow_pickle=allow_pickle)) for name, src in named]
+    try:
+        for name, source in opened:
+            family_for_config(source.config)  # every source is checked before anything is written
+            _check_replaceable(manifest, name, source)
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stray(out)
+        for name, source in opened:
+            _add_model(out, manifest, name, source, dtype, progress)
+        write_manifest(out, manifest)
+    finally:
+        for _, source in opened:
+            source.close()
+    return manifest
+
+
+def _check_replaceable(manifest: dict[str, Any], name: str, source: Source) -> None:
+    old = manifest["models"].get(name)
+    if old and old["source"]["fingerprint"] != source.fingerprint:
+        raise UsageError(
+            f"the pool already holds a model named {name!r} from another source "
+            f"({old['source']['origin']}); give this one another name as NAME=SOURCE"
+        )
+    for bid in list(manifest["blocks"]):
+        if old and bid in old["blocks"]:
+            del manifest["blocks"][bid]
+
+
+def remove_stray(out: Path) -> None:
+    """Delete temporary files a killed build left behind."""
+    for tmp in out.rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,167 @@
+"""An open pool: verify it, load a block's tensors (memory-mapped), build its module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from blockpool.errors import IntegrityError, UsageError
+from blockpool.families import FamilySpec, get_family, import_object
+from blockpool.manifest import read_manifest, resolve_inside, sha256_file
+
+__all__ = ["BadBlock", "Pool"]
+
+
+@dataclass(frozen=True)
+class BadBlock:
+    """A block whose file is missing or does not match its recorded sum."""
+
+    block_id: str
+    file: str
+    reason: str
+
+
+class Pool:
+    """A pool directory opened for reading.
+
+    Args:
+        root: the pool directory (holding ``pool.json``).
+
+    Raises:
+        ManifestError: the manifest is missing, truncated, malformed or unsafe.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.models: dict[str, Any] = self.manifest["models"]
+        self.blocks: dict[str, Any] = self.manifest["blocks"]
+        self._verified: set[str] = set()
+
+    # --- models -------------------------------------------------------------------------
+    def model(self, name: str) -> dict[str, Any]:
+        """The manifest entry of model ``name``."""
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise UsageError(f"no model {name!r} in pool {self.root} (models: {known})")
+        return self.models[name]
+
+    def family(self, name: str) -> FamilySpec:
+        return get_family(self.model(name)["family"])
+
+    def config(self, name: str, attn_implementation: str = "sdpa") -> Any:
+        """The transformers config of model ``name``, ready to build layers from."""
+        from transformers import AutoConfig
+
+        entry = dict(self.model(name)["config"])
+        entry.pop("assy_converted_from", None)
+        config = AutoConfig.for_model(**entry)
+        config._attn_implementation = attn_implementation
+        return config
+
+    def tokenizer(self, name: str) -> Any:
+        """The model's tokenizer, from the files copied into the pool."""
+        from transformers import AutoTokenizer
+
+        files = self.model(name).get("tokenizer") or {}
+        if not files:
+            raise UsageError(f"model {name!r} has no tokenizer in the pool (its source had none)")
+        for rel, digest in files.items():
+            if sha256_file(resolve_inside(self.root, rel)) != digest:
+                raise IntegrityError(f"{rel}: tokenizer file does not match its sum in pool.json")
+        return AutoTokenizer.from_pretrained(self.root / "tokenizers" / name, local_files_only=True)
+
+    # --- blocks -------------------------------------------------------------------------
+    def path(self, bid: str) -> Path:
+        return resolve_inside(self.root, self.blocks[bid]["file"])
+
+    def check_block(self, bid: str) -> BadBlock | None:
+        """Compare one block file with its recorded sum; ``None`` when it matches."""
+        entry = self.blocks[bid]
+        path = self.path(bid)
+        if not path.is_file():
+            return BadBlock(bid, entry["file"], "file missing")
+        if sha256_file(path) != entry["sha256"]:
+            return BadBlock(bid, entry["file"], "sha256 mismatch (file corrupted or modified)")
+        return None
+
+    def verify(self) -> list[BadBlock]:
+        """Every block that is missing or does not match its sum."""
+        return [bad for bid in self.blocks if (bad := self.check_block(bid)) is not None]
+
+    def _ensure_verified(self, bid: str) -> None:
+        if bid in self._verified:
+            return
+        bad = self.check_block(bid)
+        if bad is not None:
+            raise IntegrityError(
+                f"block {bid} ({bad.file}): {bad.reason}; run assy verify-pool {self.root} "
+                "and rebuild the pool"
+            )
+        self._verified.add(bid)
+
+    def load_tensors(self, bid: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """A block's tensors by their names inside the block module (tied aliases resolved).
+
+        The file's sum is checked once per open pool before its first use.
+
+        Raises:
+            IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
+        """
+        if bid not in self.blocks:
+            raise UsageError(f"no block {bid!r} in pool {self.root}")
+        entry = self.blocks[bid]
+        state = self._read(bid, verify)
+        for local, ref in (entry.get("tied") or {}).items():
+            src_bid, _, src_local = ref.partition(":")
+            state[local] = self._read(src_bid, verify, only=src_local)[src_local]
+        return state
+
+    def _read(self, bid: str, verify: bool, only: str | None = None) -> dict[str, torch.Tensor]:
+        if verify:
+            self._ensure_verified(bid)
+        try:
+            with safe_open(self.path(bid), "pt") as f:
+                names = [only] if only else list(f.keys())
+                return {n: f.get_tensor(n) for n in names}
+        except (SafetensorError, OSError) as e:
+            raise IntegrityError(
+                f"block {bid}: cannot read {self.blocks[bid]['file']} ({e})"
+            ) from None
+
+    def build_module(
+        self, bid: str, *, dtype: torch.dtype = torch.float32, config: Any = None
+    ) -> nn.Module:
+        """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
+
+        Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
+        embeddings and heads are the family's small wrappers.
+        """
+        from accelerate import init_empty_weights
+
+        entry = self.blocks[bid]
+        spec = get_family(entry["family"])
+        config = config if config is not None else self.config(entry["model"])
+        with init_empty_weights(include_buffers=False):
+            if entry["kind"] == "layer":
+                module = import_object(spec.layer_class)(config, entry["index"])
+            elif entry["kind"] == "embed":
+                module = spec.build_embed(config)
+            else:
+                module = spec.build_head(config)
+        state = {
+            k: (v.to(dtype) if v.is_floating_point() else v)
+            for k, v in self.load_tensors(bid).items()
+        }
+        missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise IntegrityError(
+                f"block {bid}: tensors do not fit its {type(module).__name__} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return module.eval()

