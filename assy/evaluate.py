@@ -18,12 +18,13 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
 
-from assy.data import MCExample
+from assy.data import MCExample, load_task, read_text
 from assy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -33,6 +34,8 @@ __all__ = [
     "Model",
     "choice_logliks",
     "encode_pair",
+    "evaluate_pool_model",
+    "peak_rss_bytes",
     "mc_metrics",
     "multiple_choice",
     "perplexity",
@@ -139,12 +142,13 @@ def perplexity(
 def encode_pair(
     tokenizer: PreTrainedTokenizerBase, context: str, continuation: str
 ) -> tuple[list[int], list[int]]:
-    """Tokenize a (context, continuation) pair the lm-evaluation-harness (v0.3) way.
+    """Tokenize a (context, continuation) pair the lm-evaluation-harness (v0.4) way.
 
-    Trailing whitespace of the context moves to the front of the continuation; the
-    context is encoded with the tokenizer's default special tokens (BOS where it adds
-    one), the continuation separately with ``add_special_tokens=False``. A context that
-    encodes to nothing is replaced by ``[bos]`` (or ``[eos]``), as lm-eval does with EOT.
+    Trailing whitespace of the context moves to the front of the continuation; the pair is
+    encoded together (with the tokenizer's default special tokens) and split after the
+    tokens of the context encoded alone. Encoding together avoids the spurious word-start
+    token SentencePiece tokenizers (Gemma) emit for a continuation encoded on its own. A
+    context that encodes to nothing is replaced by ``[bos]`` (or ``[eos]``).
 
     Args:
         tokenizer: Hugging Face tokenizer.
@@ -162,7 +166,11 @@ def encode_pair(
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     context_ids = list(tokenizer(context).input_ids)
-    continuation_ids = list(tokenizer(continuation, add_special_tokens=False).input_ids)
+    whole = list(tokenizer(context + continuation).input_ids)
+    continuation_ids = whole[len(context_ids) :]
+    if not context:
+        context_ids = []
+        continuation_ids = list(tokenizer(continuation, add_special_tokens=False).input_ids)
     if not continuation_ids:
         raise UsageError(f"choice {continuation!r} encodes to no tokens")
     if not context_ids:
@@ -364,3 +372,61 @@ def multiple_choice(
         progress=progress,
     )
     return mc_metrics(logliks, examples)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far, in bytes (Linux ``ru_maxrss`` is KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def evaluate_pool_model(
+    root: Path,
+    model: str,
+    task: str,
+    *,
+    text: Path | None = None,
+    data: Path | None = None,
+    limit: int | None = None,
+    max_tokens: int = 2048,
+    window: int = 512,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate one model of a pool, run from its blocks, on a task.
+
+    Args:
+        root: the pool directory.
+        model: the model's name in the pool.
+        task: ``perplexity`` (needs ``text``) or a multiple-choice task of :data:`TASKS`.
+        text, data, limit, max_tokens, window, batch_size: as for :func:`perplexity` and
+            :func:`multiple_choice` (``data`` replaces the shipped validation split).
+
+    Returns:
+        The metrics, plus ``model``, ``task`` and ``peak_rss_bytes``.
+    """
+    from blockpool import BlockRunner, Pool
+
+    pool = Pool(root)
+    if not pool.family(model).causal:
+        raise UsageError(
+            f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
+        )
+    if task == "perplexity":
+        if text is None:
+            raise UsageError("--task perplexity needs --text FILE")
+        body = read_text(text)
+    else:
+        examples = load_task(task, data_file=data, limit=limit)
+    tokenizer = pool.tokenizer(model)
+    runner = BlockRunner(pool, model)
+    if task == "perplexity":
+        result = perplexity(
+            runner, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress
+        )
+    else:
+        result = multiple_choice(
+            runner, tokenizer, examples, batch_size=batch_size, progress=progress
+        )
+    return {"model": model, "task": task, **result, "peak_rss_bytes": peak_rss_bytes()}

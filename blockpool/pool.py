@@ -14,7 +14,7 @@ from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file
 
-__all__ = ["BadBlock", "Pool"]
+__all__ = ["BadBlock", "Pool", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +165,35 @@ class Pool:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         return module.eval()
+
+
+def summarize(pool: Pool) -> dict[str, Any]:
+    """Models, their blocks, bytes per model and in total, and the precisions in use."""
+    models = {}
+    for name, entry in pool.models.items():
+        blocks = [pool.blocks[b] for b in entry["blocks"]]
+        models[name] = {
+            "family": entry["family"],
+            "source": entry["source"]["origin"],
+            "layers": sum(b["kind"] == "layer" for b in blocks),
+            "hidden_size": blocks[0]["interface"]["hidden_size"],
+            "bytes": sum(b["bytes"] for b in blocks),
+            "precisions": sorted({b["precision"] for b in blocks}),
+            "blocks": [
+                {
+                    "id": b,
+                    "kind": pool.blocks[b]["kind"],
+                    "precision": pool.blocks[b]["precision"],
+                    "sparsity": pool.blocks[b]["sparsity"],
+                    "bytes": pool.blocks[b]["bytes"],
+                }
+                for b in entry["blocks"]
+            ],
+        }
+    return {
+        "pool": str(pool.root),
+        "format_version": pool.manifest["format_version"],
+        "models": models,
+        "blocks": len(pool.blocks),
+        "bytes": sum(b["bytes"] for b in pool.blocks.values()),
+    }
