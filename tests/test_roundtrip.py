@@ -36,7 +36,9 @@ def test_blocks_reproduce_the_transformers_forward(family, tiny_dirs, tmp_path):
         torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=0)
     else:
         keep = mask.bool()
-        torch.testing.assert_close(ours.hidden[keep], theirs.last_hidden_state[keep], atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            ours.hidden[keep], theirs.last_hidden_state[keep], atol=1e-4, rtol=0
+        )
         torch.testing.assert_close(ours.pooled, theirs.pooler_output, atol=1e-4, rtol=0)
 
 
@@ -50,7 +52,9 @@ def test_kv_cache_decoding_matches_full_forward(family, tiny_dirs, tmp_path):
     step = runner.forward(ids[:, :6], use_cache=True)
     logits = [step.logits]
     for t in range(6, 10):
-        step = runner.forward(ids[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True)
+        step = runner.forward(
+            ids[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True
+        )
         logits.append(step.logits)
 
     torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-4, rtol=0)

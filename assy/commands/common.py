@@ -1,0 +1,40 @@
+"""Shared pieces of the CLI: user-error handling and human-readable sizes."""
+
+from __future__ import annotations
+
+import sys
+from functools import wraps
+
+import click
+
+from assy.errors import AssyError
+
+__all__ = ["human_bytes", "user_errors"]
+
+
+def user_errors(fn):
+    """Turn user errors into a one-line ``error: ...`` on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AssyError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def human_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"`` (decimal units)."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")

@@ -1,0 +1,455 @@
+"""Peak memory and wall time of ``blockpool.build_pool`` on the real checkpoints.
+
+Reproduce (about 2-3 minutes on a 2-core machine)::
+
+    .venv/bin/python benchmarks/build_pool.py --out results/build_pool.json
+
+The claim checked: the build streams one block at a time, so its peak memory should track
+the largest block, not the whole model.
+
+What runs. Every measurement is a fresh child process (this script re-invoked with
+``--child``), so each peak is that child's alone:
+
+* ``floor``: imports torch, transformers and blockpool, nothing else (the import floor);
+* ``build``: the same imports, then ``build_pool(["NAME=DIR"], tmp, dtype=...)`` from the
+  model's safetensors directory (the cached fp32 conversion for the GGUF builtins);
+* ``naive``: the same imports, then ``AutoModel[ForCausalLM].from_pretrained(DIR, dtype=...)``
+  and ``safetensors.torch.save_file(state_dict)``, the whole model in memory at once.
+
+How memory is measured. Each child reports its own numbers as JSON on stdout (no
+``/usr/bin/time``): ``peak_rss`` is the kernel's high-water mark of resident memory
+(``VmHWM`` = ``ru_maxrss``) over the child's life. RSS counts file pages mapped into the
+process, and ``safe_open`` memory-maps the source file, so pages read from the source stay
+in RSS for as long as the source stays open. The build child therefore also splits its
+peak: after every block (from the ``progress`` callback) it reads ``VmHWM`` and the
+file-backed resident pages, then resets the high-water mark (``/proc/self/clear_refs``).
+``HWM - file-backed pages at the end of that window`` is a lower bound of the anonymous
+(private, unreclaimable) memory peak in that window; it is exact when the peak falls after
+the window's source pages were read, which is where ``_write_block`` peaks (end of
+serialisation). ``peak_rss`` is the maximum over all windows, i.e. what ``ru_maxrss`` would
+report without the resets. Page cache of the source files is dropped before each child
+with ``posix_fadvise(POSIX_FADV_DONTNEED)``, so reads are cold-ish.
+
+``--models`` picks a subset, ``--repeat`` repeats every child (the table shows medians).
+Models whose packages are not installed are skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
+DTYPES = ("fp16", "fp32")
+MARK = "@@BENCH_RESULT@@"
+CHILD_TIMEOUT_S = 600
+
+
+# ---------------------------------------------------------------- child side ----------------
+def _proc_status() -> dict[str, int]:
+    """Resident memory of this process from /proc/self/status, in bytes."""
+    text = Path("/proc/self/status").read_text()
+    found = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.M))
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem")
+    values = {k: int(found.get(k, 0)) * 1024 for k in keys}
+    values["file"] = values["RssFile"] + values["RssShmem"]
+    return values
+
+
+class _PeakTracker:
+    """High-water marks per window, reset between windows (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.windows: list[dict[str, Any]] = []
+        self.can_reset = True
+
+    def close_window(self, label: str) -> None:
+        st = _proc_status()
+        self.windows.append(
+            {
+                "label": label,
+                "hwm": st["VmHWM"],
+                "file_end": st["file"],
+                "anon_end": st["RssAnon"],
+                "anon_peak_lb": st["VmHWM"] - st["file"],
+            }
+        )
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.can_reset = False
+
+    def on_block(self, model: str, done: int, total: int) -> None:
+        self.close_window(f"block:{done - 1}")
+
+    def peak_rss(self) -> int:
+        return max(w["hwm"] for w in self.windows)
+
+
+def _import_floor() -> None:
+    import blockpool  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def _child_floor(_: dict[str, Any]) -> dict[str, Any]:
+    _import_floor()
+    st = _proc_status()
+    return {"peak_rss": st["VmHWM"], "anon": st["RssAnon"], "file": st["file"]}
+
+
+def _child_build(p: dict[str, Any]) -> dict[str, Any]:
+    _import_floor()
+    from blockpool import build_pool
+    from blockpool.pool import Pool, summarize
+
+    tracker = _PeakTracker()
+    tracker.close_window("imports")
+    pre = _proc_status()
+    out = Path(p["out"])
+    t0 = time.perf_counter()
+    build_pool([f"{p['name']}={p['path']}"], out, dtype=p["dtype"], progress=tracker.on_block)
+    seconds = time.perf_counter() - t0
+    tracker.close_window("tail")
+    # the tail window may end after the source was closed; bound it with the last block's
+    # file pages, which is still a lower bound (file pages only shrink after the last block)
+    tail, last = tracker.windows[-1], tracker.windows[-2]
+    tail["anon_peak_lb"] = tail["hwm"] - last["file_end"]
+    model = summarize(Pool(out))["models"][p["name"]]
+    sizes = [b["bytes"] for b in model["blocks"]]
+    for i, w in enumerate(tracker.windows[1:-1]):
+        w["block"] = model["blocks"][i]["id"]
+        w["block_bytes"] = sizes[i]
+    return {
+        "seconds": seconds,
+        "peak_rss": tracker.peak_rss(),
+        "pre_build_anon": pre["RssAnon"],
+        "pre_build_file": pre["file"],
+        "hwm_reset_ok": tracker.can_reset,
+        "windows": tracker.windows,
+        "model_bytes": model["bytes"],
+        "blocks": [{"id": b["id"], "kind": b["kind"], "bytes": b["bytes"]} for b in model["blocks"]],
+    }
+
+
+def _child_naive(p: dict[str, Any]) -> dict[str, Any]:
+    _import_floor()
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[p["dtype"]]
+    t0 = time.perf_counter()
+    config = AutoConfig.from_pretrained(p["path"], local_files_only=True)
+    causal = any(a.endswith("ForCausalLM") for a in config.architectures or [])
+    cls = AutoModelForCausalLM if causal else AutoModel
+    model = cls.from_pretrained(p["path"], dtype=dtype, local_files_only=True)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights share storage: keep one
+        ptr = v.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            state[k] = v.contiguous()
+    Path(p["out"]).mkdir(parents=True, exist_ok=True)
+    save_file(state, Path(p["out"]) / "model.safetensors")
+    seconds = time.perf_counter() - t0
+    st = _proc_status()
+    return {"seconds": seconds, "peak_rss": st["VmHWM"], "anon": st["RssAnon"], "file": st["file"]}
+
+
+def _child_open(p: dict[str, Any]) -> dict[str, Any]:
+    """The build's fixed cost before its first block: open the source, find its family."""
+    _import_floor()
+    from blockpool.build import plan_blocks
+    from blockpool.families import family_for_config
+    from blockpool.sources import open_source
+
+    with open_source(p["path"], progress=False) as src:
+        plan_blocks(family_for_config(src.config), src.config, src.names())
+        st = _proc_status()
+    return {"peak_rss": st["VmHWM"], "anon": st["RssAnon"], "file": st["file"]}
+
+
+def _child_resolve(p: dict[str, Any]) -> dict[str, Any]:
+    """The safetensors directory of each builtin, or why it is unavailable."""
+    from blockpool.errors import BlockpoolError
+    from blockpool.sources import open_source
+
+    found: dict[str, Any] = {}
+    for name in p["models"]:
+        try:
+            with open_source(name, progress=False) as src:
+                files = sorted(str(f) for f in Path(src.path).glob("*.safetensors"))
+                found[name] = {"path": str(src.path), "files": files}
+        except (BlockpoolError, ImportError, OSError) as e:
+            found[name] = {"error": f"{type(e).__name__}: {e}"}
+    return found
+
+
+CHILDREN = {
+    "floor": _child_floor,
+    "open": _child_open,
+    "build": _child_build,
+    "naive": _child_naive,
+    "resolve": _child_resolve,
+}
+
+
+def child_main(mode: str, payload: str) -> None:
+    result = CHILDREN[mode](json.loads(payload))
+    print(MARK + json.dumps(result), flush=True)
+
+
+# ---------------------------------------------------------------- parent side ---------------
+def drop_page_cache(files: list[str]) -> None:
+    """Ask the kernel to drop the cached pages of ``files`` (clean pages only)."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_child(mode: str, payload: dict[str, Any], cold: list[str] | None = None) -> dict[str, Any]:
+    """Run one measurement in a fresh interpreter; never raises for the child's failure."""
+    if cold:
+        drop_page_cache(cold)
+    cmd = [sys.executable, __file__, "--child", mode, json.dumps(payload)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "error_msg": f"timed out after {CHILD_TIMEOUT_S}s"}
+    wall = time.perf_counter() - t0
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"status": "error", "error_msg": f"exit {proc.returncode}: " + " | ".join(tail)}
+    result = json.loads(lines[-1][len(MARK) :])
+    result.update(status="ok", error_msg=None, process_wall_s=wall)
+    return result
+
+
+def _command(*args: str) -> str | None:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text()
+    total_kb = int(re.search(r"MemTotal:\s+(\d+)", meminfo).group(1))  # type: ignore[union-attr]
+    versions = {}
+    for pkg in ("torch", "transformers", "safetensors", "assy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    root = Path(__file__).resolve().parent.parent
+    return {
+        "git_sha": _command("git", "-C", str(root), "rev-parse", "HEAD"),
+        "git_dirty": bool(_command("git", "-C", str(root), "status", "--porcelain")),
+        "versions": versions,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "total_ram_bytes": total_kb * 1024,
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get("status") == "ok" and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _build_anon_peaks(run: dict[str, Any], largest_id: str) -> tuple[int, int | None]:
+    """Anonymous peak (lower bound) over the whole build, and over blocks other than the largest."""
+    windows = run["windows"][1:]
+    overall = max(w["anon_peak_lb"] for w in windows)
+    others = [w["anon_peak_lb"] for w in windows if w.get("block") not in (None, largest_id)]
+    return overall, (max(others) if others else None)
+
+
+def measure_model(
+    name: str, info: dict[str, Any], dtype: str, repeat: int, work: Path
+) -> dict[str, Any]:
+    """Every repeat of the build and the naive baseline for one model and dtype."""
+    entry: dict[str, Any] = {"model": name, "dtype": dtype, "source": info["path"]}
+    entry["source_bytes"] = sum(Path(f).stat().st_size for f in info["files"])
+    entry["build_runs"], entry["naive_runs"] = [], []
+    for i in range(repeat):
+        for kind in ("build", "naive"):
+            out = work / f"{name}-{dtype}-{kind}-{i}"
+            payload = {"name": name, "path": info["path"], "dtype": dtype, "out": str(out)}
+            print(f"  {name} {dtype} {kind} #{i + 1} ...", end=" ", flush=True, file=sys.stderr)
+            run = run_child(kind, payload, cold=info["files"])
+            print(run["status"], run.get("error_msg") or "", file=sys.stderr)
+            entry[f"{kind}_runs"].append(run)
+            shutil.rmtree(out, ignore_errors=True)
+    return entry
+
+
+def summarize_entry(entry: dict[str, Any], floor: dict[str, float]) -> dict[str, Any] | None:
+    """One table row from the repeats of one model and dtype (medians)."""
+    ok = [r for r in entry["build_runs"] if r["status"] == "ok"]
+    if not ok:
+        return None
+    blocks = sorted(ok[0]["blocks"], key=lambda b: b["bytes"], reverse=True)
+    largest, second = blocks[0], (blocks[1] if len(blocks) > 1 else None)
+    anon = [_build_anon_peaks(r, largest["id"]) for r in ok]
+    peak = statistics.median(r["peak_rss"] for r in ok)
+    above = peak - floor["peak_rss"]
+    anon_above = statistics.median(a for a, _ in anon) - floor["anon"]
+    others = [o for _, o in anon if o is not None]
+    naive_peak = _median(entry["naive_runs"], "peak_rss")
+    naive_anon = _median(entry["naive_runs"], "anon")
+    return {
+        "model": entry["model"],
+        "dtype": entry["dtype"],
+        "source_bytes": entry["source_bytes"],
+        "model_bytes": ok[0]["model_bytes"],
+        "largest_block": largest,
+        "second_block": second,
+        "build_s": statistics.median(r["seconds"] for r in ok),
+        "peak_rss": peak,
+        "rss_above_floor": above,
+        "rss_above_floor_per_largest": above / largest["bytes"],
+        "rss_above_floor_per_model": above / ok[0]["model_bytes"],
+        "anon_above_floor": anon_above,
+        "anon_above_floor_per_largest": anon_above / largest["bytes"],
+        "anon_above_floor_other_blocks": (
+            statistics.median(others) - floor["anon"] if others else None
+        ),
+        "naive_s": _median(entry["naive_runs"], "seconds"),
+        "naive_rss_above_floor": None if naive_peak is None else naive_peak - floor["peak_rss"],
+        "naive_anon_above_floor": None if naive_anon is None else naive_anon - floor["anon"],
+    }
+
+
+def _mib(x: float | None) -> str:
+    return "—" if x is None else f"{x / MiB:,.1f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def _block(b: dict[str, Any] | None) -> str:
+    return "—" if b is None else f"{b['bytes'] / MiB:,.1f} ({b['id'].split('/', 1)[1]})"
+
+
+def markdown(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
+    """The two result tables (sizes and time; memory) and the floor line."""
+    head1 = "| model | dtype | source MiB | pool model MiB | largest block MiB | 2nd block MiB | build s | naive s |"
+    head2 = (
+        "| model | dtype | peak RSS MiB | RSS above floor | ÷ largest | ÷ model "
+        "| anon above floor | anon ÷ largest | anon, other blocks | naive RSS above floor "
+        "| naive anon above floor |"
+    )
+    t1, t2 = [head1, "|" + "---|" * 8], [head2, "|" + "---|" * 11]
+    for r in rows:
+        t1.append(
+            f"| {r['model']} | {r['dtype']} | {_mib(r['source_bytes'])} | {_mib(r['model_bytes'])} "
+            f"| {_block(r['largest_block'])} | {_block(r['second_block'])} "
+            f"| {r['build_s']:.2f} | {_ratio(r['naive_s'])} |"
+        )
+        t2.append(
+            f"| {r['model']} | {r['dtype']} | {_mib(r['peak_rss'])} | {_mib(r['rss_above_floor'])} "
+            f"| {_ratio(r['rss_above_floor_per_largest'])} | {_ratio(r['rss_above_floor_per_model'])} "
+            f"| {_mib(r['anon_above_floor'])} | {_ratio(r['anon_above_floor_per_largest'])} "
+            f"| {_mib(r['anon_above_floor_other_blocks'])} | {_mib(r['naive_rss_above_floor'])} "
+            f"| {_mib(r['naive_anon_above_floor'])} |"
+        )
+    note = (
+        f"Import floor (torch + transformers + blockpool): peak RSS {_mib(floor['peak_rss'])} MiB, "
+        f"anonymous {_mib(floor['anon'])} MiB. Source page cache dropped (POSIX_FADV_DONTNEED) "
+        "before every child; medians over repeats; MiB = 2^20 bytes."
+    )
+    return "\n".join(t1) + "\n\n" + "\n".join(t2) + "\n\n" + note + "\n"
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Resolve the sources, measure the floor, then every model and dtype."""
+    result: dict[str, Any] = {"config": vars(args) | {"out": str(args.out)}, **environment()}
+    resolved = run_child("resolve", {"models": args.models})
+    if resolved["status"] != "ok":
+        raise SystemExit(f"cannot resolve the model sources: {resolved['error_msg']}")
+    result["skipped"] = {}
+    floors = [run_child("floor", {}) for _ in range(args.repeat)]
+    result["floor_runs"] = floors
+    floor = {"peak_rss": _median(floors, "peak_rss"), "anon": _median(floors, "anon")}
+    if floor["peak_rss"] is None:
+        raise SystemExit(f"the import-floor child failed: {floors[0]['error_msg']}")
+    result["floor"] = floor
+    result["measurements"] = []
+    work = Path(tempfile.mkdtemp(prefix="assy-bench-build-"))
+    try:
+        for name in args.models:
+            info = resolved[name]
+            if "error" in info or not info.get("files"):
+                msg = info.get("error", "no *.safetensors in the source directory")
+                print(f"skipping {name}: {msg}", file=sys.stderr)
+                result["skipped"][name] = msg
+                continue
+            for dtype in args.dtypes:
+                entry = measure_model(name, info, dtype, args.repeat, work)
+                entry["row"] = summarize_entry(entry, floor)
+                result["measurements"].append(entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("results/build_pool.json"))
+    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    result = run_all(args)
+    result["total_wall_s"] = time.perf_counter() - t0
+    rows = [m["row"] for m in result["measurements"] if m["row"] is not None]
+    table = markdown(rows, result["floor"])
+    result["table_markdown"] = table
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    for m in result["measurements"]:
+        for run in m["build_runs"] + m["naive_runs"]:
+            if run["status"] != "ok":
+                print(f"ERROR {m['model']} {m['dtype']}: {run['error_msg']}", file=sys.stderr)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child_main(sys.argv[2], sys.argv[3])
+    else:
+        main()
