@@ -100,9 +100,10 @@ class _PeakTracker:
 
 
 def _import_floor() -> None:
-    import blockpool  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
+
+    import blockpool  # noqa: F401
 
 
 def _child_floor(_: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +142,9 @@ def _child_build(p: dict[str, Any]) -> dict[str, Any]:
         "hwm_reset_ok": tracker.can_reset,
         "windows": tracker.windows,
         "model_bytes": model["bytes"],
-        "blocks": [{"id": b["id"], "kind": b["kind"], "bytes": b["bytes"]} for b in model["blocks"]],
+        "blocks": [
+            {"id": b["id"], "kind": b["kind"], "bytes": b["bytes"]} for b in model["blocks"]
+        ],
     }
 
 
@@ -279,31 +282,45 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _build_anon_peaks(run: dict[str, Any], largest_id: str) -> tuple[int, int | None]:
-    """Anonymous peak (lower bound) over the whole build, and over blocks other than the largest."""
-    windows = run["windows"][1:]
-    overall = max(w["anon_peak_lb"] for w in windows)
-    others = [w["anon_peak_lb"] for w in windows if w.get("block") not in (None, largest_id)]
-    return overall, (max(others) if others else None)
+def _cached_bytes(files: list[str]) -> int | None:
+    """Bytes of ``files`` in the page cache (``fincore``), to check the drop; None without it."""
+    if not shutil.which("fincore"):
+        return None
+    out = _command("fincore", "--bytes", "--noheadings", "--output", "RES", *files)
+    return None if out is None else sum(int(x) for x in out.split())
 
 
 def measure_model(
     name: str, info: dict[str, Any], dtype: str, repeat: int, work: Path
 ) -> dict[str, Any]:
-    """Every repeat of the build and the naive baseline for one model and dtype."""
+    """Every repeat of the source-open baseline, the build and the naive baseline."""
     entry: dict[str, Any] = {"model": name, "dtype": dtype, "source": info["path"]}
     entry["source_bytes"] = sum(Path(f).stat().st_size for f in info["files"])
-    entry["build_runs"], entry["naive_runs"] = [], []
+    for kind in ("open", "build", "naive"):
+        entry[f"{kind}_runs"] = []
     for i in range(repeat):
-        for kind in ("build", "naive"):
+        for kind in ("open", "build", "naive"):
             out = work / f"{name}-{dtype}-{kind}-{i}"
             payload = {"name": name, "path": info["path"], "dtype": dtype, "out": str(out)}
             print(f"  {name} {dtype} {kind} #{i + 1} ...", end=" ", flush=True, file=sys.stderr)
             run = run_child(kind, payload, cold=info["files"])
+            run["source_cached_after_drop"] = _cached_bytes(info["files"]) if i == 0 else None
             print(run["status"], run.get("error_msg") or "", file=sys.stderr)
             entry[f"{kind}_runs"].append(run)
             shutil.rmtree(out, ignore_errors=True)
     return entry
+
+
+def _build_stats(run: dict[str, Any], largest_id: str) -> dict[str, int]:
+    """Peaks of one build run: anonymous (overall, and outside the largest block), mapped file."""
+    windows = run["windows"][1:]  # after the imports
+    others = [w["anon_peak_lb"] for w in windows if w.get("block") not in (None, largest_id)]
+    return {
+        "peak_rss": run["peak_rss"],
+        "anon_peak": max(w["anon_peak_lb"] for w in windows),
+        "anon_peak_other": max(others) if others else 0,
+        "file_mapped": max(w["file_end"] for w in windows) - run["pre_build_file"],
+    }
 
 
 def summarize_entry(entry: dict[str, Any], floor: dict[str, float]) -> dict[str, Any] | None:
@@ -313,29 +330,37 @@ def summarize_entry(entry: dict[str, Any], floor: dict[str, float]) -> dict[str,
         return None
     blocks = sorted(ok[0]["blocks"], key=lambda b: b["bytes"], reverse=True)
     largest, second = blocks[0], (blocks[1] if len(blocks) > 1 else None)
-    anon = [_build_anon_peaks(r, largest["id"]) for r in ok]
-    peak = statistics.median(r["peak_rss"] for r in ok)
-    above = peak - floor["peak_rss"]
-    anon_above = statistics.median(a for a, _ in anon) - floor["anon"]
-    others = [o for _, o in anon if o is not None]
-    naive_peak = _median(entry["naive_runs"], "peak_rss")
-    naive_anon = _median(entry["naive_runs"], "anon")
+    stats = [_build_stats(r, largest["id"]) for r in ok]
+    med = {k: statistics.median(s[k] for s in stats) for k in stats[0]}
+    opened = _median(entry["open_runs"], "anon")
+    above = med["peak_rss"] - floor["peak_rss"]
+    model_bytes = ok[0]["model_bytes"]
+    naive_peak, naive_anon = (
+        _median(entry["naive_runs"], "peak_rss"),
+        _median(entry["naive_runs"], "anon"),
+    )
     return {
         "model": entry["model"],
         "dtype": entry["dtype"],
         "source_bytes": entry["source_bytes"],
-        "model_bytes": ok[0]["model_bytes"],
+        "model_bytes": model_bytes,
         "largest_block": largest,
         "second_block": second,
         "build_s": statistics.median(r["seconds"] for r in ok),
-        "peak_rss": peak,
+        "peak_rss": med["peak_rss"],
         "rss_above_floor": above,
         "rss_above_floor_per_largest": above / largest["bytes"],
-        "rss_above_floor_per_model": above / ok[0]["model_bytes"],
-        "anon_above_floor": anon_above,
-        "anon_above_floor_per_largest": anon_above / largest["bytes"],
-        "anon_above_floor_other_blocks": (
-            statistics.median(others) - floor["anon"] if others else None
+        "rss_above_floor_per_model": above / model_bytes,
+        "source_mapped_at_end": med["file_mapped"],
+        "anon_above_floor": med["anon_peak"] - floor["anon"],
+        "source_open_anon_above_floor": None if opened is None else opened - floor["anon"],
+        "anon_above_open_per_largest": (
+            None if opened is None else (med["anon_peak"] - opened) / largest["bytes"]
+        ),
+        "anon_above_open_other_blocks_per_second": (
+            None
+            if opened is None or second is None
+            else (med["anon_peak_other"] - opened) / second["bytes"]
         ),
         "naive_s": _median(entry["naive_runs"], "seconds"),
         "naive_rss_above_floor": None if naive_peak is None else naive_peak - floor["peak_rss"],
@@ -355,34 +380,55 @@ def _block(b: dict[str, Any] | None) -> str:
     return "—" if b is None else f"{b['bytes'] / MiB:,.1f} ({b['id'].split('/', 1)[1]})"
 
 
-def markdown(rows: list[dict[str, Any]], floor: dict[str, float]) -> str:
-    """The two result tables (sizes and time; memory) and the floor line."""
-    head1 = "| model | dtype | source MiB | pool model MiB | largest block MiB | 2nd block MiB | build s | naive s |"
-    head2 = (
-        "| model | dtype | peak RSS MiB | RSS above floor | ÷ largest | ÷ model "
-        "| anon above floor | anon ÷ largest | anon, other blocks | naive RSS above floor "
-        "| naive anon above floor |"
+TABLE_SIZES = (
+    "| model | dtype | source MiB | pool model MiB | largest block MiB | 2nd-largest block MiB "
+    "| largest ÷ model | build s | naive s |"
+)
+TABLE_MEMORY = (
+    "| model | dtype | peak RSS MiB | RSS above floor MiB | ÷ largest | ÷ model "
+    "| source mapped at end MiB | anon peak above floor MiB | anon ÷ largest "
+    "| anon, other blocks ÷ 2nd | naive RSS above floor MiB | naive anon above floor MiB |"
+)
+NOTE = """\
+Import floor (a child importing torch, transformers, blockpool): peak RSS {peak} MiB, \
+anonymous {anon} MiB. "RSS" is the child's own VmHWM (= ru_maxrss), file-backed pages \
+included; "source mapped at end" is the growth of file-backed resident pages during the \
+build (the memory-mapped source pages read so far). "anon" is the anonymous (private) peak: \
+a lower bound from per-block high-water marks minus file-backed pages; "anon ÷ largest" and \
+"anon, other blocks ÷ 2nd" are measured above a child that imported the same and only \
+opened the source (config, safetensors headers, family), and divided by the largest / \
+second-largest block's pool bytes. Naive = from_pretrained + save_file (its anon is at the \
+end, model still alive). Page cache of the source dropped (POSIX_FADV_DONTNEED) before every \
+child; medians over {repeat} repeat(s); MiB = 2^20 bytes.
+"""
+
+
+def _rows_sizes(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['model']} | {r['dtype']} | {_mib(r['source_bytes'])} | {_mib(r['model_bytes'])} "
+        f"| {_block(r['largest_block'])} | {_block(r['second_block'])} "
+        f"| {_ratio(r['largest_block']['bytes'] / r['model_bytes'])} "
+        f"| {r['build_s']:.2f} | {_ratio(r['naive_s'])} |"
     )
-    t1, t2 = [head1, "|" + "---|" * 8], [head2, "|" + "---|" * 11]
-    for r in rows:
-        t1.append(
-            f"| {r['model']} | {r['dtype']} | {_mib(r['source_bytes'])} | {_mib(r['model_bytes'])} "
-            f"| {_block(r['largest_block'])} | {_block(r['second_block'])} "
-            f"| {r['build_s']:.2f} | {_ratio(r['naive_s'])} |"
-        )
-        t2.append(
-            f"| {r['model']} | {r['dtype']} | {_mib(r['peak_rss'])} | {_mib(r['rss_above_floor'])} "
-            f"| {_ratio(r['rss_above_floor_per_largest'])} | {_ratio(r['rss_above_floor_per_model'])} "
-            f"| {_mib(r['anon_above_floor'])} | {_ratio(r['anon_above_floor_per_largest'])} "
-            f"| {_mib(r['anon_above_floor_other_blocks'])} | {_mib(r['naive_rss_above_floor'])} "
-            f"| {_mib(r['naive_anon_above_floor'])} |"
-        )
-    note = (
-        f"Import floor (torch + transformers + blockpool): peak RSS {_mib(floor['peak_rss'])} MiB, "
-        f"anonymous {_mib(floor['anon'])} MiB. Source page cache dropped (POSIX_FADV_DONTNEED) "
-        "before every child; medians over repeats; MiB = 2^20 bytes."
+
+
+def _rows_memory(r: dict[str, Any]) -> str:
+    return (
+        f"| {r['model']} | {r['dtype']} | {_mib(r['peak_rss'])} | {_mib(r['rss_above_floor'])} "
+        f"| {_ratio(r['rss_above_floor_per_largest'])} | {_ratio(r['rss_above_floor_per_model'])} "
+        f"| {_mib(r['source_mapped_at_end'])} | {_mib(r['anon_above_floor'])} "
+        f"| {_ratio(r['anon_above_open_per_largest'])} "
+        f"| {_ratio(r['anon_above_open_other_blocks_per_second'])} "
+        f"| {_mib(r['naive_rss_above_floor'])} | {_mib(r['naive_anon_above_floor'])} |"
     )
-    return "\n".join(t1) + "\n\n" + "\n".join(t2) + "\n\n" + note + "\n"
+
+
+def markdown(rows: list[dict[str, Any]], floor: dict[str, float], repeat: int) -> str:
+    """The two result tables (sizes and time; memory) and the notes under them."""
+    t1 = [TABLE_SIZES, "|" + "---|" * 9] + [_rows_sizes(r) for r in rows]
+    t2 = [TABLE_MEMORY, "|" + "---|" * 12] + [_rows_memory(r) for r in rows]
+    note = NOTE.format(peak=_mib(floor["peak_rss"]), anon=_mib(floor["anon"]), repeat=repeat)
+    return "\n".join(t1) + "\n\n" + "\n".join(t2) + "\n\n" + note
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
@@ -435,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
     result = run_all(args)
     result["total_wall_s"] = time.perf_counter() - t0
     rows = [m["row"] for m in result["measurements"] if m["row"] is not None]
-    table = markdown(rows, result["floor"])
+    table = markdown(rows, result["floor"], args.repeat)
     result["table_markdown"] = table
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
