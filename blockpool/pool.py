@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,8 +16,40 @@ from torch import nn
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file
+from blockpool.quantizer import companions, dequantize_block
 
-__all__ = ["BadBlock", "Pool", "summarize"]
+__all__ = ["BadBlock", "Pool", "empty_weights", "summarize"]
+
+
+_EMPTY = threading.local()
+_PATCH_LOCK = threading.Lock()
+_original_register_parameter = nn.Module.register_parameter
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    _original_register_parameter(module, name, param)
+    if param is not None and getattr(_EMPTY, "active", False):
+        p = module._parameters[name]
+        module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+
+@contextmanager
+def empty_weights():
+    """Build modules with their parameters on the meta device (buffers stay real).
+
+    Like accelerate's ``init_empty_weights(include_buffers=False)``, but thread-local: the
+    swapper builds blocks on a background thread while the compute thread runs, and
+    accelerate's version patches ``nn.Module`` for every thread at once.
+    """
+    with _PATCH_LOCK:
+        if nn.Module.register_parameter is not _register_parameter:
+            nn.Module.register_parameter = _register_parameter
+    previous = getattr(_EMPTY, "active", False)
+    _EMPTY.active = True
+    try:
+        yield
+    finally:
+        _EMPTY.active = previous
 
 
 @dataclass(frozen=True)
@@ -106,12 +141,16 @@ class Pool:
         self._verified.add(bid)
 
     def load_tensors(
-        self, bid: str, *, verify: bool = True, tied: bool = True
+        self, bid: str, *, verify: bool = True, tied: bool = True, fresh: bool = False
     ) -> dict[str, torch.Tensor]:
         """A block's tensors by their names inside the block module.
 
-        The file's sum is checked once per open pool before its first use. With ``tied``,
-        weights stored once in another block (a tied LM head) are resolved and included.
+        The file's sum is checked once per open pool before its first use; with ``fresh``
+        the file is read whole and checked at every call (a swapper re-reads blocks, and a
+        file changed during a run must not be used). With ``tied``, weights stored once in
+        another block (a tied LM head) are resolved and included. Quantized tensors (int8,
+        nf4, fp4 in bitsandbytes' layout) are dequantized to the dtype they were quantized
+        from, so a caller always gets plain tensors (see :mod:`blockpool.quantizer`).
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -119,47 +158,76 @@ class Pool:
         if bid not in self.blocks:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
-        state = self._read(bid, verify)
+        state = dequantize_block(self._read(bid, verify, fresh=fresh), entry.get("quant"))
         for local, ref in (entry.get("tied") or {}).items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
-            state[local] = self._read(src_bid, verify, only=src_local)[src_local]
+            src = self._read(src_bid, verify, only=src_local, fresh=fresh)
+            state[local] = dequantize_block(src, self.blocks[src_bid].get("quant"))[src_local]
         return state
 
-    def _read(self, bid: str, verify: bool, only: str | None = None) -> dict[str, torch.Tensor]:
+    def _read(
+        self, bid: str, verify: bool, only: str | None = None, fresh: bool = False
+    ) -> dict[str, torch.Tensor]:
+        if fresh:
+            return self._read_checked(bid, only)
         if verify:
             self._ensure_verified(bid)
         try:
             with safe_open(self.path(bid), "pt") as f:
-                names = [only] if only else list(f.keys())
+                names = companions(only, f.keys()) if only else list(f.keys())
                 return {n: f.get_tensor(n) for n in names}
         except (SafetensorError, OSError) as e:
             raise IntegrityError(
                 f"block {bid}: cannot read {self.blocks[bid]['file']} ({e})"
             ) from None
 
+    def _read_checked(self, bid: str, only: str | None) -> dict[str, torch.Tensor]:
+        """Read a block file whole, check its sum, deserialize it (one read, no mmap)."""
+        from safetensors.torch import load
+
+        entry = self.blocks[bid]
+        try:
+            data = self.path(bid).read_bytes()
+        except OSError as e:
+            raise IntegrityError(f"block {bid}: cannot read {entry['file']} ({e})") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise IntegrityError(
+                f"block {bid} ({entry['file']}): sha256 mismatch (file corrupted or modified); "
+                f"run assy verify-pool {self.root} and rebuild the pool"
+            )
+        state = load(data)
+        return {n: state[n] for n in companions(only, state)} if only else state
+
+    def empty_module(self, bid: str, config: Any = None) -> nn.Module:
+        """The block's module with its parameters on the meta device (no memory)."""
+        entry = self.blocks[bid]
+        spec = get_family(entry["family"])
+        config = config if config is not None else self.config(entry["model"])
+        with empty_weights():
+            if entry["kind"] == "layer":
+                return import_object(spec.layer_class)(config, entry["index"])
+            if entry["kind"] == "embed":
+                return spec.build_embed(config)
+            return spec.build_head(config)
+
     def build_module(
-        self, bid: str, *, dtype: torch.dtype = torch.float32, config: Any = None
+        self,
+        bid: str,
+        *,
+        dtype: torch.dtype = torch.float32,
+        config: Any = None,
+        fresh: bool = False,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
         Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
-        embeddings and heads are the family's small wrappers.
+        embeddings and heads are the family's small wrappers. ``fresh``: see
+        :meth:`load_tensors`.
         """
-        from accelerate import init_empty_weights
-
-        entry = self.blocks[bid]
-        spec = get_family(entry["family"])
-        config = config if config is not None else self.config(entry["model"])
-        with init_empty_weights(include_buffers=False):
-            if entry["kind"] == "layer":
-                module = import_object(spec.layer_class)(config, entry["index"])
-            elif entry["kind"] == "embed":
-                module = spec.build_embed(config)
-            else:
-                module = spec.build_head(config)
+        module = self.empty_module(bid, config)
         state = {
             k: (v.to(dtype) if v.is_floating_point() else v)
-            for k, v in self.load_tensors(bid).items()
+            for k, v in self.load_tensors(bid, fresh=fresh).items()
         }
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:

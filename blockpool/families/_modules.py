@@ -91,15 +91,22 @@ class LMHead(nn.Module):
         self.lm_head = lm_head
         self.softcap = softcap
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head multiplies: normed (and projected) hidden states."""
         if self.norm is not None:
             hidden = self.norm(hidden)
         if self.project_out is not None:
             hidden = self.project_out(hidden)
-        logits = self.lm_head(hidden)
+        return hidden
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma-style logit soft-capping, where the config asks for it."""
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cap(self.lm_head(self.features(hidden)))
 
 
 class Pooler(nn.Module):

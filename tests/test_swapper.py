@@ -1,0 +1,206 @@
+"""The swapper: same outputs under any budget, the budget holds under races, clean failure."""
+
+import faulthandler
+import json
+import random
+import threading
+import time
+
+import pytest
+import torch
+from tiny_models import V
+
+from blockpool import Pool, build_pool
+from blockpool.errors import IntegrityError, UsageError
+from blockpool.offload import ChunkedHead, GatheredEmbed, block_nbytes, budgeted_runner, min_budget
+from blockpool.sizes import parse_size
+from blockpool.swapper import POLICIES, BlockSwapper
+
+DECODERS = ["llama", "gemma3", "gpt2", "opt", "gpt_neox"]
+
+
+@pytest.fixture(autouse=True)
+def _no_hang():
+    faulthandler.dump_traceback_later(120, exit=True)  # a deadlock fails the run, not CI
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+@pytest.fixture(scope="module")
+def tiny_pool(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("swap") / "pool"
+    build_pool([f"{f}={tiny_dirs[f]}" for f in DECODERS + ["bert"]], root, dtype="fp32")
+    return root
+
+
+def _total(pool, model):
+    return sum(block_nbytes(pool, b, torch.float32) for b in pool.model(model)["blocks"])
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_outputs_are_bit_identical_under_any_budget(family, policy, tiny_pool):
+    pool = Pool(tiny_pool)
+    ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    reference, _ = budgeted_runner(pool, family, budget=None)
+    expected = reference(ids)
+    for budget in (_total(pool, family), min_budget(pool, family)):
+        runner, swapper = budgeted_runner(pool, family, budget=budget, policy=policy)
+        with swapper:
+            for _ in range(2):  # the second pass runs with a warm, partly evicted cache
+                assert torch.equal(runner(ids), expected)
+            assert swapper.stats.weights_resident_peak_bytes <= budget
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_kv_cache_decoding_under_a_budget(family, tiny_pool):
+    pool = Pool(tiny_pool)
+    ids = torch.randint(2, V, (1, 8), generator=torch.Generator().manual_seed(1))
+    runner, swapper = budgeted_runner(pool, family, budget=min_budget(pool, family))
+    with swapper:
+        step = runner.forward(ids[:, :5], use_cache=True)
+        logits = [step.logits]
+        for t in range(5, 8):
+            step = runner.forward(
+                ids[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True
+            )
+            logits.append(step.logits)
+    full, _ = budgeted_runner(pool, family, budget=None)
+    torch.testing.assert_close(torch.cat(logits, 1), full(ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_embedding_and_head_served_in_pieces_give_the_same_logits(family, tiny_pool):
+    pool = Pool(tiny_pool)
+    runner, swapper = budgeted_runner(
+        pool, family, budget=min_budget(pool, family), piece_fraction=0.0
+    )
+    assert isinstance(runner.fetch(runner.block_ids[0]), GatheredEmbed)
+    assert isinstance(runner.fetch(runner.block_ids[-1]), ChunkedHead)
+    ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    expected = budgeted_runner(pool, family, budget=None)[0](ids)
+    with swapper:
+        torch.testing.assert_close(runner(ids), expected, atol=1e-5, rtol=1e-5)
+        assert swapper.stats.weights_resident_peak_bytes <= swapper.budget
+
+
+def _module_bytes(module):
+    return sum(t.nbytes for t in module.state_dict().values())
+
+
+def test_the_budget_holds_at_every_load_under_a_preloading_race():
+    """Random load latencies and compute times; actual resident tensors checked at each load."""
+    order = [f"b{i}" for i in range(12)]
+    sizes = {b: 1000 * (1 + i % 3) for i, b in enumerate(order)}
+    budget = 6500
+    rng = random.Random(0)
+    swapper_ref: list[BlockSwapper] = []
+    violations = []
+
+    def load(bid):
+        time.sleep(rng.random() * 0.003)
+        module = torch.nn.Linear(1, sizes[bid] // 4 - 1, bias=False)  # (n-1)*4+... bytes
+        sw = swapper_ref[0]
+        with sw._cond:
+            resident = sum(sizes[b] for b in sw._resident) + sizes[bid]
+            if sw._used > budget or resident > budget:
+                violations.append((bid, sw._used, resident))
+        return module
+
+    for policy in POLICIES:
+        swapper = BlockSwapper(
+            load, sizes, dict.fromkeys(order, 1), order, budget=budget, policy=policy, depth=3
+        )
+        swapper_ref[:] = [swapper]
+        with swapper:
+            for _ in range(20):
+                for b in order:
+                    swapper.fetch(b)
+                    time.sleep(rng.random() * 0.002)
+        assert swapper.stats.weights_resident_peak_bytes <= budget
+    assert violations == []
+    assert not [t for t in threading.enumerate() if t.name.startswith("assy-preload")]
+
+
+def test_preloader_error_reaches_the_compute_thread_and_the_thread_stops():
+    order = ["a", "b", "c"]
+
+    def load(bid):
+        if bid == "c":
+            raise IntegrityError("block c: sha256 mismatch")
+        return torch.nn.Identity()
+
+    swapper = BlockSwapper(
+        load,
+        dict.fromkeys(order, 10),
+        dict.fromkeys(order, 1),
+        order,
+        budget=100,
+        policy="prefetch+preswap",
+    )
+    with pytest.raises(IntegrityError, match="block c"), swapper:
+        for b in order:
+            swapper.fetch(b)
+    assert not [t for t in threading.enumerate() if t.name.startswith("assy-preload")]
+
+
+def test_ctrl_c_during_compute_shuts_the_preloader_down(tiny_pool):
+    pool = Pool(tiny_pool)
+    runner, swapper = budgeted_runner(pool, "llama", budget=min_budget(pool, "llama"))
+    inner = runner.fetch
+
+    def interrupted(bid):
+        if pool.blocks[bid]["kind"] == "head":
+            raise KeyboardInterrupt
+        return inner(bid)
+
+    runner.fetch = interrupted
+    with pytest.raises(KeyboardInterrupt), swapper:
+        runner(torch.ones(1, 4, dtype=torch.long))
+    assert not [t for t in threading.enumerate() if t.name.startswith("assy-preload")]
+
+
+def test_block_corrupted_during_a_run_is_a_clear_error(tiny_pool, tmp_path):
+    import shutil
+
+    root = tmp_path / "pool"
+    shutil.copytree(tiny_pool, root)
+    pool = Pool(root)
+    runner, swapper = budgeted_runner(pool, "llama", budget=min_budget(pool, "llama"))
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with swapper:
+        runner(ids)  # every block verified and loaded once
+        entry = json.loads((root / "pool.json").read_text())["blocks"]["llama/layer/1"]
+        data = bytearray((root / entry["file"]).read_bytes())
+        data[-1] ^= 0xFF
+        (root / entry["file"]).write_bytes(bytes(data))
+        with pytest.raises(IntegrityError, match="llama/layer/1"):
+            for _ in range(3):
+                runner(ids)
+
+
+def test_budget_below_the_minimum_names_it(tiny_pool):
+    pool = Pool(tiny_pool)
+    with pytest.raises(UsageError, match="smallest working set of llama .*use --budget"):
+        budgeted_runner(pool, "llama", budget=1000)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4GB", 4 * 10**9),
+        ("512MB", 512 * 10**6),
+        ("1.5GiB", 3 * 2**29),
+        ("2 kib", 2048),
+        ("123", 123),
+        (" 1gb ", 10**9),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GB", "-1GB", "4XB", "0", "1.2.3MB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(UsageError, match="size"):
+        parse_size(text)
