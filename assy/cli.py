@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import human_bytes, user_errors
+from assy.commands.common import budget_options, human_bytes, user_errors
 
 TASK_CHOICES = [
     "perplexity",
@@ -46,12 +46,19 @@ def cli() -> None:
     help="Storage precision of the blocks.",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["int8", "int4", "nf4", "fp4"]),
+    help="Quantize the large matrices (bitsandbytes formats); small tensors stay at --dtype.",
+)
+@click.option(
     "--allow-pickle",
     is_flag=True,
     help="Accept pytorch_model.bin sources (loaded with weights_only=True).",
 )
 @user_errors
-def build_pool_cmd(sources: tuple[str, ...], out: Path, dtype: str, allow_pickle: bool) -> None:
+def build_pool_cmd(
+    sources: tuple[str, ...], out: Path, dtype: str, precision: str | None, allow_pickle: bool
+) -> None:
     """Split SOURCES into per-block safetensors files under --out.
 
     A SOURCE is an HF model directory with safetensors, a .gguf file, or a builtin name
@@ -69,7 +76,14 @@ def build_pool_cmd(sources: tuple[str, ...], out: Path, dtype: str, allow_pickle
         bar = bars.setdefault(model, tqdm(total=total, desc=model, unit="block", file=sys.stderr))
         bar.update(done - bar.n)
 
-    build_pool(list(sources), out, dtype=dtype, allow_pickle=allow_pickle, progress=progress)
+    build_pool(
+        list(sources),
+        out,
+        dtype=dtype,
+        precision=precision,
+        allow_pickle=allow_pickle,
+        progress=progress,
+    )
     for bar in bars.values():
         bar.close()
     info = summarize(Pool(out))
@@ -92,17 +106,21 @@ def inspect_cmd(pool: Path, as_json: bool, show_blocks: bool) -> None:
         click.echo(json.dumps(info, indent=1))
         return
     click.echo(f"pool {info['pool']} (format {info['format_version']})")
-    click.echo(f"{'model':<16}{'family':<10}{'layers':>7}{'hidden':>8}{'bytes':>12}  precision")
+    click.echo(
+        f"{'model':<16}{'family':<10}{'layers':>7}{'hidden':>8}{'bytes':>12}{'bits':>7}  precision"
+    )
     for name, m in info["models"].items():
         click.echo(
             f"{name:<16}{m['family']:<10}{m['layers']:>7}{m['hidden_size']:>8}"
-            f"{human_bytes(m['bytes']):>12}  {','.join(m['precisions'])}"
+            f"{human_bytes(m['bytes']):>12}{m['bits']:>7.2f}  {','.join(m['precisions'])}"
         )
         for b in m["blocks"] if show_blocks else ():
-            click.echo(f"  {b['id']:<30}{b['precision']:>6}{human_bytes(b['bytes']):>12}")
+            click.echo(
+                f"  {b['id']:<30}{b['precision']:>6}{human_bytes(b['bytes']):>12}{b['bits']:>7.2f}"
+            )
     click.echo(
         f"total: {len(info['models'])} models, {info['blocks']} blocks, "
-        f"{human_bytes(info['bytes'])}"
+        f"{human_bytes(info['bytes'])}, {info['bits']:.2f} bits/weight on average"
     )
 
 
@@ -136,6 +154,7 @@ def verify_pool_cmd(pool: Path) -> None:
 )
 @click.option("--limit", type=int, help="Evaluate the first N examples only.")
 @click.option("--batch-size", default=8, show_default=True)
+@budget_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def eval_cmd(
@@ -149,6 +168,8 @@ def eval_cmd(
     limit: int | None,
     batch_size: int,
     as_json: bool,
+    budget: int | None,
+    swap_policy: str,
 ) -> None:
     """Evaluate a model of POOL, run block by block from the pool.
 
@@ -168,6 +189,8 @@ def eval_cmd(
         max_tokens=max_tokens,
         window=window,
         batch_size=batch_size,
+        budget=budget,
+        policy=swap_policy,
     )
     if as_json:
         click.echo(json.dumps(result))
@@ -208,7 +231,14 @@ def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
 
 def _register() -> None:
     """Add the feature commands of ``assy.commands`` (one line each)."""
-    for command in ():
+    from assy.commands import compare, generate, prune, quantize
+
+    for command in (
+        compare.compare_cmd,
+        generate.generate_cmd,
+        quantize.quantize_cmd,
+        prune.prune_cmd,
+    ):
         cli.add_command(command)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -392,6 +393,8 @@ def evaluate_pool_model(
     max_tokens: int = 2048,
     window: int = 512,
     batch_size: int = 8,
+    budget: int | None = None,
+    policy: str = "prefetch+preswap",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one model of a pool, run from its blocks, on a task.
@@ -402,11 +405,16 @@ def evaluate_pool_model(
         task: ``perplexity`` (needs ``text``) or a multiple-choice task of :data:`TASKS`.
         text, data, limit, max_tokens, window, batch_size: as for :func:`perplexity` and
             :func:`multiple_choice` (``data`` replaces the shipped validation split).
+        budget: resident weight bytes allowed (through the swapper); ``None``: all resident.
+        policy: the swapper's policy (:data:`blockpool.swapper.POLICIES`).
 
     Returns:
-        The metrics, plus ``model``, ``task`` and ``peak_rss_bytes``.
+        The metrics, plus ``model``, ``task``, ``peak_rss_bytes`` and, under a budget, the
+        swapper's counters (``weights_resident_peak_bytes``, ``bytes_read``, ``stall_seconds``,
+        ``hits``, ``misses``, ``io_hidden_fraction``, ...).
     """
-    from blockpool import BlockRunner, Pool
+    from blockpool import Pool
+    from blockpool.offload import budgeted_runner
 
     pool = Pool(root)
     if not pool.family(model).causal:
@@ -420,13 +428,21 @@ def evaluate_pool_model(
     else:
         examples = load_task(task, data_file=data, limit=limit)
     tokenizer = pool.tokenizer(model)
-    runner = BlockRunner(pool, model)
-    if task == "perplexity":
-        result = perplexity(
-            runner, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress
-        )
-    else:
-        result = multiple_choice(
-            runner, tokenizer, examples, batch_size=batch_size, progress=progress
-        )
-    return {"model": model, "task": task, **result, "peak_rss_bytes": peak_rss_bytes()}
+    runner, swapper = budgeted_runner(pool, model, budget=budget, policy=policy)
+    start = time.perf_counter()
+    try:
+        if task == "perplexity":
+            result = perplexity(
+                runner, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress
+            )
+        else:
+            result = multiple_choice(
+                runner, tokenizer, examples, batch_size=batch_size, progress=progress
+            )
+    finally:
+        if swapper is not None:
+            swapper.close()
+    result = {"model": model, "task": task, **result, "seconds": time.perf_counter() - start}
+    if swapper is not None:
+        result |= {"budget_bytes": budget, "swap_policy": policy, **swapper.stats.as_dict()}
+    return result | {"peak_rss_bytes": peak_rss_bytes()}

@@ -1,18 +1,23 @@
 """Peak memory and wall time of ``blockpool.build_pool`` on the real checkpoints.
 
-Reproduce (about 2-3 minutes on a 2-core machine)::
+Reproduce (3 to 6 minutes on a 2-core machine, depending on load; ``--repeat 1``, the
+default, takes a third of that)::
 
-    .venv/bin/python benchmarks/build_pool.py --out results/build_pool.json
+    .venv/bin/python benchmarks/build_pool.py --out results/build_pool.json --repeat 3
 
 The claim checked: the build streams one block at a time, so its peak memory should track
-the largest block, not the whole model.
+the largest block, not the whole model. Writes ``--out`` (JSON: config, git sha, package
+versions, machine, every run with its status and error) and the same tables as markdown
+beside it (``.md``), and prints the tables.
 
 What runs. Every measurement is a fresh child process (this script re-invoked with
-``--child``), so each peak is that child's alone:
+``--child``), so each peak is that child's alone. Per model and dtype (fp16, fp32), from
+the model's safetensors directory (the cached fp32 conversion for the GGUF builtins):
 
-* ``floor``: imports torch, transformers and blockpool, nothing else (the import floor);
-* ``build``: the same imports, then ``build_pool(["NAME=DIR"], tmp, dtype=...)`` from the
-  model's safetensors directory (the cached fp32 conversion for the GGUF builtins);
+* ``floor`` (once per repeat): imports torch, transformers and blockpool, nothing else;
+* ``open``: the same imports, then opens the source as the build does (config, safetensors
+  headers, family, block plan) and reads no tensor: the build's fixed cost;
+* ``build``: the same imports, then ``build_pool(["NAME=DIR"], tmp, dtype=...)``;
 * ``naive``: the same imports, then ``AutoModel[ForCausalLM].from_pretrained(DIR, dtype=...)``
   and ``safetensors.torch.save_file(state_dict)``, the whole model in memory at once.
 
@@ -28,10 +33,11 @@ file-backed resident pages, then resets the high-water mark (``/proc/self/clear_
 the window's source pages were read, which is where ``_write_block`` peaks (end of
 serialisation). ``peak_rss`` is the maximum over all windows, i.e. what ``ru_maxrss`` would
 report without the resets. Page cache of the source files is dropped before each child
-with ``posix_fadvise(POSIX_FADV_DONTNEED)``, so reads are cold-ish.
+with ``posix_fadvise(POSIX_FADV_DONTNEED)`` (checked with ``fincore`` where present), so
+reads are cold-ish.
 
-``--models`` picks a subset, ``--repeat`` repeats every child (the table shows medians).
-Models whose packages are not installed are skipped with a message.
+``--models`` and ``--dtypes`` pick a subset, ``--repeat`` repeats every child (the tables
+show medians). Models whose packages are not installed are skipped with a message.
 """
 
 from __future__ import annotations
@@ -229,21 +235,24 @@ def drop_page_cache(files: list[str]) -> None:
 
 def run_child(mode: str, payload: dict[str, Any], cold: list[str] | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; never raises for the child's failure."""
+    cached = None
     if cold:
         drop_page_cache(cold)
+        cached = _cached_bytes(cold)
     cmd = [sys.executable, __file__, "--child", mode, json.dumps(payload)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return {"status": "error", "error_msg": f"timed out after {CHILD_TIMEOUT_S}s"}
-    wall = time.perf_counter() - t0
+    common = {"process_wall_s": time.perf_counter() - t0, "source_cached_after_drop": cached}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return {"status": "error", "error_msg": f"exit {proc.returncode}: " + " | ".join(tail)}
+        msg = f"exit {proc.returncode}: " + " | ".join(tail)
+        return {"status": "error", "error_msg": msg, **common}
     result = json.loads(lines[-1][len(MARK) :])
-    result.update(status="ok", error_msg=None, process_wall_s=wall)
+    result.update(status="ok", error_msg=None, **common)
     return result
 
 
@@ -273,6 +282,7 @@ def environment() -> dict[str, Any]:
             "total_ram_bytes": total_kb * 1024,
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "loadavg_at_start": os.getloadavg(),
         },
     }
 
@@ -304,7 +314,6 @@ def measure_model(
             payload = {"name": name, "path": info["path"], "dtype": dtype, "out": str(out)}
             print(f"  {name} {dtype} {kind} #{i + 1} ...", end=" ", flush=True, file=sys.stderr)
             run = run_child(kind, payload, cold=info["files"])
-            run["source_cached_after_drop"] = _cached_bytes(info["files"]) if i == 0 else None
             print(run["status"], run.get("error_msg") or "", file=sys.stderr)
             entry[f"{kind}_runs"].append(run)
             shutil.rmtree(out, ignore_errors=True)
@@ -431,6 +440,27 @@ def markdown(rows: list[dict[str, Any]], floor: dict[str, float], repeat: int) -
     return "\n".join(t1) + "\n\n" + "\n".join(t2) + "\n\n" + note
 
 
+def _notes(result: dict[str, Any]) -> str:
+    """Lines about this run: warm source pages, system load, skipped models."""
+    runs = [
+        r
+        for m in result["measurements"]
+        for k in ("open", "build", "naive")
+        for r in m[f"{k}_runs"]
+    ]
+    warm = [r for r in runs if r.get("source_cached_after_drop")]
+    checked = [r for r in runs if r.get("source_cached_after_drop") is not None]
+    load = result["machine"]["loadavg_at_start"][0], result["machine"]["loadavg_at_end"][0]
+    lines = [
+        f"Page-cache drop checked with fincore in {len(checked)} of {len(runs)} runs; "
+        f"source pages still cached (mapped by another process) in {len(warm)}.",
+        f"Load average {load[0]:.1f} at start, {load[1]:.1f} at end "
+        f"({result['machine']['cpu_count']} CPUs); total {result['total_wall_s']:.0f} s.",
+    ]
+    lines += [f"Skipped {name}: {msg}" for name, msg in result["skipped"].items()]
+    return "\n" + "\n".join(lines) + "\n"
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Resolve the sources, measure the floor, then every model and dtype."""
     result: dict[str, Any] = {"config": vars(args) | {"out": str(args.out)}, **environment()}
@@ -465,10 +495,15 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("results/build_pool.json"))
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("results/build_pool.json"),
+        help="JSON result; the markdown tables go beside it as .md",
+    )
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of every child (medians)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error("--repeat must be at least 1")
@@ -480,8 +515,9 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     result = run_all(args)
     result["total_wall_s"] = time.perf_counter() - t0
+    result["machine"]["loadavg_at_end"] = os.getloadavg()
     rows = [m["row"] for m in result["measurements"] if m["row"] is not None]
-    table = markdown(rows, result["floor"], args.repeat)
+    table = markdown(rows, result["floor"], args.repeat) + _notes(result)
     result["table_markdown"] = table
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

@@ -10,6 +10,9 @@ is already complete and current and writes the rest.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -18,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save_file
 
 from blockpool.errors import SourceError, UsageError
 from blockpool.families import FamilySpec, family_for_config
@@ -31,6 +34,13 @@ from blockpool.manifest import (
     read_manifest,
     sha256_file,
     write_manifest,
+)
+from blockpool.quantizer import (
+    QUANT_PRECISIONS,
+    encode_quant,
+    logical_params,
+    normalize_precision,
+    quantize_block,
 )
 from blockpool.sources import Source, iter_sources, open_source
 
@@ -123,15 +133,49 @@ def _write_block(
     tensors: list[tuple[str, str]],
     dtype: torch.dtype,
     meta: dict[str, str],
-) -> str:
+    quantize: tuple[str, tuple[str, ...]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Write one block file atomically; return its sha256 and extra manifest fields.
+
+    The file is written with ``save_file`` to a temporary name and hashed from disk: about
+    one block in memory (the cast copy), where serializing to ``bytes`` would hold two more.
+    ``quantize`` is ``(precision, conv1d suffixes)`` for a quantized block.
+    """
+    read = source.read([stored for stored, _ in tensors])
     state = {}
     for stored, local in tensors:
-        t = source.read(stored)
+        t = read.pop(stored)
         state[local] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    data = save(state, metadata=meta)
-    del state
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+        del t
+    extra: dict[str, Any] = {}
+    if quantize:
+        state, quant = quantize_block(state, quantize[0], conv1d=quantize[1])
+        if quant:
+            extra = {"quant": quant, "params": logical_params(dict(state), quant)}
+            meta = {**meta, "quant": encode_quant(quant), "params": str(extra["params"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        del state
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest, extra
+
+
+def _existing_extra(path: Path) -> dict[str, Any]:
+    """The quantized-block manifest fields recorded in an existing block file's metadata."""
+    with safe_open(path, "pt") as f:
+        found = f.metadata() or {}
+    if not found.get("quant"):
+        return {}
+    return {"quant": json.loads(found["quant"]), "params": int(found["params"])}
 
 
 def _add_model(
@@ -141,8 +185,10 @@ def _add_model(
     source: Source,
     dtype: str,
     progress: Progress | None,
+    precision: str | None = None,
 ) -> None:
     spec = family_for_config(source.config)
+    quantize = (precision, spec.conv1d) if precision else None
     plan = plan_blocks(spec, source.config, source.names())
     if plan["unassigned"]:
         warnings.warn(
@@ -157,16 +203,15 @@ def _add_model(
             "family": spec.name,
             "kind": kind,
             "index": str(index),
-            "precision": dtype,
+            "precision": precision or dtype,
             "source": source.fingerprint,
             "format_version": str(FORMAT_VERSION),
         }
         path = root / rel
-        digest = (
-            sha256_file(path)
-            if _existing_ok(path, meta)
-            else _write_block(path, source, tensors, DTYPES[dtype], meta)
-        )
+        if _existing_ok(path, meta):
+            digest, extra = sha256_file(path), _existing_extra(path)
+        else:
+            digest, extra = _write_block(path, source, tensors, DTYPES[dtype], meta, quantize)
         tied = {
             local: block_id(name, k, i) + ":" + src_local
             for local, (k, i, src_local) in plan["tied"].items()
@@ -178,7 +223,7 @@ def _add_model(
             "kind": kind,
             "index": index,
             "family": spec.name,
-            "precision": dtype,
+            "precision": precision or dtype,
             "sparsity": 0.0,
             "bytes": path.stat().st_size,
             "sha256": digest,
@@ -186,6 +231,7 @@ def _add_model(
             "parent": None,
             "tied": tied,
             "tensors": [local for _, local in tensors],
+            **extra,
         }
         ids.append(bid)
         if progress:
@@ -215,6 +261,7 @@ def build_pool(
     out: Path,
     *,
     dtype: str = "fp16",
+    precision: str | None = None,
     allow_pickle: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -225,6 +272,8 @@ def build_pool(
         out: the pool directory; an existing pool is extended (a model of the same name and
             the same source is rebuilt in place, reusing its complete block files).
         dtype: storage precision of floating tensors: ``fp32``, ``bf16`` or ``fp16``.
+        precision: quantize the large matrices (``int8``, ``nf4``/``int4``, ``fp4``: see
+            :mod:`blockpool.quantizer`); norms, biases and small tensors stay at ``dtype``.
         allow_pickle: accept directories holding only ``pytorch_model.bin`` (loaded with
             ``torch.load(weights_only=True)``).
         progress: called as ``progress(model, blocks_done, blocks_total)``.
@@ -238,6 +287,13 @@ def build_pool(
     """
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if precision is not None:
+        precision = normalize_precision(precision)
+        if precision not in QUANT_PRECISIONS:
+            raise UsageError(
+                f"--precision {precision!r}: choose one of {', '.join(QUANT_PRECISIONS)} "
+                "(float storage is --dtype)"
+            )
     if not sources:
         raise UsageError(
             "give at least one SOURCE (an HF directory, a .gguf file or a builtin name)"
@@ -254,7 +310,7 @@ def build_pool(
         out.mkdir(parents=True, exist_ok=True)
         remove_stray(out)
         for name, source in opened:
-            _add_model(out, manifest, name, source, dtype, progress)
+            _add_model(out, manifest, name, source, dtype, progress, precision)
         write_manifest(out, manifest)
     finally:
         for _, source in opened:

@@ -39,6 +39,14 @@ def _header(pool: Pool, bid: str) -> dict[str, tuple[list[int], str]]:
 def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
     """In-memory bytes of a block's weights at ``dtype`` (tied aliases included)."""
     entry = pool.blocks[bid]
+    if entry.get("quant") or any(
+        pool.blocks[ref.partition(":")[0]].get("quant")
+        for ref in (entry.get("tied") or {}).values()
+    ):
+        # Quantized blocks are dequantized at load: count every weight at the compute dtype
+        # (a tied alias at the size of the whole block it lives in: an upper bound).
+        refs = {ref.partition(":")[0] for ref in (entry.get("tied") or {}).values()}
+        return sum(pool.params(b) for b in {bid} | refs) * _itemsize(dtype)
     shapes = {k: v for k, v in _header(pool, bid).items() if k not in skip}
     for local, ref in (entry.get("tied") or {}).items():
         if local not in skip:
@@ -99,6 +107,10 @@ class _Piecewise(nn.Module):
 
 class GatheredEmbed(_Piecewise):
     """An embedding block that reads only the rows of the tokens present."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.inner.tokens.padding_idx = None  # ids are re-numbered; padding_idx only shapes grads
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
         uniq, local = torch.unique(input_ids, return_inverse=True)

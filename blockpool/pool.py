@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from torch import nn
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file
-from blockpool.quantizer import companions, dequantize_block
+from blockpool.quantizer import companions, dequantize_block, logical_params
 
 __all__ = ["BadBlock", "Pool", "empty_weights", "summarize"]
 
@@ -114,6 +115,17 @@ class Pool:
     # --- blocks -------------------------------------------------------------------------
     def path(self, bid: str) -> Path:
         return resolve_inside(self.root, self.blocks[bid]["file"])
+
+    def params(self, bid: str) -> int:
+        """Weights stored in block ``bid``: elements of its plain tensors, quantized ones
+        counted at their dequantized size, tied aliases not counted (stored elsewhere)."""
+        entry = self.blocks[bid]
+        if "params" in entry:
+            return int(entry["params"])
+        with safe_open(self.path(bid), "pt") as f:
+            if entry.get("quant"):
+                return logical_params({n: f.get_tensor(n) for n in f.keys()}, entry["quant"])
+            return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
 
     def check_block(self, bid: str) -> BadBlock | None:
         """Compare one block file with its recorded sum; ``None`` when it matches."""
@@ -238,17 +250,29 @@ class Pool:
         return module.eval()
 
 
+def _bits(n_bytes: int, params: int) -> float:
+    return round(8 * n_bytes / params, 3) if params else 0.0
+
+
 def summarize(pool: Pool) -> dict[str, Any]:
-    """Models, their blocks, bytes per model and in total, and the precisions in use."""
+    """Models, their blocks, bytes per model and in total, and the precisions in use.
+
+    ``bits`` (per block, per model, for the pool) is the average storage bits per weight:
+    ``8 * file bytes / weights stored`` (quantization state and file headers included).
+    """
     models = {}
+    params = {b: pool.params(b) for b in pool.blocks}
     for name, entry in pool.models.items():
         blocks = [pool.blocks[b] for b in entry["blocks"]]
+        n_bytes = sum(b["bytes"] for b in blocks)
         models[name] = {
             "family": entry["family"],
             "source": entry["source"]["origin"],
             "layers": sum(b["kind"] == "layer" for b in blocks),
             "hidden_size": blocks[0]["interface"]["hidden_size"],
-            "bytes": sum(b["bytes"] for b in blocks),
+            "bytes": n_bytes,
+            "params": sum(params[b] for b in entry["blocks"]),
+            "bits": _bits(n_bytes, sum(params[b] for b in entry["blocks"])),
             "precisions": sorted({b["precision"] for b in blocks}),
             "blocks": [
                 {
@@ -257,6 +281,7 @@ def summarize(pool: Pool) -> dict[str, Any]:
                     "precision": pool.blocks[b]["precision"],
                     "sparsity": pool.blocks[b]["sparsity"],
                     "bytes": pool.blocks[b]["bytes"],
+                    "bits": _bits(pool.blocks[b]["bytes"], params[b]),
                 }
                 for b in entry["blocks"]
             ],
@@ -267,4 +292,6 @@ def summarize(pool: Pool) -> dict[str, Any]:
         "models": models,
         "blocks": len(pool.blocks),
         "bytes": sum(b["bytes"] for b in pool.blocks.values()),
+        "params": sum(params.values()),
+        "bits": _bits(sum(b["bytes"] for b in pool.blocks.values()), sum(params.values())),
     }

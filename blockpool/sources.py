@@ -15,7 +15,6 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -111,13 +110,15 @@ class Source:
             self.config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise SourceError(f"{path}: cannot read config.json ({e})") from None
-        self._stack = ExitStack()
-        self._index: dict[str, Any] = {}
+        # name -> the safetensors file holding it, or the tensor itself (pickled sources).
+        # Files are opened per read and closed again, so that the pages of blocks already
+        # written do not stay mapped (and counted in RSS) for the rest of the build.
+        self._index: dict[str, Path | torch.Tensor] = {}
         files = _weight_files(path)
         if files:
             for f in files:
-                handle = self._stack.enter_context(safe_open(f, "pt"))
-                self._index.update({k: handle for k in handle.keys()})
+                with safe_open(f, "pt") as handle:
+                    self._index.update(dict.fromkeys(handle.keys(), f))
         else:
             self._index = _load_pickled(path, allow_pickle)
         self.fingerprint = _fingerprint(path, files)
@@ -126,17 +127,27 @@ class Source:
         """All tensor names of the checkpoint, in file order."""
         return list(self._index)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor, read (memory-mapped for safetensors) on demand."""
-        handle = self._index[name]
-        return handle if isinstance(handle, torch.Tensor) else handle.get_tensor(name)
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Some tensors by name, each file opened once and closed before returning."""
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            where = self._index[name]
+            if isinstance(where, torch.Tensor):
+                out[name] = where
+            else:
+                by_file.setdefault(where, []).append(name)
+        for file, group in by_file.items():
+            with safe_open(file, "pt") as handle:
+                out.update({n: handle.get_tensor(n) for n in group})
+        return out
 
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files present beside the weights."""
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
 
     def close(self) -> None:
-        self._stack.close()
+        self._index = {}
 
     def __enter__(self) -> Source:
         return self

@@ -228,7 +228,7 @@ class BlockSwapper:
         base = self._pos[bid]
         for k in range(1, self.depth + 1):
             target = self.order[(base + k) % len(self.order)]
-            if target != bid:
+            if target != bid and target not in self._resident and target not in self._pending:
                 self._worker.submit(self._preload, target)
 
     def _preload(self, bid: str) -> None:
@@ -258,6 +258,11 @@ class BlockSwapper:
             with self._cond:
                 self._used -= nbytes
                 self._cond.notify_all()
+
+    def reset_stats(self) -> None:
+        """Zero the counters (the resident peak restarts from what is resident now)."""
+        with self._cond:
+            self.stats = SwapStats(weights_resident_peak_bytes=self._used)
 
     def pin(self, nbytes: int) -> None:
         """Count ``nbytes`` held for the whole run (small parts of blocks served in pieces).

@@ -114,8 +114,9 @@ def write_variant_model(
         rel = _file_of(name, entry["kind"], entry["index"])
         digest = _write(out, rel, new_state, meta)
         tied = {local: _retarget(ref, name) for local, ref in (entry.get("tied") or {}).items()}
+        inherited = {k: v for k, v in entry.items() if k not in ("quant", "params")}
         manifest["blocks"][new_bid] = {
-            **entry,
+            **inherited,
             "file": rel,
             "model": name,
             "precision": precision,

@@ -92,3 +92,60 @@ def test_eval_perplexity_equals_transformers(name, real_pool, tmp_path):
     assert ours["perplexity"] == pytest.approx(theirs["perplexity"], rel=1e-3)
     assert 2 < ours["perplexity"] < 200  # a real language model on English prose
     assert ours["peak_rss_bytes"] > 0
+
+
+def test_eval_under_a_budget_gives_the_same_perplexity(real_pool, heldout_file):
+    def run(*extra):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "eval",
+                str(real_pool),
+                "--model",
+                "smollm2-135m",
+                "--task",
+                "perplexity",
+                "--text",
+                str(heldout_file),
+                "--max-tokens",
+                "256",
+                "--window",
+                "128",
+                "--json",
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    full = run()
+    budgeted = run("--budget", "200MB")
+
+    assert budgeted["perplexity"] == full["perplexity"]
+    assert budgeted["weights_resident_peak_bytes"] <= 200_000_000
+    assert budgeted["misses"] > 0 and budgeted["bytes_read"] > 0
+
+
+def test_generate_under_a_budget_matches_the_unbudgeted_text(real_pool):
+    def run(*extra):
+        result = CliRunner().invoke(
+            cli,
+            [
+                "generate",
+                str(real_pool),
+                "--model",
+                "smollm2-135m",
+                "--prompt",
+                "The capital of France is",
+                "--max-new-tokens",
+                "6",
+                "--json",
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    full, budgeted = run(), run("--budget", "120MB", "--swap-policy", "prefetch")
+    assert budgeted["text"] == full["text"] and "Paris" in full["text"]
+    assert budgeted["weights_resident_peak_bytes"] <= 120_000_000

@@ -9,7 +9,7 @@ import click
 
 from assy.errors import AssyError
 
-__all__ = ["human_bytes", "user_errors"]
+__all__ = ["budget_options", "human_bytes", "user_errors"]
 
 
 def user_errors(fn):
@@ -38,3 +38,31 @@ def human_bytes(n: float) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def _parse_budget(ctx, param, value):
+    if value is None:
+        return None
+    from blockpool.sizes import parse_size
+
+    try:
+        return parse_size(value)
+    except AssyError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def budget_options(fn):
+    """``--budget SIZE`` and ``--swap-policy``: run through the swapper within a budget."""
+    fn = click.option(
+        "--swap-policy",
+        type=click.Choice(["on-demand", "lru", "prefetch", "prefetch+preswap"]),
+        default="prefetch+preswap",
+        show_default=True,
+        help="How the swapper evicts and pre-loads blocks (with --budget).",
+    )(fn)
+    return click.option(
+        "--budget",
+        callback=_parse_budget,
+        help="Most resident weight bytes (4GB, 512MB, 1.5GiB); blocks are swapped to stay "
+        "within it. Default: every block resident.",
+    )(fn)

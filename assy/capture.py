@@ -1,0 +1,320 @@
+"""Forward-only activation capture: what enters and leaves every layer block, per example.
+
+Each pool model runs (forward only, through :class:`blockpool.BlockRunner`) on the same
+calibration texts, tokenized by its own tokenizer. The hidden states entering and leaving
+every layer block are pooled over tokens per example (mask-aware mean, or the last real
+token), so that models with different tokenizers are paired by example, not by token.
+
+Capture hooks nothing inside the runner: it wraps the runner's ``fetch(block_id)``
+callable, so a memory-budgeted swapper's ``fetch`` passes straight through. The head
+block (final norm + LM head, or pooler) is not needed and is never fetched.
+
+Results are cached as one safetensors file per model, keyed by the model's block sums,
+the texts, the sample count, the token cap and the pooling (mode and skipped leading
+tokens); a rerun reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from assy.data import load_task, read_text
+from assy.errors import UsageError
+from blockpool import BlockRunner, Pool
+
+__all__ = [
+    "POOLINGS",
+    "Activations",
+    "calibration_texts",
+    "capture_model",
+    "cached_capture",
+    "pool_tokens",
+]
+
+POOLINGS = ("mean", "last")
+_FORMAT = "assy-activations/1"
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Pooled hidden states of one model's layer blocks on ``n`` calibration examples.
+
+    Attributes:
+        model: the model's name in the pool.
+        block_ids: ``L`` layer block ids, in execution order.
+        inputs: ``[L, n, d]`` float32, what entered each layer block.
+        outputs: ``[L, n, d]`` float32, what left it.
+    """
+
+    model: str
+    block_ids: list[str]
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+def pool_tokens(
+    hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean", skip_first: int = 0
+) -> torch.Tensor:
+    """Pool ``[B, T, d]`` hidden states over real tokens: ``mask [B, T]`` (1 = real) -> ``[B, d]``.
+
+    Args:
+        hidden: ``[B, T, d]`` hidden states, right-padded.
+        mask: ``[B, T]`` 1 for real tokens, 0 for padding.
+        mode: ``mean`` (average over the real tokens) or ``last`` (the last real token).
+        skip_first: leading positions left out of the mean. Position 0 holds an
+            attention-sink state (about 170x the median norm in SmolLM2 from layer 10 on,
+            Gemma3's BOS likewise) that would turn the mean into a ``1 / length`` signal.
+
+    Raises:
+        UsageError: an example has no real token left after ``skip_first``.
+    """
+    if mode not in POOLINGS:
+        raise UsageError(f"unknown pooling {mode!r}; use one of {', '.join(POOLINGS)}")
+    if mode == "last":
+        last = mask.sum(1).long().clamp_min(1) - 1
+        return hidden[torch.arange(hidden.shape[0]), last]
+    mask = mask.to(hidden.dtype).clone()
+    mask[:, :skip_first] = 0
+    count = mask.sum(1, keepdim=True)
+    if (count == 0).any():
+        raise UsageError(
+            f"an example has no token left after skipping the first {skip_first}; "
+            "drop very short texts or lower --skip-first"
+        )
+    return (hidden * mask.unsqueeze(-1)).sum(1) / count
+
+
+def calibration_texts(
+    *, task: str | None = None, data: Path | None = None, samples: int = 256
+) -> list[str]:
+    """The first ``samples`` calibration texts.
+
+    Args:
+        task: a multiple-choice task of :data:`assy.data.TASKS`: its prompts (contexts).
+        data: a ``.jsonl`` file (each line ``{"text": ...}`` or ``{"context": ...}``) or a
+            text file (one example per non-blank line).
+        samples: how many texts to keep (the first ones).
+
+    Raises:
+        UsageError: neither or both sources, too few samples, or a bad file.
+    """
+    if (task is None) == (data is None):
+        raise UsageError("give exactly one calibration source: --task TASK or --data FILE")
+    if samples < 4:
+        raise UsageError(f"--samples must be at least 4 (unbiased CKA), got {samples}")
+    if task is not None:
+        return [ex.context for ex in load_task(task, limit=samples)]
+    path = Path(data)
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        lines = [_jsonl_text(path, number, line) for number, line in enumerate(lines, 1)]
+    return lines[:samples]
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    text = row.get("text", row.get("context")) if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        raise UsageError(f'{path}:{number}: expected an object with a "text" or "context" string')
+    return text
+
+
+class _Recorder:
+    """Wraps a runner's ``fetch``: records pooled layer inputs/outputs, skips the head."""
+
+    def __init__(
+        self, pool: Pool, fetch: Callable[[str], nn.Module], pooling: str, skip_first: int
+    ) -> None:
+        self.pool, self.fetch = pool, fetch
+        self.pooling, self.skip_first = pooling, skip_first
+        self.mask: torch.Tensor | None = None
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.outputs: dict[str, list[torch.Tensor]] = {}
+
+    def __call__(self, bid: str) -> Callable[..., Any]:
+        kind = self.pool.blocks[bid]["kind"]
+        if kind == "head":
+            return lambda hidden: None
+        module = self.fetch(bid)
+        if kind != "layer":
+            return module
+
+        def run(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            out = module(hidden, *args, **kwargs)
+            after = out[0] if isinstance(out, tuple) else out
+            self.inputs.setdefault(bid, []).append(self._pool(hidden))
+            self.outputs.setdefault(bid, []).append(self._pool(after))
+            return out
+
+        return run
+
+    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        return pool_tokens(hidden.float(), self.mask, self.pooling, self.skip_first).cpu()
+
+
+def _batches(tokenizer: Any, texts: Sequence[str], max_tokens: int, batch_size: int):
+    """Yield ``(indices, input_ids, attention_mask)``, right-padded, grouped by length."""
+    limit = min(max_tokens, getattr(tokenizer, "model_max_length", max_tokens) or max_tokens)
+    ids = [tokenizer(t, truncation=True, max_length=limit).input_ids for t in texts]
+    if any(len(i) == 0 for i in ids):
+        raise UsageError("a calibration text encodes to no tokens; remove empty texts")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = next((p for p in (tokenizer.pad_token_id, tokenizer.eos_token_id) if p is not None), 0)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+            mask[row, : len(ids[i])] = 1
+        yield chunk, input_ids, mask
+
+
+def _check_lengths(model: str, batches: Sequence[tuple], skip_first: int) -> None:
+    """Every text must keep at least one token after the ``skip_first`` left out."""
+    for chunk, _, mask in batches:
+        for i, length in zip(chunk, mask.sum(1).tolist(), strict=True):
+            if length <= skip_first:
+                raise UsageError(
+                    f"{model}: text {i} has {length} token(s), none left after --skip-first "
+                    f"{skip_first}; drop very short texts or lower --skip-first"
+                )
+
+
+def capture_model(
+    pool: Pool,
+    model: str,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    pooling: str = "mean",
+    skip_first: int = 1,
+    fetch: Callable[[str], nn.Module] | None = None,
+    progress: bool = True,
+) -> Activations:
+    """Run ``model`` forward on ``texts`` and pool every layer block's input and output.
+
+    Args:
+        pool: the open pool.
+        model: a model name of the pool (decoder or encoder).
+        texts: ``n`` calibration texts; each is truncated to ``max_tokens`` tokens.
+        max_tokens: token cap per text (also capped by the tokenizer's maximum length).
+        batch_size: texts per forward pass (grouped by length, right-padded).
+        pooling: ``"mean"`` (mask-aware mean over tokens) or ``"last"`` (last real token).
+        skip_first: leading tokens left out of the mean (see :func:`pool_tokens`).
+        fetch: ``block_id -> module`` (e.g. a swapper's); default: the runner's own.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        :class:`Activations` with rows in the order of ``texts``.
+    """
+    if pooling not in POOLINGS:
+        raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+    if max_tokens < 1 or batch_size < 1 or skip_first < 0:
+        raise UsageError(
+            "max_tokens and batch_size must be >= 1 and skip_first >= 0, "
+            f"got {max_tokens}, {batch_size}, {skip_first}"
+        )
+    runner = BlockRunner(pool, model, fetch=fetch)
+    recorder = _Recorder(pool, runner.fetch, pooling, skip_first if pooling == "mean" else 0)
+    runner.fetch = recorder
+    tokenizer = pool.tokenizer(model)
+    order: list[int] = []
+    batches = list(_batches(tokenizer, texts, max_tokens, batch_size))
+    if pooling == "mean":
+        _check_lengths(model, batches, skip_first)
+    for chunk, input_ids, mask in tqdm(
+        batches, desc=f"capture {model}", unit="batch", file=sys.stderr, disable=not progress
+    ):
+        recorder.mask = mask
+        runner.forward(input_ids, mask)
+        order.extend(chunk)
+    layers = [b for b in pool.model(model)["blocks"] if pool.blocks[b]["kind"] == "layer"]
+    inverse = torch.argsort(torch.tensor(order))
+    inputs = torch.stack([torch.cat(recorder.inputs[b])[inverse] for b in layers])
+    outputs = torch.stack([torch.cat(recorder.outputs[b])[inverse] for b in layers])
+    return Activations(model, layers, inputs, outputs)
+
+
+def _cache_key(pool: Pool, model: str, texts: Sequence[str], settings: dict[str, Any]) -> str:
+    sums = [pool.blocks[b]["sha256"] for b in pool.model(model)["blocks"]]
+    data = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    blob = json.dumps([_FORMAT, model, sums, data, len(texts), settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def cached_capture(
+    pool: Pool,
+    model: str,
+    texts: Sequence[str],
+    cache_dir: Path,
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    pooling: str = "mean",
+    skip_first: int = 1,
+    fetch: Callable[[str], nn.Module] | None = None,
+    progress: bool = True,
+) -> tuple[Activations, Path, bool]:
+    """:func:`capture_model`, reusing ``cache_dir/<model>-<key>.safetensors`` when present.
+
+    The key hashes the model's block sums, the texts and their count, ``max_tokens`` and
+    ``pooling``, ``skip_first`` (not ``batch_size``: results do not depend on it). The file is written
+    atomically (temp file + rename).
+
+    Returns:
+        ``(activations, cache file, reused)``.
+    """
+    settings = {"max_tokens": max_tokens, "pooling": pooling, "skip_first": skip_first}
+    path = Path(cache_dir) / f"{model}-{_cache_key(pool, model, texts, settings)}.safetensors"
+    if path.is_file():
+        return _load(path), path, True
+    acts = capture_model(
+        pool,
+        model,
+        texts,
+        max_tokens=max_tokens,
+        batch_size=batch_size,
+        pooling=pooling,
+        skip_first=skip_first,
+        fetch=fetch,
+        progress=progress,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": _FORMAT, "model": model, "blocks": json.dumps(acts.block_ids)}
+    meta |= {"samples": str(len(texts)), **{k: str(v) for k, v in settings.items()}}
+    tmp = path.with_suffix(".tmp")
+    save_file({"inputs": acts.inputs, "outputs": acts.outputs}, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return acts, path, False
+
+
+def _load(path: Path) -> Activations:
+    with safe_open(path, "pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise UsageError(f"{path}: not an activation cache of this version; delete it")
+        return Activations(
+            meta["model"],
+            json.loads(meta["blocks"]),
+            f.get_tensor("inputs"),
+            f.get_tensor("outputs"),
+        )

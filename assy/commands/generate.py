@@ -1,0 +1,62 @@
+"""``assy generate``: continue a prompt with a pool model, optionally under a budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from assy.commands.common import budget_options, human_bytes, user_errors
+
+
+@click.command("generate")
+@click.argument("pool", type=click.Path(path_type=Path))
+@click.option("--model", required=True, help="Model name in the pool (see assy inspect).")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy decoding.")
+@budget_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def generate_cmd(
+    pool: Path,
+    model: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    budget: int | None,
+    swap_policy: str,
+    as_json: bool,
+) -> None:
+    """Continue --prompt with a model of POOL, token by token with a KV cache.
+
+    With --budget the model runs through the swapper and its resident weights stay within
+    the budget; the counters (hits, misses, bytes read, stall time) are printed.
+    """
+    from assy.generate import generate_from_pool
+
+    result = generate_from_pool(
+        pool,
+        model,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        budget=budget,
+        policy=swap_policy,
+    )
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(prompt + result["text"])
+    line = (
+        f"[{result['new_tokens']} tokens, {result['decode_tokens_per_second']:.1f} tok/s, "
+        f"peak RSS {human_bytes(result['peak_rss_bytes'])}"
+    )
+    if budget is not None:
+        line += (
+            f", weights resident peak {human_bytes(result['weights_resident_peak_bytes'])}"
+            f" of {human_bytes(budget)}, {result['misses']} misses, "
+            f"{human_bytes(result['bytes_read'])} read"
+        )
+    click.echo(line + "]", err=True)

@@ -1,0 +1,115 @@
+"""``assy quantize``: write a quantized pool (one precision, or a mixed-precision plan)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from assy.commands.common import human_bytes, user_errors
+
+__all__ = ["quantize_cmd"]
+
+_PRECISIONS = ["fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp4"]
+
+
+def _progress() -> Callable[[str, int, int], None]:
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        bar = bars.setdefault(label, tqdm(total=total, desc=label, unit="block", file=sys.stderr))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+@click.command("quantize")
+@click.argument("pool", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New pool directory.")
+@click.option("--precision", type=click.Choice(_PRECISIONS), help="One precision for every block.")
+@click.option("--auto", is_flag=True, help="Plan mixed precisions (needs a budget).")
+@click.option("--target-bits", type=float, help="--auto: average bits per weight of each model.")
+@click.option("--pool-budget", help="--auto: total block bytes of the pool (4GB, 512MB, 1.5GiB).")
+@click.option("--choices", default="nf4,int8,fp16", show_default=True, help="--auto: precisions.")
+@click.option("--calib-task", help="Calibration text: a task's examples [default: sciq].")
+@click.option("--calib-file", type=click.Path(path_type=Path), help="Calibration text file.")
+@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
+@click.option("--calib-seq-len", default=64, show_default=True, help="Tokens per window.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="[default: OUT/calibration]")
+@click.option("--screen", default=1.0, show_default=True, help="Fraction of blocks measured.")
+@click.option("--model", "models", multiple=True, help="Quantize only these models.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def quantize_cmd(
+    pool: Path,
+    out: Path,
+    precision: str | None,
+    auto: bool,
+    target_bits: float | None,
+    pool_budget: str | None,
+    choices: str,
+    calib_task: str | None,
+    calib_file: Path | None,
+    calib_samples: int,
+    calib_seq_len: int,
+    cache_dir: Path | None,
+    screen: float,
+    models: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Write --out: POOL's blocks quantized (int8, nf4/fp4 in bitsandbytes' formats).
+
+    --precision P quantizes every block; --auto plans per-block precisions from weight
+    statistics and activation sensitivity on calibration text, within --target-bits or
+    --pool-budget (plan in OUT/plan.json). Each new block records its parent.
+    """
+    from assy.errors import UsageError
+    from assy.quantization import CalibrationOptions, quantize
+    from blockpool.sizes import parse_size
+
+    if auto == (precision is not None) or (not auto and (target_bits or pool_budget)):
+        raise UsageError("give --precision P, or --auto with --target-bits B or --pool-budget SIZE")
+    calibration = CalibrationOptions(
+        task=calib_task,
+        file=calib_file,
+        samples=calib_samples,
+        seq_len=calib_seq_len,
+        choices=tuple(c.strip() for c in choices.split(",") if c.strip()),
+        screen=screen,
+        cache_dir=cache_dir,
+    )
+    result = quantize(
+        pool,
+        out,
+        precision=precision,
+        target_bits=target_bits,
+        pool_budget=parse_size(pool_budget) if pool_budget else None,
+        calibration=calibration,
+        models=list(models) or None,
+        progress=_progress(),
+    )
+    _report(result, out, as_json)
+
+
+def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
+    info = result["summary"]
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    for name, m in info["models"].items():
+        click.echo(
+            f"{name}: {human_bytes(m['bytes'])}, {m['bits']:.2f} bits/weight, "
+            f"{','.join(m['precisions'])}"
+        )
+    click.echo(
+        f"{info['blocks']} blocks, {human_bytes(info['bytes'])}, "
+        f"{info['bits']:.2f} bits/weight -> {out}"
+    )

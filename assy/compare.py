@@ -1,0 +1,317 @@
+"""Compare the layer blocks of a pool: CKA, KL and compatibility matrices, seams, heatmaps.
+
+The pipeline behind ``assy compare``: capture every model's pooled layer inputs and
+outputs on the same calibration texts (:mod:`assy.capture`, cached), then for every
+ordered pair of layer blocks ``(a, b)`` across all models compute
+
+* ``cka[a, b] = CKA(out(a), in(b))`` (unbiased linear CKA, after an optional per-feature
+  preprocessing: ``none``, ``standardize`` or ``clip``),
+* ``kl[a, b] = KL(values of out(a) ‖ values of in(b))`` (nats),
+* ``compatibility[a, b] = w · cka + (1 − w) · exp(−kl)``,
+
+so that ``a → b`` reads "``b`` runs next on what ``a`` produced". Within one model,
+``a → a+1`` is the model's own seam (``out(a) = in(a+1)``: CKA 1, KL 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from assy.capture import POOLINGS, Activations, cached_capture
+from assy.comparator import PREPROCESSORS, cka_matrix, compatibility, kl_matrix
+from assy.errors import UsageError
+from blockpool import Pool
+from blockpool.offload import budgeted_runner
+
+__all__ = ["CompareOptions", "Comparison", "compare_activations", "compare_pool", "top_seams"]
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """How blocks are compared (recorded in every output).
+
+    Attributes:
+        weight: ``w`` of the compatibility, in ``[0, 1]`` (1 = CKA alone, 0 = KL alone).
+        preprocess: per-feature transform before CKA: ``none``, ``standardize`` (z-score
+            each dimension) or ``clip`` (shrink dimensions whose std exceeds 6 × the median).
+        unbiased: unbiased HSIC_1 (default) or the biased HSIC_0 estimator.
+        pooling: ``mean`` (mask-aware mean over tokens) or ``last`` (last real token).
+        skip_first: leading tokens left out of the mean (position 0: the attention sink).
+        bins: histogram bins of the KL.
+        kl_standardize: z-score each representation's values (scalar) before its histogram,
+            so the KL compares distribution shapes, not the models' activation scales.
+        kl_symmetric: ``(KL(p‖q) + KL(q‖p)) / 2`` instead of ``KL(out(a) ‖ in(b))``.
+    """
+
+    weight: float = 0.5
+    preprocess: str = "none"
+    unbiased: bool = True
+    pooling: str = "mean"
+    skip_first: int = 1
+    bins: int = 100
+    kl_standardize: bool = True
+    kl_symmetric: bool = False
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming every bad field."""
+        bad = []
+        if not 0.0 <= self.weight <= 1.0:
+            bad.append(f"--weight must be in [0, 1], got {self.weight}")
+        if self.preprocess not in PREPROCESSORS:
+            bad.append(f"--preprocess must be one of {', '.join(PREPROCESSORS)}")
+        if self.pooling not in POOLINGS:
+            bad.append(f"--pooling must be one of {', '.join(POOLINGS)}")
+        if self.skip_first < 0:
+            bad.append(f"--skip-first must be >= 0, got {self.skip_first}")
+        if self.bins < 2:
+            bad.append(f"--bins must be at least 2, got {self.bins}")
+        if bad:
+            raise UsageError("; ".join(bad))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Matrices over the ``N`` layer blocks of the compared models (rows: ``a``, cols: ``b``).
+
+    Attributes:
+        blocks: ``N`` block ids, model by model, in execution order.
+        models: model name of each block.
+        cka, kl, compatibility: ``[N, N]`` float64 (``a → b``).
+        samples: number of calibration examples ``n``.
+        options: how they were computed.
+    """
+
+    blocks: list[str]
+    models: list[str]
+    cka: torch.Tensor
+    kl: torch.Tensor
+    compatibility: torch.Tensor
+    samples: int
+    options: CompareOptions
+
+
+def _unique_reps(acts: Sequence[Activations]) -> tuple[list[torch.Tensor], list[int], list[int]]:
+    """Distinct representations and, per block, the index of its output and of its input.
+
+    A layer's input is its predecessor's output (the runner hands hidden states on
+    unchanged), so it is stored once when the two are equal.
+    """
+    reps: list[torch.Tensor] = []
+    out_idx: list[int] = []
+    in_idx: list[int] = []
+    for a in acts:
+        for i in range(len(a.block_ids)):
+            if i > 0 and torch.equal(a.inputs[i], a.outputs[i - 1]):
+                in_idx.append(out_idx[-1])
+            else:
+                reps.append(a.inputs[i])
+                in_idx.append(len(reps) - 1)
+            reps.append(a.outputs[i])
+            out_idx.append(len(reps) - 1)
+    return reps, out_idx, in_idx
+
+
+def compare_activations(acts: Sequence[Activations], options: CompareOptions) -> Comparison:
+    """CKA, KL and compatibility matrices of every ordered pair of captured layer blocks.
+
+    Args:
+        acts: captured activations of one or more models, on the same ``n`` examples.
+        options: the metrics' settings.
+    """
+    options.validate()
+    n = {a.inputs.shape[1] for a in acts}
+    if len(n) != 1:
+        raise UsageError(f"activations were captured on different sample counts {sorted(n)}")
+    reps, out_idx, in_idx = _unique_reps(acts)
+    prep = PREPROCESSORS[options.preprocess]
+    cka_all = cka_matrix([prep(r) for r in reps], options.unbiased)
+    cka = cka_all[out_idx][:, in_idx]
+    outs = [a.outputs[i] for a in acts for i in range(len(a.block_ids))]
+    ins = [a.inputs[i] for a in acts for i in range(len(a.block_ids))]
+    kl = kl_matrix(
+        outs,
+        ins,
+        symmetric=options.kl_symmetric,
+        bins=options.bins,
+        standardize=options.kl_standardize,
+    )
+    return Comparison(
+        blocks=[b for a in acts for b in a.block_ids],
+        models=[a.model for a in acts for _ in a.block_ids],
+        cka=cka,
+        kl=kl,
+        compatibility=compatibility(cka, kl, options.weight),
+        samples=n.pop(),
+        options=options,
+    )
+
+
+def top_seams(comparison: Comparison, k: int = 10) -> list[dict[str, Any]]:
+    """The ``k`` most compatible cross-model seams ``a → b`` (``a``, ``b`` from different models)."""
+    c = comparison
+    cross = torch.tensor([[ma != mb for mb in c.models] for ma in c.models])
+    scores = torch.where(cross & ~c.compatibility.isnan(), c.compatibility, -math.inf)
+    best = torch.argsort(scores.flatten(), descending=True)[:k]
+    seams = []
+    for flat in best.tolist():
+        a, b = divmod(flat, len(c.blocks))
+        if scores[a, b] == -math.inf:
+            break
+        seams.append(
+            {
+                "from": c.blocks[a],
+                "to": c.blocks[b],
+                "compatibility": float(c.compatibility[a, b]),
+                "cka": float(c.cka[a, b]),
+                "kl": float(c.kl[a, b]),
+            }
+        )
+    return seams
+
+
+def _matrix_json(m: torch.Tensor) -> list[list[float | None]]:
+    return [[None if math.isnan(v) else round(v, 6) for v in row] for row in m.tolist()]
+
+
+def _write(comparison: Comparison, out: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """``compare.json`` (everything, NaN as null) and ``matrices.safetensors``; atomic."""
+    c = comparison
+    doc = {
+        **meta,
+        "options": asdict(c.options),
+        "samples": c.samples,
+        "blocks": c.blocks,
+        "models": c.models,
+        "cka": _matrix_json(c.cka),
+        "kl": _matrix_json(c.kl),
+        "compatibility": _matrix_json(c.compatibility),
+    }
+    files = {"json": out / "compare.json", "safetensors": out / "matrices.safetensors"}
+    tmp = files["json"].with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, files["json"])
+    tensors = {"cka": c.cka, "kl": c.kl, "compatibility": c.compatibility}
+    header = {"blocks": json.dumps(c.blocks), "options": json.dumps(asdict(c.options))}
+    tmp = files["safetensors"].with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=header)
+    os.replace(tmp, files["safetensors"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def _capture(
+    pool: Pool,
+    name: str,
+    texts: Sequence[str],
+    cache_dir: Path,
+    options: CompareOptions,
+    budget: int | None,
+    policy: str,
+    **run: Any,
+) -> tuple[Activations, dict[str, Any]]:
+    """One model's activations (cached), through the swapper when there is a budget."""
+    runner, swapper = (None, None)
+    if budget is not None:
+        runner, swapper = budgeted_runner(pool, name, budget=budget, policy=policy)
+    try:
+        acts, path, reused = cached_capture(
+            pool,
+            name,
+            texts,
+            cache_dir,
+            pooling=options.pooling,
+            skip_first=options.skip_first,
+            fetch=runner.fetch if runner is not None else None,
+            **run,
+        )
+    finally:
+        if swapper is not None:
+            swapper.close()
+    entry = {"model": name, "file": str(path), "reused": reused}
+    if swapper is not None and not reused:
+        entry["swap"] = swapper.stats.as_dict()
+    return acts, entry
+
+
+def compare_pool(
+    root: Path,
+    out: Path,
+    texts: Sequence[str],
+    *,
+    models: Sequence[str] | None = None,
+    options: CompareOptions = CompareOptions(),
+    data_label: str = "",
+    max_tokens: int = 128,
+    batch_size: int = 8,
+    top: int = 10,
+    budget: int | None = None,
+    policy: str = "prefetch+preswap",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Capture, compare and report the layer blocks of ``models`` (default: all) of a pool.
+
+    Writes ``compare.json``, ``matrices.safetensors``, ``heatmaps/*.png`` and the
+    activation cache ``activations/`` under ``out``.
+
+    Args:
+        root: the pool directory.
+        out: output directory (created).
+        texts: the ``n`` calibration texts (same for every model).
+        models: model names of the pool; default all.
+        options: metric settings.
+        data_label: where the texts came from (recorded).
+        max_tokens, batch_size: capture settings (see :func:`assy.capture.capture_model`).
+        top: how many cross-model seams to return.
+        budget: resident weight bytes allowed while capturing (blocks served by
+            :func:`blockpool.offload.budgeted_runner`'s swapper); ``None``: all resident.
+        policy: the swapper's policy (:data:`blockpool.swapper.POLICIES`).
+        progress: tqdm bars on stderr.
+
+    Returns:
+        A summary: settings, top seams, files written, cache use and timings.
+    """
+    from assy.report import comparison_heatmaps
+
+    options.validate()
+    pool = Pool(root)
+    names = list(models) if models else list(pool.models)
+    for name in names:
+        pool.model(name)  # raises UsageError naming the known models
+    if len(set(names)) != len(names):
+        raise UsageError(f"--models lists a model twice: {','.join(names)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"max_tokens": max_tokens, "batch_size": batch_size, "progress": progress}
+    t0 = time.perf_counter()
+    acts, cache = [], []
+    for name in names:
+        a, entry = _capture(pool, name, texts, out / "activations", options, budget, policy, **run)
+        acts.append(a)
+        cache.append(entry)
+    t1 = time.perf_counter()
+    comparison = compare_activations(acts, options)
+    seams = top_seams(comparison, top)
+    meta = {"pool": str(root), "data": data_label, "max_tokens": max_tokens, "budget": budget}
+    meta["top_seams"] = seams
+    files = _write(comparison, out, meta)
+    files["heatmaps"] = [str(p) for p in comparison_heatmaps(comparison, out / "heatmaps")]
+    t2 = time.perf_counter()
+    return {
+        **meta,
+        "models": names,
+        "samples": comparison.samples,
+        "layer_blocks": len(comparison.blocks),
+        "options": asdict(options),
+        "files": files,
+        "cache": cache,
+        "seconds": {"capture": t1 - t0, "compare": t2 - t1},
+    }

@@ -1,0 +1,129 @@
+"""Write a quantized pool: every block of every model a variant of its source block.
+
+The precision of each block comes from a mapping (one precision for all, or a plan of
+:mod:`blockpool.planner`); blocks are written through
+:func:`blockpool.variants.write_variant_model`, so each records its parent block and sum.
+A head whose LM head is tied to the embedding stores only its norm: its tied weight is
+quantized with the embedding block (whose precision the head therefore takes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from blockpool.errors import UsageError
+from blockpool.families import get_family
+from blockpool.manifest import FORMAT_VERSION
+from blockpool.pool import Pool
+from blockpool.quantizer import encode_quant, logical_params, normalize_precision, quantize_block
+from blockpool.variants import write_variant_model
+
+__all__ = ["quantize_pool", "quantized_block", "tied_sources", "variant_bytes"]
+
+
+def quantized_block(
+    pool: Pool, bid: str, state: Mapping[str, torch.Tensor], precision: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One block's stored tensors at ``precision`` and its variant updates.
+
+    Args:
+        pool: the source pool.
+        bid: the source block id.
+        state: the block's own plain tensors (``pool.load_tensors(bid, tied=False)``).
+        precision: the target precision.
+
+    Returns:
+        ``(stored, updates)`` in the form :data:`blockpool.variants.Transform` returns.
+    """
+    precision = normalize_precision(precision)
+    spec = get_family(pool.blocks[bid]["family"])
+    stored, quant = quantize_block(state, precision, conv1d=spec.conv1d)
+    meta = {"quant": encode_quant(quant)} if quant else {}
+    entry = {"quant": quant, "params": logical_params(stored, quant)}
+    return stored, {"precision": precision, "metadata": meta, "entry": entry}
+
+
+def variant_bytes(
+    pool: Pool, bid: str, stored: Mapping[str, torch.Tensor], updates: Mapping[str, Any]
+) -> int:
+    """Exact file size of the variant :func:`quantize_pool` writes for ``bid``.
+
+    The header carries the same metadata :func:`write_variant_model` writes (the variant
+    keeps the block's id, as :func:`quantize_pool` keeps model names).
+    """
+    entry = pool.blocks[bid]
+    meta = {
+        "block_id": bid,
+        "family": entry["family"],
+        "kind": entry["kind"],
+        "index": str(entry["index"]),
+        "precision": updates["precision"],
+        "parent": bid,
+        "format_version": str(FORMAT_VERSION),
+        **updates["metadata"],
+    }
+    return len(save({k: v.contiguous() for k, v in stored.items()}, metadata=meta))
+
+
+def tied_sources(pool: Pool) -> dict[str, str]:
+    """Block id -> the block holding a weight it is tied to (a tied head -> its embed)."""
+    out = {}
+    for bid, entry in pool.blocks.items():
+        for ref in (entry.get("tied") or {}).values():
+            out[bid] = ref.partition(":")[0]
+    return out
+
+
+def quantize_pool(
+    pool: Pool,
+    out: Path,
+    precisions: str | Mapping[str, str],
+    *,
+    models: list[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write ``out``: a pool whose blocks are variants of ``pool``'s at the given precisions.
+
+    Args:
+        pool: the source pool (left unchanged).
+        out: the destination pool directory (must not be the source).
+        precisions: one precision for every block, or block id -> precision (a tied head
+            takes its source block's precision whatever the mapping says).
+        models: the models to write (default: all).
+        progress: called as ``progress(model, blocks_done, blocks_total)``.
+
+    Returns:
+        The destination manifest.
+
+    Raises:
+        UsageError: ``out`` is the source pool, or the mapping misses a block.
+    """
+    out = Path(out)
+    if out.resolve() == pool.root.resolve():
+        raise UsageError(f"--out {out} is the source pool; write the quantized pool elsewhere")
+    models = models or list(pool.models)
+    assign = _resolve(pool, precisions, models)
+    manifest: dict[str, Any] = {}
+    for name in models:
+
+        def transform(bid, state):
+            return quantized_block(pool, bid, state, assign[bid])
+
+        manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
+    return manifest
+
+
+def _resolve(pool: Pool, precisions: str | Mapping[str, str], models: list[str]) -> dict[str, str]:
+    bids = [b for m in models for b in pool.model(m)["blocks"]]
+    if isinstance(precisions, str):
+        return dict.fromkeys(bids, normalize_precision(precisions))
+    missing = [b for b in bids if b not in precisions and b not in tied_sources(pool)]
+    if missing:
+        raise UsageError(f"no precision given for blocks {missing[:3]}")
+    tied = tied_sources(pool)
+    return {b: normalize_precision(precisions[tied.get(b, b)]) for b in bids}
