@@ -57,6 +57,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from _common import drop_page_cache
+
 MiB = 1 << 20
 MODELS = ("smollm2-135m", "gemma3-270m", "minilm-l6")
 DTYPES = ("fp16", "fp32")
@@ -223,16 +225,6 @@ def child_main(mode: str, payload: str) -> None:
 
 
 # ---------------------------------------------------------------- parent side ---------------
-def drop_page_cache(files: list[str]) -> None:
-    """Ask the kernel to drop the cached pages of ``files`` (clean pages only)."""
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def run_child(mode: str, payload: dict[str, Any], cold: list[str] | None = None) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; never raises for the child's failure."""
     cached = None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import drop_page_cache
 
 from blockpool import Pool, build_pool
 from blockpool.offload import block_nbytes, budgeted_runner
@@ -42,16 +43,6 @@ from blockpool.swapper import POLICIES
 
 MODELS = ("smollm2-135m", "gemma3-270m")
 FRACTIONS = (1.0, 0.5, 0.25)
-
-
-def drop_page_cache(paths: list[Path]) -> None:
-    """Ask the kernel to forget the cached pages of these files (cold reads next time)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def pool_files(pool: Pool, model: str) -> list[Path]:
