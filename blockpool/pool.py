@@ -78,6 +78,7 @@ class Pool:
         self.models: dict[str, Any] = self.manifest["models"]
         self.blocks: dict[str, Any] = self.manifest["blocks"]
         self._verified: set[str] = set()
+        self._stat_checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when hashed
 
     # --- models -------------------------------------------------------------------------
     def model(self, name: str) -> dict[str, Any]:
@@ -194,19 +195,32 @@ class Pool:
             ) from None
 
     def _read_checked(self, bid: str, only: str | None) -> dict[str, torch.Tensor]:
-        """Read a block file whole, check its sum, deserialize it (one read, no mmap)."""
+        """Read a block for a reload, re-checking its sum whenever the file may have changed.
+
+        The first read hashes the whole file; later reads of a file whose size and
+        modification time are unchanged skip the hash and read through the memory map.
+        """
         from safetensors.torch import load
 
         entry = self.blocks[bid]
+        path = self.path(bid)
         try:
-            data = self.path(bid).read_bytes()
-        except OSError as e:
+            stat = path.stat()
+            key = (stat.st_size, stat.st_mtime_ns)
+            if self._stat_checked.get(bid) == key:
+                with safe_open(path, "pt") as f:
+                    state = {n: f.get_tensor(n) for n in f.keys()}
+                return {n: state[n] for n in companions(only, state)} if only else state
+            data = path.read_bytes()
+        except (OSError, SafetensorError) as e:
             raise IntegrityError(f"block {bid}: cannot read {entry['file']} ({e})") from None
+        self._stat_checked.pop(bid, None)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise IntegrityError(
                 f"block {bid} ({entry['file']}): sha256 mismatch (file corrupted or modified); "
                 f"run assy verify-pool {self.root} and rebuild the pool"
             )
+        self._stat_checked[bid] = key
         state = load(data)
         return {n: state[n] for n in companions(only, state)} if only else state
 
