@@ -29,6 +29,7 @@ from blockpool.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     atomic_write_bytes,
+    block_file,
     block_id,
     empty_manifest,
     read_manifest,
@@ -99,11 +100,6 @@ def plan_blocks(spec: FamilySpec, config: Any, names: Sequence[str]) -> dict[str
         "ignored": ignored,
         "unassigned": unassigned,
     }
-
-
-def _block_file(model: str, kind: str, index: int) -> str:
-    name = f"layer.{index:03d}" if kind == "layer" else kind
-    return f"blocks/{model}/{name}.safetensors"
 
 
 def _interface(spec: FamilySpec, config: Any) -> dict[str, Any]:
@@ -197,7 +193,7 @@ def _add_model(
     ids = []
     for step, ((kind, index), tensors) in enumerate(plan["blocks"].items()):
         bid = block_id(name, kind, index)
-        rel = _block_file(name, kind, index)
+        rel = block_file(name, kind, index)
         meta = {
             "block_id": bid,
             "family": spec.name,

@@ -29,6 +29,7 @@ __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
     "atomic_write_bytes",
+    "block_file",
     "block_id",
     "empty_manifest",
     "read_manifest",
@@ -40,6 +41,12 @@ __all__ = [
 FORMAT_VERSION = 1
 MANIFEST = "pool.json"
 _REQUIRED_BLOCK_KEYS = ("file", "model", "kind", "index", "family", "precision", "sha256", "bytes")
+
+
+def block_file(model: str, kind: str, index: int) -> str:
+    """The pool-relative file of a block: ``blocks/<model>/layer.007.safetensors``."""
+    name = f"layer.{index:03d}" if kind == "layer" else kind
+    return f"blocks/{model}/{name}.safetensors"
 
 
 def block_id(model: str, kind: str, index: int) -> str:

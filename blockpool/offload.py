@@ -46,13 +46,13 @@ def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...]
         # Quantized blocks are dequantized at load: count every weight at the compute dtype
         # (a tied alias at the size of the whole block it lives in: an upper bound).
         refs = {ref.partition(":")[0] for ref in (entry.get("tied") or {}).values()}
-        return sum(pool.params(b) for b in {bid} | refs) * _itemsize(dtype)
+        return sum(pool.params(b) for b in {bid} | refs) * dtype.itemsize
     shapes = {k: v for k, v in _header(pool, bid).items() if k not in skip}
     for local, ref in (entry.get("tied") or {}).items():
         if local not in skip:
             src, _, name = ref.partition(":")
             shapes[local] = _header(pool, src)[name]
-    size = _itemsize(dtype)
+    size = dtype.itemsize
     total = 0
     for shape, st_dtype in shapes.values():
         numel = int(torch.Size(shape).numel())
@@ -61,10 +61,6 @@ def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...]
 
 
 _ST_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _table_ref(pool: Pool, bid: str) -> tuple[str, str]:
@@ -168,7 +164,7 @@ def min_budget(pool: Pool, model: str, dtype: torch.dtype = torch.float32) -> in
     ends = [b for b in ids if pool.blocks[b]["kind"] != "layer"]
     pinned = sum(block_nbytes(pool, b, dtype, skip=(_TOKEN_TABLE, "lm_head.weight")) for b in ends)
     width = pool.blocks[ids[0]]["interface"]["hidden_size"]
-    piece = _MIN_CHUNK_ROWS * width * _itemsize(dtype)  # room for a gathered or chunked piece
+    piece = _MIN_CHUNK_ROWS * width * dtype.itemsize  # room for a gathered or chunked piece
     return max(layers) + pinned + piece
 
 

@@ -20,6 +20,7 @@ from blockpool.manifest import (
     FORMAT_VERSION,
     MANIFEST,
     atomic_write_bytes,
+    block_file,
     block_id,
     empty_manifest,
     read_manifest,
@@ -36,11 +37,6 @@ Transform = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tenso
 hold ``precision`` (str), ``sparsity`` (float), ``metadata`` (str -> str, written into the
 safetensors header) and ``entry`` (extra manifest fields of the block).
 """
-
-
-def _file_of(model: str, kind: str, index: int) -> str:
-    name = f"layer.{index:03d}" if kind == "layer" else kind
-    return f"blocks/{model}/{name}.safetensors"
 
 
 def _retarget(ref: str, name: str) -> str:
@@ -111,7 +107,7 @@ def write_variant_model(
             "format_version": str(FORMAT_VERSION),
             **updates.get("metadata", {}),
         }
-        rel = _file_of(name, entry["kind"], entry["index"])
+        rel = block_file(name, entry["kind"], entry["index"])
         digest = _write(out, rel, new_state, meta)
         tied = {local: _retarget(ref, name) for local, ref in (entry.get("tied") or {}).items()}
         inherited = {k: v for k, v in entry.items() if k not in ("quant", "params")}
