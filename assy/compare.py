@@ -31,7 +31,7 @@ from assy.capture import POOLINGS, Activations, cached_capture
 from assy.comparator import PREPROCESSORS, cka_matrix, compatibility, kl_matrix
 from assy.errors import UsageError
 from blockpool import Pool
-from blockpool.offload import budgeted_runner
+from blockpool.session import RunOptions, open_runner
 
 __all__ = ["CompareOptions", "Comparison", "compare_activations", "compare_pool", "top_seams"]
 
@@ -214,15 +214,11 @@ def _capture(
     texts: Sequence[str],
     cache_dir: Path,
     options: CompareOptions,
-    budget: int | None,
-    policy: str,
-    **run: Any,
+    run_options: RunOptions,
+    **capture: Any,
 ) -> tuple[Activations, dict[str, Any]]:
-    """One model's activations (cached), through the swapper when there is a budget."""
-    runner, swapper = (None, None)
-    if budget is not None:
-        runner, swapper = budgeted_runner(pool, name, budget=budget, policy=policy)
-    try:
+    """One model's activations (cached), run as ``run_options`` say (budget, device)."""
+    with open_runner(pool, name, run_options) as run:
         acts, path, reused = cached_capture(
             pool,
             name,
@@ -230,15 +226,12 @@ def _capture(
             cache_dir,
             pooling=options.pooling,
             skip_first=options.skip_first,
-            fetch=runner.fetch if runner is not None else None,
-            **run,
+            runner=run.runner,
+            **capture,
         )
-    finally:
-        if swapper is not None:
-            swapper.close()
     entry = {"model": name, "file": str(path), "reused": reused}
-    if swapper is not None and not reused:
-        entry["swap"] = swapper.stats.as_dict()
+    if run.swapper is not None and not reused:
+        entry["swap"] = {k: run.report[k] for k in run.swapper.stats.as_dict()}
     return acts, entry
 
 
@@ -251,10 +244,8 @@ def compare_pool(
     options: CompareOptions = CompareOptions(),
     data_label: str = "",
     max_tokens: int = 128,
-    batch_size: int = 8,
     top: int = 10,
-    budget: int | None = None,
-    policy: str = "prefetch+preswap",
+    run: RunOptions = RunOptions(),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Capture, compare and report the layer blocks of ``models`` (default: all) of a pool.
@@ -269,11 +260,10 @@ def compare_pool(
         models: model names of the pool; default all.
         options: metric settings.
         data_label: where the texts came from (recorded).
-        max_tokens, batch_size: capture settings (see :func:`assy.capture.capture_model`).
+        max_tokens: token cap per text (see :func:`assy.capture.capture_model`).
         top: how many cross-model seams to return.
-        budget: resident weight bytes allowed while capturing (blocks served by
-            :func:`blockpool.offload.budgeted_runner`'s swapper); ``None``: all resident.
-        policy: the swapper's policy (:data:`blockpool.swapper.POLICIES`).
+        run: how to run the models (budget and swap policy, device, dtype, batch size,
+            threads; see :func:`blockpool.session.open_runner`).
         progress: tqdm bars on stderr.
 
     Returns:
@@ -290,17 +280,18 @@ def compare_pool(
         raise UsageError(f"--models lists a model twice: {','.join(names)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"max_tokens": max_tokens, "batch_size": batch_size, "progress": progress}
+    capture = {"max_tokens": max_tokens, "batch_size": run.batch_size, "progress": progress}
     t0 = time.perf_counter()
     acts, cache = [], []
     for name in names:
-        a, entry = _capture(pool, name, texts, out / "activations", options, budget, policy, **run)
+        a, entry = _capture(pool, name, texts, out / "activations", options, run, **capture)
         acts.append(a)
         cache.append(entry)
     t1 = time.perf_counter()
     comparison = compare_activations(acts, options)
     seams = top_seams(comparison, top)
-    meta = {"pool": str(root), "data": data_label, "max_tokens": max_tokens, "budget": budget}
+    meta = {"pool": str(root), "data": data_label, "max_tokens": max_tokens, "budget": run.budget}
+    meta |= {"device": run.device, "threads": torch.get_num_threads()}
     meta["top_seams"] = seams
     files = _write(comparison, out, meta)
     files["heatmaps"] = [str(p) for p in comparison_heatmaps(comparison, out / "heatmaps")]

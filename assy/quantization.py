@@ -88,6 +88,7 @@ class CalibrationOptions:
     max_sparsity: float = 0.5
     screen: float = 1.0
     cache_dir: Path | None = None
+    device: str = "cpu"
 
 
 def quantize(
@@ -150,6 +151,7 @@ def quantize(
             screen=calibration.screen,
             cache_dir=calibration.cache_dir or Path(out) / "calibration",
             batch_size=calibration.batch_size,
+            device=calibration.device,
             progress=progress,
         )
     quantize_pool(pool, Path(out), precision or plan.precisions, models=models, progress=progress)

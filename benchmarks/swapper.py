@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from _common import drop_page_cache
 
-from blockpool import Pool, build_pool
-from blockpool.offload import block_nbytes, budgeted_runner
+from blockpool import BlockRunner, Pool, RunOptions, build_pool, open_runner
+from blockpool.offload import block_nbytes
+from blockpool.session import use_threads
 from blockpool.sizes import format_size
 from blockpool.swapper import POLICIES
 
@@ -114,7 +115,7 @@ def forwards_per_pass(workload: str) -> int:
 def bench_model(pool: Pool, name: str, args, workloads: dict) -> list[dict[str, Any]]:
     total = sum(block_nbytes(pool, b, torch.float32) for b in pool.model(name)["blocks"])
     files = pool_files(pool, name)
-    resident, _ = budgeted_runner(pool, name, budget=None)
+    resident = BlockRunner(pool, name)
     rows = []
     read_all = read_all_seconds(pool, name)
     for wl, fn in workloads.items():
@@ -155,12 +156,12 @@ def run_policy(pool, name, policy, budget, fn, files, args) -> dict[str, Any]:
             runner, dats = accelerate_runner(src.path, budget, Path(tmp))
             fn(runner)  # warm-up pass
             return {"seconds": timed(lambda: fn(runner), dats + files, args.repeat)}
-    runner, swapper = budgeted_runner(pool, name, budget=budget, policy=policy)
-    with swapper:
-        fn(runner)  # warm-up pass: fills the cache as a steady state would
-        swapper.reset_stats()
-        seconds = timed(lambda: fn(runner), files, args.repeat)
-        return {"seconds": seconds, **swapper.stats.as_dict()}
+    options = RunOptions(budget=budget, policy=policy, threads=args.threads)
+    with open_runner(pool, name, options) as run:
+        fn(run.runner)  # warm-up pass: fills the cache as a steady state would
+        run.swapper.reset_stats()
+        seconds = timed(lambda: fn(run.runner), files, args.repeat)
+    return {"seconds": seconds, **run.report}
 
 
 def rss_check(pool_dir: Path, name: str, total: int, text: Path) -> dict[str, Any]:
@@ -243,7 +244,9 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch threads (default: the idle cores)")
     args = parser.parse_args()
+    args.threads = use_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
     pool_dir = args.work / "pool32"

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from blockpool.chain import ChainRunner
 from blockpool.errors import UsageError
 from blockpool.pool import Pool
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
-from blockpool.swapper import BlockSwapper
+from blockpool.swapper import DEFAULT_POLICY, BlockSwapper
 
 __all__ = ["ChunkedHead", "GatheredEmbed", "block_nbytes", "budgeted_runner", "min_budget"]
 
@@ -84,8 +86,30 @@ def _load_small(pool: Pool, bid: str, module: nn.Module, skip: str, dtype: torch
     module.load_state_dict(state, strict=False, assign=True)
 
 
+def _move_real_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move parameters and buffers to ``device``, leaving the meta ones (the big table,
+    read piece by piece) where they are."""
+    for owner in module.modules():
+        for name, p in list(owner.named_parameters(recurse=False)):
+            if not p.is_meta and p.device != device:
+                setattr(owner, name, nn.Parameter(p.to(device), requires_grad=p.requires_grad))
+        for name, b in list(owner.named_buffers(recurse=False)):
+            if not b.is_meta and b.device != device:
+                owner.register_buffer(
+                    name, b.to(device), persistent=name not in owner._non_persistent_buffers_set
+                )
+
+
 class _Piecewise(nn.Module):
-    def __init__(self, pool: Pool, bid: str, config: Any, dtype: torch.dtype, swapper) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        bid: str,
+        config: Any,
+        dtype: torch.dtype,
+        swapper,
+        device: str | torch.device = "cpu",
+    ) -> None:
         super().__init__()
         entry = pool.blocks[bid]
         if entry["precision"] not in _DENSE:
@@ -98,6 +122,8 @@ class _Piecewise(nn.Module):
         pool._ensure_verified(self.src)
         self.path, self.dtype, self.swapper = pool.path(self.src), dtype, swapper
         _load_small(pool, bid, self.inner, self.table if self.src == bid else "", dtype)
+        self.device = torch.device(device)
+        _move_real_tensors(self.inner, self.device)
         self.pinned = block_nbytes(pool, bid, dtype, skip=(self.table, "lm_head.weight"))
 
 
@@ -109,12 +135,14 @@ class GatheredEmbed(_Piecewise):
         self.inner.tokens.padding_idx = None  # ids are re-numbered; padding_idx only shapes grads
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
-        uniq, local = torch.unique(input_ids, return_inverse=True)
+        uniq, local = torch.unique(input_ids.cpu(), return_inverse=True)
+        local = local.to(input_ids.device)
         with safe_open(self.path, "pt") as f:
             table = f.get_slice(self.table)
             width = table.get_shape()[1]
             with self.swapper.reserve(len(uniq) * width * self.dtype.itemsize):
-                rows = torch.cat([table[i : i + 1] for i in uniq.tolist()]).to(self.dtype)
+                rows = torch.cat([table[i : i + 1] for i in uniq.tolist()])
+                rows = rows.to(self.device, self.dtype)
                 self.inner.tokens.weight = nn.Parameter(rows, requires_grad=False)
                 try:
                     return self.inner(local, attention_mask, position_ids, past_length)
@@ -136,7 +164,7 @@ class ChunkedHead(_Piecewise):
             for start in range(0, vocab, chunk):
                 stop = min(vocab, start + chunk)
                 with self.swapper.reserve((stop - start) * row_bytes):
-                    rows = weight[start:stop].to(self.dtype)
+                    rows = weight[start:stop].to(self.device, self.dtype)
                     logits[..., start:stop] = features @ rows.T
                     del rows
         return self.inner.cap(logits)
@@ -157,63 +185,95 @@ def _limit_malloc_caching() -> None:
         libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
 
 
-def min_budget(pool: Pool, model: str, dtype: torch.dtype = torch.float32) -> int:
-    """The smallest budget that runs ``model``: its largest layer plus its pinned parts."""
-    ids = pool.model(model)["blocks"]
+def _chain_blocks(pool: Pool, target: str | Sequence[str | nn.Module]) -> list[str]:
+    if isinstance(target, str):
+        return list(pool.model(target)["blocks"])
+    return [b for b in target if isinstance(b, str)]
+
+
+def min_budget(
+    pool: Pool, target: str | Sequence[str | nn.Module], dtype: torch.dtype = torch.float32
+) -> int:
+    """The smallest budget that runs a model (by name) or a chain: its largest layer plus
+    its pinned parts (the small tensors of an embedding and head served in pieces)."""
+    ids = _chain_blocks(pool, target)
     layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b]["kind"] == "layer"]
     ends = [b for b in ids if pool.blocks[b]["kind"] != "layer"]
     pinned = sum(block_nbytes(pool, b, dtype, skip=(_TOKEN_TABLE, "lm_head.weight")) for b in ends)
-    width = pool.blocks[ids[0]]["interface"]["hidden_size"]
+    width = max(pool.blocks[b]["interface"]["hidden_size"] for b in ends or ids)
     piece = _MIN_CHUNK_ROWS * width * dtype.itemsize  # room for a gathered or chunked piece
-    return max(layers) + pinned + piece
+    return max(layers, default=0) + pinned + piece
+
+
+def _seam_bytes(target: str | Sequence[str | nn.Module]) -> int:
+    if isinstance(target, str):
+        return 0
+    modules = [m for m in target if isinstance(m, nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
 def budgeted_runner(
     pool: Pool,
-    model: str,
+    target: str | Sequence[str | nn.Module],
     *,
     budget: int | None,
-    policy: str = "prefetch+preswap",
+    policy: str = DEFAULT_POLICY,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     depth: int = 2,
     piece_fraction: float = 0.5,
-) -> tuple[BlockRunner, BlockSwapper | None]:
-    """A runner for ``model`` whose resident weights stay within ``budget`` bytes.
+) -> tuple[ChainRunner, BlockSwapper | None]:
+    """A runner for a model (its name) or a chain whose resident weights stay within ``budget``.
 
     ``budget=None`` keeps every block resident (no swapper). An embedding or LM head
-    larger than ``piece_fraction * budget`` is served in pieces.
+    larger than ``piece_fraction * budget`` is served in pieces. Seams of a chain stay
+    resident and count against the budget.
 
     Raises:
         UsageError: the budget is below :func:`min_budget` (the message names it).
     """
+
+    def make(fetch=None) -> ChainRunner:
+        if isinstance(target, str):
+            return BlockRunner(pool, target, dtype=dtype, device=device, fetch=fetch)
+        return ChainRunner(pool, target, dtype=dtype, device=device, fetch=fetch)
+
     if budget is None:
-        return BlockRunner(pool, model, dtype=dtype), None
-    floor = min_budget(pool, model, dtype)
+        return make(), None
+    seams = _seam_bytes(target)
+    floor = min_budget(pool, target, dtype) + seams
+    name = target if isinstance(target, str) else "the chain"
     if budget < floor:
         raise UsageError(
-            f"--budget {format_size(budget)} is below the smallest working set of {model} "
+            f"--budget {format_size(budget)} is below the smallest working set of {name} "
             f"({format_size(floor)}: its largest layer at {str(dtype).removeprefix('torch.')} "
-            f"plus embedding and head parts); use --budget {format_size(floor)} or more"
+            f"plus embedding, head and seam parts); use --budget {format_size(floor)} or more"
         )
     _limit_malloc_caching()
-    runner = BlockRunner(pool, model, dtype=dtype)
-    ids = runner.block_ids
+    runner = make()
+    ids = list(dict.fromkeys(runner.block_ids))
     sizes = {b: block_nbytes(pool, b, dtype) for b in ids}
     pieces: dict[str, nn.Module] = {}
     cached = [b for b in ids if not _piecewise(pool, b, sizes[b] > piece_fraction * budget)]
+
+    def load(bid: str) -> nn.Module:
+        module = pool.build_module(bid, dtype=dtype, config=runner.config_of(bid), fresh=True)
+        return module.to(runner.device)
+
     swapper = BlockSwapper(
-        lambda b: pool.build_module(b, dtype=dtype, config=runner.config, fresh=True),
+        load,
         sizes,
         {b: pool.blocks[b]["bytes"] for b in ids},
-        cached,
+        [b for b in runner.block_ids if b in cached],
         budget=budget,
         policy=policy,
         depth=depth,
+        pinned_bytes=seams,
     )
     for b in ids:
         if b not in cached:
             cls = GatheredEmbed if pool.blocks[b]["kind"] == "embed" else ChunkedHead
-            pieces[b] = cls(pool, b, runner.config, dtype, swapper)
+            pieces[b] = cls(pool, b, runner.config_of(b), dtype, swapper, runner.device)
             swapper.pin(pieces[b].pinned)
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
     return runner, swapper

@@ -234,6 +234,7 @@ def plan_precisions(
     screen: float = 1.0,
     cache_dir: Path | None = None,
     batch_size: int = 8,
+    device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Plan:
     """Choose a precision for every block of every model in ``calibration``.
@@ -250,6 +251,7 @@ def plan_precisions(
         max_sparsity, screen: the weight-statistics filter (:func:`candidates`).
         cache_dir: calibration cache (activations and sensitivities).
         batch_size: calibration windows per forward call.
+        device: where the calibration forward passes run.
         progress: called as ``progress(label, done, total)``.
 
     Raises:
@@ -274,6 +276,7 @@ def plan_precisions(
             cache_dir=cache_dir,
             blocks=[b for u in chosen for b in units[u]],
             batch_size=batch_size,
+            device=device,
             progress=progress,
         )
         options[model] = _unit_options(pool, units, chosen, measured, choices)

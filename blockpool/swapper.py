@@ -33,9 +33,11 @@ from torch import nn
 
 from blockpool.errors import UsageError
 
-__all__ = ["POLICIES", "BlockSwapper", "SwapStats"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "BlockSwapper", "SwapStats"]
 
 POLICIES = ("on-demand", "lru", "prefetch", "prefetch+preswap")
+DEFAULT_POLICY = "prefetch+preswap"
+"""The policy every command and library function uses unless told otherwise."""
 
 
 @dataclass
@@ -92,7 +94,7 @@ class BlockSwapper:
         order: Sequence[str],
         *,
         budget: int,
-        policy: str = "prefetch+preswap",
+        policy: str = DEFAULT_POLICY,
         depth: int = 2,
         pinned_bytes: int = 0,
     ) -> None:

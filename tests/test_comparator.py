@@ -24,7 +24,7 @@ from assy.comparator import (
     standardize_features,
 )
 from assy.compare import CompareOptions, compare_activations, compare_pool
-from blockpool import Pool, build_pool
+from blockpool import BlockRunner, Pool, RunOptions, build_pool
 
 F64 = torch.float64
 
@@ -288,7 +288,8 @@ def test_capture_fetch_passes_through_and_skips_the_head(tiny_pool):
         fetched.append(bid)
         return pool.build_module(bid)
 
-    capture_model(pool, "llama", _texts(3), fetch=fetch, progress=False)
+    runner = BlockRunner(pool, "llama", fetch=fetch)
+    capture_model(pool, "llama", _texts(3), runner=runner, progress=False)
     kinds = {pool.blocks[b]["kind"] for b in fetched}
     assert kinds == {"embed", "layer"}
 
@@ -331,7 +332,8 @@ def test_compare_under_a_budget_matches_resident_run(tiny_pool, tmp_path):
     budget = max(min_budget(pool, m) for m in ("llama", "bert"))
     kw = dict(models=["llama", "bert"], progress=False)
     free = compare_pool(tiny_pool, tmp_path / "free", texts, **kw)
-    tight = compare_pool(tiny_pool, tmp_path / "tight", texts, budget=budget, policy="lru", **kw)
+    tight_run = RunOptions(budget=budget, policy="lru")
+    tight = compare_pool(tiny_pool, tmp_path / "tight", texts, run=tight_run, **kw)
     for entry in tight["cache"]:
         assert entry["swap"]["weights_resident_peak_bytes"] <= budget
     a = load_file(tmp_path / "free" / "matrices.safetensors")

@@ -276,10 +276,9 @@ def test_wanda_calibrates_on_the_pruned_layers_before(tiny_pool):
 
     hooks = [m.register_forward_hook(keep_input(n)) for n, m in prunable_linears(dense1).items()]
     with torch.no_grad():
-        h = runner.fetch(blocks[0])(ids, None, torch.arange(ids.shape[1])[None], 0)
-        kw = runner._layer_kwargs(h, None, torch.arange(ids.shape[1])[None], None)
-        h = runner.fetch(blocks[1])(h, **kw["full_attention"])
-        dense1(h[0] if isinstance(h, tuple) else h, **kw["full_attention"])
+        h = runner.run_block(blocks[0], ids)
+        h = runner.run_block(blocks[1], h)
+        dense1(h, **runner.layer_kwargs(blocks[1], h))
     for hook in hooks:
         hook.remove()
     pruned1 = dict(prunable_linears(pool.build_module(blocks[2])).items())

@@ -9,7 +9,7 @@ import click
 
 from assy.errors import AssyError
 
-__all__ = ["budget_options", "human_bytes", "user_errors"]
+__all__ = ["compute_options", "human_bytes", "run_options", "user_errors"]
 
 
 def user_errors(fn):
@@ -51,18 +51,70 @@ def _parse_budget(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def budget_options(fn):
-    """``--budget SIZE`` and ``--swap-policy``: run through the swapper within a budget."""
+def _check_device(ctx, param, value):
+    from blockpool.session import parse_device
+
+    try:
+        parse_device(value)
+    except AssyError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
+def compute_options(fn):
+    """``--device`` and ``--threads``: where blocks run and how many CPU threads compute."""
     fn = click.option(
-        "--swap-policy",
-        type=click.Choice(["on-demand", "lru", "prefetch", "prefetch+preswap"]),
-        default="prefetch+preswap",
-        show_default=True,
-        help="How the swapper evicts and pre-loads blocks (with --budget).",
+        "--threads",
+        type=click.IntRange(min=1),
+        help="Torch intra-op CPU threads. Default: the cores not already busy (cores minus "
+        "the 1-minute load average, at least 1); recorded in --json output.",
     )(fn)
     return click.option(
-        "--budget",
-        callback=_parse_budget,
-        help="Most resident weight bytes (4GB, 512MB, 1.5GiB); blocks are swapped to stay "
-        "within it. Default: every block resident.",
+        "--device",
+        default="cpu",
+        show_default=True,
+        callback=_check_device,
+        help="Where blocks run: cpu, cuda, cuda:N or mps.",
     )(fn)
+
+
+def run_options(*, batch_size: bool = True):
+    """``--budget``, ``--swap-policy``, ``--device``, ``--threads`` (and ``--batch-size``),
+    handed to the command as one ``run: RunOptions``."""
+    from blockpool.swapper import DEFAULT_POLICY, POLICIES
+
+    def decorate(fn):
+        @wraps(fn)
+        def wrapper(*args, budget, swap_policy, device, threads, **kwargs):
+            from blockpool.session import RunOptions
+
+            size = kwargs.pop("batch_size") if batch_size else RunOptions.batch_size
+            run = RunOptions(
+                budget=budget, policy=swap_policy, device=device, threads=threads, batch_size=size
+            )
+            return fn(*args, run=run, **kwargs)
+
+        wrapper = compute_options(wrapper)
+        if batch_size:
+            wrapper = click.option(
+                "--batch-size",
+                default=8,
+                show_default=True,
+                type=click.IntRange(min=1),
+                help="Sequences per forward call.",
+            )(wrapper)
+        wrapper = click.option(
+            "--swap-policy",
+            type=click.Choice(POLICIES),
+            default=DEFAULT_POLICY,
+            show_default=True,
+            help="How the swapper evicts and pre-loads blocks (with --budget).",
+        )(wrapper)
+        return click.option(
+            "--budget",
+            callback=_parse_budget,
+            help="Most resident weight bytes (4GB, 512MB, 1.5GiB); blocks are swapped to stay "
+            "within it. Default: every block resident.",
+        )(wrapper)
+
+    return decorate

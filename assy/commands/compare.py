@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import budget_options, user_errors
+from assy.commands.common import run_options, user_errors
 
 __all__ = ["compare_cmd"]
 
@@ -42,7 +42,6 @@ def _print_summary(result: dict) -> None:
 @click.option("--data", type=click.Path(path_type=Path), help="Text file (one per line) or .jsonl.")
 @click.option("--samples", default=256, show_default=True, help="Calibration examples.")
 @click.option("--max-tokens", default=128, show_default=True, help="Tokens per example.")
-@click.option("--batch-size", default=8, show_default=True)
 @click.option("--weight", default=0.5, show_default=True, help="w: CKA weight of compatibility.")
 @click.option(
     "--preprocess",
@@ -60,10 +59,10 @@ def _print_summary(result: dict) -> None:
 )
 @click.option("--top", default=10, show_default=True, help="Cross-model seams printed.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@budget_options
+@run_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def compare_cmd(pool, models, task, data, samples, out, as_json, **settings) -> None:
+def compare_cmd(pool, models, task, data, samples, out, as_json, run, **settings) -> None:
     """Compare every pair of layer blocks of POOL, forward-only (AssyLLM Q1, Figure 10).
 
     Writes compare.json and matrices.safetensors (CKA, KL, compatibility over all layer
@@ -72,13 +71,19 @@ def compare_cmd(pool, models, task, data, samples, out, as_json, **settings) -> 
     from assy.capture import calibration_texts
     from assy.compare import CompareOptions, compare_pool
 
-    run = {k: settings.pop(k) for k in ("max_tokens", "batch_size", "top", "budget")}
-    run["policy"] = settings.pop("swap_policy")
+    capture = {k: settings.pop(k) for k in ("max_tokens", "top")}
     texts = calibration_texts(task=task, data=data, samples=samples)
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     label = f"task {task}" if task else f"file {data}"
     result = compare_pool(
-        pool, out, texts, models=names, options=CompareOptions(**settings), data_label=label, **run
+        pool,
+        out,
+        texts,
+        models=names,
+        options=CompareOptions(**settings),
+        data_label=label,
+        run=run,
+        **capture,
     )
     if as_json:
         click.echo(json.dumps(result))

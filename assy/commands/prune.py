@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import user_errors
+from assy.commands.common import compute_options, user_errors
 from assy.data import TASKS
 
 __all__ = ["prune_cmd"]
@@ -32,6 +32,7 @@ __all__ = ["prune_cmd"]
 @click.option("--seed", default=0, show_default=True, help="Seed of the window offsets.")
 @click.option("--batch-size", default=8, show_default=True, help="Windows per forward call.")
 @click.option("--as", "new_name", required=True, help="Name of the pruned model in the pool.")
+@compute_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def prune_cmd(
@@ -46,6 +47,8 @@ def prune_cmd(
     seed: int,
     batch_size: int,
     new_name: str,
+    device: str,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Prune the linear weights of every layer of --model and add it to POOL as --as.
@@ -57,7 +60,9 @@ def prune_cmd(
 
     from assy.lego import calibration_ids, calibration_text, parse_sparsity, prune_pool_model
     from blockpool import Pool
+    from blockpool.session import use_threads
 
+    threads = use_threads(threads)
     opened = Pool(pool)
     ids = None
     if method != "magnitude" or calib_task or calib_file:
@@ -73,6 +78,10 @@ def prune_cmd(
             new_name,
             calib_ids=ids,
             batch_size=batch_size,
+            device=device,
             progress=lambda _n, done, _t: bar.update(done - bar.n),
         )
-    click.echo(json.dumps(asdict(report)) if as_json else f"{report.summary()} -> {pool}")
+    if as_json:
+        click.echo(json.dumps(asdict(report) | {"device": device, "threads": threads}))
+    else:
+        click.echo(f"{report.summary()} -> {pool}")

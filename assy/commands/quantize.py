@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from assy.commands.common import human_bytes, user_errors
+from assy.commands.common import compute_options, human_bytes, user_errors
 
 __all__ = ["quantize_cmd"]
 
@@ -46,6 +46,7 @@ def _progress() -> Callable[[str, int, int], None]:
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[default: OUT/calibration]")
 @click.option("--screen", default=1.0, show_default=True, help="Fraction of blocks measured.")
 @click.option("--model", "models", multiple=True, help="Quantize only these models.")
+@compute_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def quantize_cmd(
@@ -63,6 +64,8 @@ def quantize_cmd(
     cache_dir: Path | None,
     screen: float,
     models: tuple[str, ...],
+    device: str,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Write --out: POOL's blocks quantized (int8, nf4/fp4 in bitsandbytes' formats).
@@ -73,8 +76,10 @@ def quantize_cmd(
     """
     from assy.errors import UsageError
     from assy.quantization import CalibrationOptions, quantize
+    from blockpool.session import use_threads
     from blockpool.sizes import parse_size
 
+    threads = use_threads(threads)
     if auto == (precision is not None) or (not auto and (target_bits or pool_budget)):
         raise UsageError("give --precision P, or --auto with --target-bits B or --pool-budget SIZE")
     calibration = CalibrationOptions(
@@ -85,6 +90,7 @@ def quantize_cmd(
         choices=tuple(c.strip() for c in choices.split(",") if c.strip()),
         screen=screen,
         cache_dir=cache_dir,
+        device=device,
     )
     result = quantize(
         pool,
@@ -96,7 +102,7 @@ def quantize_cmd(
         models=list(models) or None,
         progress=_progress(),
     )
-    _report(result, out, as_json)
+    _report(result | {"device": device, "threads": threads}, out, as_json)
 
 
 def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:

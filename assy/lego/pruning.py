@@ -148,7 +148,7 @@ def wanda_mask(w: torch.Tensor, act_norm: torch.Tensor, target: SparsityTarget) 
 def _inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (SparseGPT, Alg. 1)."""
     h = hessian.double().clone()
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += damp * torch.diagonal(h).mean()
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True).float()

@@ -155,15 +155,16 @@ def _groups(modules: dict[str, nn.Module], stats: _InputStats | None) -> list[li
 class _SequentialPruner:
     """The stateful ``Transform`` handed to ``write_variant_model``: one block per call."""
 
-    def __init__(self, pool, model, method, target, calib_ids, batch_size) -> None:
+    def __init__(self, pool, model, method, target, calib_ids, batch_size, device) -> None:
         from blockpool import BlockRunner
 
         self.pool, self.method, self.target = pool, method, target
-        self.runner = BlockRunner(pool, model)  # config, rotary and masks between layers
-        self.calib_ids, self.batch_size = calib_ids, batch_size
+        # config, rotary and masks between layers, on the device the pruning runs on
+        self.runner = BlockRunner(pool, model, device=device)
+        self.calib_ids = calib_ids.to(self.runner.device) if calib_ids is not None else None
+        self.batch_size = batch_size
         self.hidden: torch.Tensor | None = None
         self.layers: list[dict[str, Any]] = []
-        self._kwargs: dict[tuple[int, str], dict[str, Any]] = {}
 
     def __call__(self, bid: str, tensors: dict[str, torch.Tensor]):
         kind = self.pool.blocks[bid]["kind"]
@@ -179,29 +180,19 @@ class _SequentialPruner:
 
     @torch.no_grad()
     def _embed(self, bid: str) -> None:
-        embed = self.pool.build_module(bid, config=self.runner.config)
         ids = self.calib_ids
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        embed = self.pool.build_module(bid, config=self.runner.config).to(self.runner.device)
         parts = range(0, len(ids), self.batch_size)
-        hidden = [embed(ids[i : i + self.batch_size], None, positions, 0) for i in parts]
+        hidden = [
+            self.runner.run_block(bid, ids[i : i + self.batch_size], module=embed) for i in parts
+        ]
         self.hidden = torch.cat(hidden).float()
 
-    def _layer_kwargs(self, hidden: torch.Tensor, layer_type: str) -> dict[str, Any]:
-        key = (hidden.shape[0], layer_type)
-        if key not in self._kwargs:
-            positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-            # TODO(blockpool): use a public BlockRunner.layer_kwargs once it exists.
-            by_type = self.runner._layer_kwargs(hidden, None, positions, None)
-            self._kwargs[key] = by_type[layer_type]
-        return self._kwargs[key]
-
     @torch.no_grad()
-    def _run_layer(self, layer: nn.Module, layer_type: str, stats: _InputStats | None) -> None:
+    def _run_layer(self, bid: str, layer: nn.Module, stats: _InputStats | None) -> None:
         """Run every micro-batch through ``layer``; with ``stats`` only observe the inputs."""
         for part in self._chunks():
-            h = self.hidden[part]
-            out = layer(h, **self._layer_kwargs(h, layer_type))
-            out = out[0] if isinstance(out, tuple) else out
+            out = self.runner.run_block(bid, self.hidden[part], module=layer)
             if stats is None:
                 self.hidden[part] = out
             else:
@@ -209,14 +200,12 @@ class _SequentialPruner:
 
     def _prune_layer(self, bid: str, tensors: dict[str, torch.Tensor]):
         start = time.perf_counter()
-        index = self.pool.blocks[bid]["index"]
-        layer_type = self.runner.spec.layer_type(self.runner.config, index)
-        layer = self.pool.build_module(bid, config=self.runner.config)
+        layer = self.pool.build_module(bid, config=self.runner.config).to(self.runner.device)
         modules = prunable_linears(layer)
         stats = None
         if self.method != "magnitude":
             stats = _InputStats(modules, self.method)
-            self._run_layer(layer, layer_type, stats)
+            self._run_layer(bid, layer, stats)
             stats.close()
         new_tensors = dict(tensors)
         per_matrix: list[tuple[int, int]] = []  # (zeros, weights)
@@ -228,11 +217,11 @@ class _SequentialPruner:
             ):
                 mod, key = modules[name], f"{name}.weight"
                 w = (w.t() if isinstance(mod, Conv1D) else w).to(tensors[key].dtype)
-                new_tensors[key] = w.contiguous()
+                new_tensors[key] = w.contiguous().cpu()
                 mod.weight.data = w.float()  # propagate what the stored model will compute
                 per_matrix.append((int((w == 0).sum()), w.numel()))
         if self.hidden is not None:
-            self._run_layer(layer, layer_type, None)
+            self._run_layer(bid, layer, None)
         zeros, total = sum(z for z, _ in per_matrix), sum(n for _, n in per_matrix)
         sparsity = zeros / total if total else 0.0
         fractions = [z / n for z, n in per_matrix]
@@ -281,6 +270,7 @@ def prune_pool_model(
     batch_size: int = 8,
     activation_budget_bytes: int = 2 * 10**9,
     out: Path | None = None,
+    device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> PruneReport:
     """Prune every layer block of ``model`` and add the result to the pool as ``new_name``.
@@ -296,6 +286,7 @@ def prune_pool_model(
         batch_size: calibration sequences per forward call.
         activation_budget_bytes: most bytes the held layer activations may take.
         out: another pool directory to write to (default: the source pool).
+        device: where the layers run and are pruned (``cpu``, ``cuda:N``, ``mps``).
         progress: ``progress(name, blocks_done, blocks_total)``.
 
     Returns:
@@ -317,7 +308,7 @@ def prune_pool_model(
     _check_source(pool, model, new_name, out)
     if calib_ids is not None:
         _check_activation_budget(calib_ids, pool.config(model).hidden_size, activation_budget_bytes)
-    pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size)
+    pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size, device)
     write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
     report = PruneReport(new_name, method, str(target), pruner.layers)
     weights = sum(r["weights"] for r in pruner.layers)

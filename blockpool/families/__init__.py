@@ -50,7 +50,9 @@ class FamilySpec:
             canonical names (``bert.`` prefixes, GPT-2 base-model keys).
         ignore: regexes of source tensors that are not weights (stale buffers).
         conv1d: name suffixes of ``Conv1D`` weights stored ``[in, out]`` (GPT-2).
-        cache_kwarg: the keyword under which a layer takes the KV cache.
+        cache_kwarg: the keyword under which a layer takes the KV cache; ``None``: read it
+            off the installed layer class (``cache`` in transformers >= 5.24, else
+            ``past_key_values``).
     """
 
     name: str
@@ -69,7 +71,7 @@ class FamilySpec:
     rename: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     conv1d: tuple[str, ...] = ()
-    cache_kwarg: str = "past_key_values"
+    cache_kwarg: str | None = None
 
     @property
     def position(self) -> str:
