@@ -41,6 +41,7 @@ __all__ = [
     "mc_metrics",
     "multiple_choice",
     "perplexity",
+    "scored_bytes",
 ]
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -136,6 +137,21 @@ def perplexity(
         raise UsageError(f"text too short: {len(ids)} token(s), need at least 2 to score one")
     nll = total / scored
     return {"perplexity": math.exp(nll), "nll": nll, "tokens": scored, "windows": len(windows)}
+
+
+def scored_bytes(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int = 2048, window: int = 512
+) -> int:
+    """UTF-8 bytes of the text :func:`perplexity` scores (same windows): in each window, from
+    the end of its first token to the end of its last. ``nll * tokens / ln 2 / bytes`` is
+    then bits per byte, comparable across tokenizers."""
+    offsets = tokenizer(text, return_offsets_mapping=True).offset_mapping[:max_tokens]
+    total = 0
+    for i in range(0, len(offsets), window):
+        chunk = offsets[i : i + window]
+        if len(chunk) >= 2:
+            total += len(text[chunk[0][1] : chunk[-1][1]].encode("utf-8"))
+    return total
 
 
 # --------------------------------------------------------------------------- multiple choice
@@ -388,6 +404,7 @@ def evaluate_pool_model(
     window: int = 512,
     options: RunOptions = RunOptions(),
     progress: bool = True,
+    assembly: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model of a pool, run from its blocks, on a task.
 
@@ -398,9 +415,12 @@ def evaluate_pool_model(
         text, data, limit, max_tokens, window: as for :func:`perplexity` and
             :func:`multiple_choice` (``data`` replaces the shipped validation split).
         options: how to run (budget, swap policy, device, dtype, batch size, threads).
+        assembly: run this assembly directory (:mod:`assy.assembly`) instead; ``model``
+            is then ignored (the assembly names its anchor).
 
     Returns:
-        The metrics, plus ``model``, ``task``, ``seconds`` and the run's report
+        The metrics (perplexity also in ``bits_per_byte``), plus ``model``, ``task``,
+        ``seconds`` and the run's report
         (:class:`blockpool.session.RunSession`: device, threads, ``peak_rss_bytes`` and,
         under a budget, the swapper's counters ``weights_resident_peak_bytes``,
         ``bytes_read``, ``stall_seconds``, ``hits``, ``misses``, ``io_hidden_fraction``, ...).
@@ -408,6 +428,13 @@ def evaluate_pool_model(
     from blockpool import Pool
 
     pool = Pool(root)
+    target, extra = model, {}
+    if assembly is not None:
+        from assy.assembly import load_assembly
+
+        loaded = load_assembly(pool, assembly)
+        model, target = loaded.anchor, loaded.chain
+        extra = {"assembly": str(assembly), "fit_data": loaded.fit.get("data")}
     if not pool.family(model).causal:
         raise UsageError(
             f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
@@ -420,7 +447,7 @@ def evaluate_pool_model(
         examples = load_task(task, data_file=data, limit=limit)
     tokenizer = pool.tokenizer(model)
     start = time.perf_counter()
-    with open_runner(pool, model, options) as run:
+    with open_runner(pool, target, options) as run:
         device = run.runner.device
         if task == "perplexity":
             result = perplexity(
@@ -432,6 +459,9 @@ def evaluate_pool_model(
                 device=device,
                 progress=progress,
             )
+            nats = result["nll"] * result["tokens"]
+            size = scored_bytes(tokenizer, body, max_tokens=max_tokens, window=window)
+            result["bits_per_byte"] = nats / math.log(2) / max(size, 1)
         else:
             result = multiple_choice(
                 run.runner,
@@ -441,5 +471,11 @@ def evaluate_pool_model(
                 device=device,
                 progress=progress,
             )
-    result = {"model": model, "task": task, **result, "seconds": time.perf_counter() - start}
+    result = {
+        "model": model,
+        **extra,
+        "task": task,
+        **result,
+        "seconds": time.perf_counter() - start,
+    }
     return result | run.report

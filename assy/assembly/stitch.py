@@ -1,0 +1,669 @@
+"""Stitch an assembly: fit its adapters along the assembled chain, in order, and write it.
+
+The states a seam is fitted on are the states that flow through the assembly built so far
+(fitting on each source model's own states barely beats dropping the layers; DESIGN.md):
+the stream is run from the anchor's embedding through the slices and the adapters already
+fitted, and each seam is fitted, in closed form, on what reaches it, against the next
+slice's own model's state at that depth (the anchor's own state, or -- for a slice of
+another model with another tokenizer -- that model's state at the tokens that end on the
+same character). Optionally the adapters then train (:mod:`assy.assembly.train`).
+
+The stream entering each seam is cached by the sums of everything before it
+(:mod:`assy.assembly.states`), so variants of one seam share the forward passes before it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from assy.assembly.adapter import ElasticAdapter, save_adapter
+from assy.assembly.calibration import FitData, Windows, align_by_characters, token_windows
+from assy.assembly.fit import LAMBDAS, PairStats, fit_seam_map
+from assy.assembly.recipe import (
+    Recipe,
+    SeamSpec,
+    chain_layout,
+    dump_recipe,
+    pin_blocks,
+    validate_recipe,
+)
+from assy.assembly.states import StateCache, block_digest, module_digest, own_states, state_key
+from assy.errors import UsageError
+from blockpool import Pool, RunOptions, SeamContext, open_runner
+
+__all__ = ["FitOptions", "Fitted", "fit_assembly", "stitch", "write_assembly"]
+
+OBJECTIVES = ("hidden", "kl", "task")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """How adapters are fitted (not what is assembled: that is the :class:`Recipe`).
+
+    Attributes:
+        samples: calibration windows (one in eight held out to choose the ridge penalty).
+        seq_len: tokens per window.
+        seed: seed of the window places, adapter initialization and training batches.
+        lambdas: ridge penalties tried.
+        massive_factor: RMS over the median dimension's above which a dimension is massive.
+        hold_below_r2: massive dimensions predicted worse than this are held at their mean.
+        rms_match: match the mapped stream's per-token scale to the destination's.
+        sink: give position 0 the destination's own first-position state.
+        objective: ``None`` (closed form only), ``hidden``, ``kl`` or ``task``.
+        steps: training steps (capped; each one batch).
+        lr: AdamW learning rate of the adapters.
+        train_batch: windows (hidden, kl) or examples (task) per step.
+        hidden_offset: ``hidden``: anchor layers past the exit depth where states are matched.
+        kl_positions: ``kl``: positions per window scored (the head is the largest matrix).
+    """
+
+    samples: int = 64
+    seq_len: int = 256
+    seed: int = 0
+    lambdas: tuple[float, ...] = LAMBDAS
+    massive_factor: float = 20.0
+    hold_below_r2: float = 0.5
+    rms_match: bool = True
+    sink: bool = True
+    objective: str | None = None
+    steps: int = 100
+    lr: float = 1e-4
+    train_batch: int = 4
+    hidden_offset: int = 2
+    kl_positions: int = 64
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first bad field."""
+        if self.samples < 1:
+            raise UsageError(f"--samples must be at least 1, got {self.samples}")
+        if self.seq_len < 8:
+            raise UsageError(f"--seq-len must be at least 8, got {self.seq_len}")
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}")
+        if self.objective is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1 with --objective, got {self.steps}")
+        if self.lr <= 0 or self.train_batch < 1 or self.hidden_offset < 0:
+            raise UsageError(
+                "--lr must be positive, --train-batch at least 1, --hidden-offset >= 0"
+            )
+        if not self.lambdas or min(self.lambdas) <= 0:
+            raise UsageError("ridge penalties must be positive")
+
+
+@dataclass
+class Fitted:
+    """A fitted assembly, in memory.
+
+    Attributes:
+        recipe: the recipe with its block sums pinned (adapter files not yet written).
+        adapters: boundary -> adapter.
+        report: what ``fit.json`` will hold.
+    """
+
+    recipe: Recipe
+    adapters: dict[int, ElasticAdapter]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the chain
+
+
+def _width(pool: Pool, model: str) -> int:
+    return int(pool.blocks[pool.model(model)["blocks"][0]]["interface"]["hidden_size"])
+
+
+def _n_layers(pool: Pool, model: str) -> int:
+    return sum(pool.blocks[b]["kind"] == "layer" for b in pool.model(model)["blocks"])
+
+
+def _destination(recipe: Recipe, pool: Pool, before: int) -> tuple[str, int]:
+    """The model whose own state a seam leading into ``before`` targets, and its depth."""
+    if before < len(recipe.slices):
+        s = recipe.slices[before]
+        return s.source, s.layers[0]
+    return recipe.anchor, _n_layers(pool, recipe.anchor)
+
+
+def _origin_width(recipe: Recipe, pool: Pool, before: int) -> int:
+    return _width(pool, recipe.anchor if before == 0 else recipe.slices[before - 1].source)
+
+
+def _same_tokenizer(pool: Pool, a: str, b: str) -> bool:
+    files_a = set((pool.model(a).get("tokenizer") or {}).values())
+    files_b = set((pool.model(b).get("tokenizer") or {}).values())
+    return bool(files_a) and files_a == files_b
+
+
+def build_items(recipe: Recipe, pool: Pool, adapters: dict[int, ElasticAdapter]) -> list:
+    """The runnable chain: block ids, with each seam's adapter in its place."""
+    return [
+        adapters[i.before] if isinstance(i, SeamSpec) else i for i in chain_layout(recipe, pool)
+    ]
+
+
+def new_adapters(recipe: Recipe, pool: Pool, seed: int) -> dict[int, ElasticAdapter]:
+    """Unfitted adapters for every seam of ``recipe`` (seeded initialization)."""
+    torch.manual_seed(seed)
+    out = {}
+    for seam in recipe.seams:
+        d_in = _origin_width(recipe, pool, seam.before)
+        d_out = _width(pool, _destination(recipe, pool, seam.before)[0])
+        out[seam.before] = ElasticAdapter(d_in, d_out, seam.kind, seam.cross_attention)
+    return out
+
+
+def run_tail(runner, items: Sequence, h: torch.Tensor) -> torch.Tensor:
+    """Run chain items over one batch ``h`` (ids or states, on the runner's device), as the
+    chain would in a full pass (positions from 0, no padding), keeping gradients."""
+    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    for item in items:
+        if isinstance(item, str):
+            h = runner.run_block(item, h)
+        else:
+            h = item(h, SeamContext(None, positions, 0, {}))
+    return h
+
+
+def recipe_seam_before(adapter, stream: ChainStream) -> int:
+    """The boundary index of an adapter of the stream's chain."""
+    return stream.before[id(adapter)]
+
+
+def run_items(
+    runner, items: Sequence, x: torch.Tensor, *, batch_size: int, desc: str | None = None
+) -> torch.Tensor:
+    """Run chain items (block ids and seams) over ``x`` in batches; float32 on the CPU.
+
+    ``x`` is token ids ``[n, T]`` when ``items`` starts with the embedding, else states
+    ``[n, T, d]``. Full sequences, all tokens real, positions from 0.
+    """
+    if not items:
+        return x
+    outs = []
+    starts = range(0, x.shape[0], batch_size)
+    with torch.no_grad():  # not inference mode: blocks built here may train later
+        for s in tqdm(starts, desc=desc, file=sys.stderr, leave=False, disable=desc is None):
+            outs.append(
+                run_tail(runner, items, x[s : s + batch_size].to(runner.device)).float().cpu()
+            )
+    return torch.cat(outs)
+
+
+class ChainStream:
+    """The stream at any position of a chain, over the calibration windows, computed from
+    the nearest valid earlier state and cached by the digests of what produced it."""
+
+    def __init__(
+        self,
+        runner,
+        pool: Pool,
+        items: list,
+        windows: Windows,
+        cache: StateCache,
+        options: RunOptions,
+    ) -> None:
+        self.runner, self.pool, self.items = runner, pool, items
+        self.windows, self.cache, self.options = windows, cache, options
+        self._inputs = windows.digest()
+        self._known: dict[int, str] = {}  # position -> key of the state held for it
+        self.before = {id(i): None for i in items if not isinstance(i, str)}
+
+    def _digest(self, item) -> str:
+        return block_digest(self.pool, item) if isinstance(item, str) else module_digest(item)
+
+    def key(self, position: int) -> str:
+        digests = [self._digest(i) for i in self.items[:position]]
+        return state_key(
+            self._inputs, digests, causal=self.runner.is_causal, dtype=self.options.dtype
+        )
+
+    def at(self, position: int) -> torch.Tensor:
+        """The stream entering ``items[position]``, ``[n, T, d]``."""
+        key = self.key(position)
+        found = self.cache.get(key)
+        if found is not None:
+            self._known[position] = key
+            return found
+        start, base = 0, self.windows.ids
+        for p in sorted(self._known, reverse=True):
+            if (
+                p < position
+                and self.cache.get(self._known[p]) is not None
+                and self.key(p) == self._known[p]
+            ):
+                start, base = p, self.cache.get(self._known[p])
+                break
+        state = run_items(
+            self.runner,
+            self.items[start:position],
+            base,
+            batch_size=self.options.batch_size,
+            desc=f"chain {start}->{position}",
+        )
+        self.cache.put(key, state)
+        self._known[position] = key
+        return state
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _foreign_tokens(
+    pool: Pool, model: str, windows: Windows
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each window's text tokenized by ``model``'s tokenizer: ids, mask, absolute end offsets
+    (``-1`` for special tokens and padding), right-padded."""
+    tokenizer = pool.tokenizer(model)
+    config = pool.config(model)
+    limit = getattr(config, "max_position_embeddings", None) or 4 * windows.ids.shape[1]
+    rows, ends = [], []
+    for w in range(windows.ids.shape[0]):
+        start, end = windows.span(w)
+        enc = tokenizer(
+            windows.text[start:end],
+            return_offsets_mapping=True,
+            truncation=True,
+            max_length=min(limit, 4 * windows.ids.shape[1]),
+        )
+        rows.append(enc.input_ids)
+        ends.append([start + e if e > s else -1 for s, e in enc.offset_mapping])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    end_t = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, (r, e) in enumerate(zip(rows, ends, strict=True)):
+        ids[i, : len(r)], mask[i, : len(r)], end_t[i, : len(e)] = (
+            torch.tensor(r),
+            1,
+            torch.tensor(e),
+        )
+    return ids, mask, end_t
+
+
+def _pairs(
+    pool: Pool,
+    recipe: Recipe,
+    model: str,
+    depth: int,
+    windows: Windows,
+    options: RunOptions,
+    cache: StateCache,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, str]:
+    """Per window, (positions in the chain's windows, the model's own states there), the
+    model's own first-position state per window, and how tokens were aligned."""
+    if _same_tokenizer(pool, recipe.anchor, model):
+        own = own_states(
+            pool,
+            model,
+            windows.ids,
+            None,
+            [depth],
+            options=options,
+            cache=cache,
+            desc=f"{model} depth {depth}",
+        )[depth]
+        t = windows.ids.shape[1]
+        positions = torch.arange(1, t)
+        return (
+            [(positions, own[w, 1:]) for w in range(own.shape[0])],
+            own[:, 0],
+            own[:, 0],
+            "same tokens",
+        )
+    ids, mask, ends = _foreign_tokens(pool, model, windows)
+    own = own_states(
+        pool, model, ids, mask, [depth], options=options, cache=cache, desc=f"{model} depth {depth}"
+    )[depth]
+    anchor_ends = windows.offsets[:, :, 1].clone()
+    anchor_ends[windows.offsets[:, :, 0] < 0] = -1
+    pairs = []
+    for w in range(ids.shape[0]):
+        pa, pb = align_by_characters(anchor_ends[w], ends[w])
+        pairs.append((pa, own[w, pb]))
+    return pairs, own[:, 0], own[:, 0], "tokens ending on the same character"
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def _apply(adapter: ElasticAdapter, fit, sink: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        if adapter.kind == "affine":
+            adapter.weight.copy_(fit.weight)
+            adapter.bias.copy_(fit.bias)
+        elif adapter.kind == "diagonal":
+            adapter.scale.copy_(fit.weight.diagonal())
+            adapter.bias.copy_(fit.bias)
+        adapter.held.copy_(fit.held)
+        adapter.held_value.copy_(fit.held_value)
+        if sink is not None:
+            adapter.sink.copy_(sink)
+            adapter.use_sink.fill_(True)
+
+
+def fit_seam(
+    adapter: ElasticAdapter,
+    x: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    first: torch.Tensor,
+    validation: torch.Tensor,
+    fit: FitOptions,
+) -> dict[str, Any]:
+    """Fit one adapter in closed form on the stream ``x [n, T, d_in]`` entering it.
+
+    Args:
+        adapter: the adapter to set.
+        x: the stream entering the seam, per window.
+        pairs: per window, (positions of ``x``, target states at them ``[k, d_out]``).
+        first: ``[n, d_out]`` the destination's own first-position state per window.
+        validation: ``[n]`` bool, windows held out to choose the ridge penalty.
+        fit: the options.
+
+    Returns:
+        The fit's report.
+    """
+    if adapter.kind == "identity":
+        return {"kind": "identity"}
+    train, val = PairStats(adapter.d_in, adapter.d_out), PairStats(adapter.d_in, adapter.d_out)
+    for w, (positions, target) in enumerate(pairs):
+        (val if validation[w] else train).add(x[w, positions], target)
+    if train.n < 2:
+        raise UsageError(
+            f"too few aligned tokens to fit a seam ({train.n}); give more data (--samples, "
+            "--seq-len) or text both tokenizers split alike"
+        )
+    result = fit_seam_map(
+        train,
+        val if val.n else None,
+        diagonal=adapter.kind == "diagonal",
+        lambdas=fit.lambdas,
+        massive_factor=fit.massive_factor,
+        hold_below_r2=fit.hold_below_r2,
+        rms_match=fit.rms_match,
+    )
+    sink = first.mean(0) if fit.sink else None
+    _apply(adapter, result, sink)
+    report = dict(result.report)
+    if sink is not None:
+        report["sink_norm"] = float(sink.norm())
+    return report
+
+
+def _spans(recipe: Recipe) -> list[list[int]]:
+    """Seams grouped into spans: each span ends at a seam leading back into the anchor's
+    line (or into the head); seams into other models before it belong to it."""
+    spans, current = [], []
+    for seam in recipe.seams:
+        current.append(seam.before)
+        into_anchor = (
+            seam.before == len(recipe.slices) or recipe.slices[seam.before].model == recipe.anchor
+        )
+        if into_anchor:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return spans
+
+
+def fit_assembly(
+    pool: Pool,
+    recipe: Recipe,
+    data: FitData,
+    fit: FitOptions = FitOptions(),
+    *,
+    options: RunOptions = RunOptions(),
+    cache: StateCache | None = None,
+    log: Callable[[str], None] = lambda _m: None,
+) -> Fitted:
+    """Fit every adapter of ``recipe`` along the assembled chain, in order.
+
+    Args:
+        pool: the open pool.
+        recipe: what to assemble (its seams' adapter files are ignored).
+        data: the fitting data (never the evaluation data).
+        fit: how to fit.
+        options: how to run the blocks (budget, device, dtype, batch size, threads).
+        cache: states shared with other fits.
+        log: progress lines.
+
+    Returns:
+        The :class:`Fitted` assembly.
+    """
+    from assy.assembly.train import train_assembly
+
+    fit.validate()
+    if fit.objective is not None and options.budget is not None:
+        raise UsageError(
+            "--budget covers closed-form fitting only; training backpropagates through the "
+            "blocks after each seam and holds them: drop --budget or --objective"
+        )
+    if fit.objective == "task" and not data.examples:
+        raise UsageError(
+            "--objective task needs multiple-choice examples (--data FILE.jsonl or "
+            "a commonsense training file, or --task)"
+        )
+    validate_recipe(recipe, pool, pinned=False)
+    recipe = pin_blocks(
+        replace(recipe, seams=tuple(replace(s, adapter=None, sha256=None) for s in recipe.seams)),
+        pool,
+    )
+    cache = cache or StateCache()
+    start = time.perf_counter()
+    windows = token_windows(
+        pool.tokenizer(recipe.anchor), data.text, fit.samples, fit.seq_len, seed=fit.seed
+    )
+    adapters = new_adapters(recipe, pool, fit.seed)
+    items = build_items(recipe, pool, adapters)
+    position = {id(a): items.index(a) for a in adapters.values()}
+    seams_report: list[dict[str, Any]] = []
+    trained: list[dict[str, Any]] = []
+    _warm_anchor(pool, recipe, items, windows, fit, options, cache)
+    with open_runner(pool, items, options) as run:
+        stream = ChainStream(run.runner, pool, items, windows, cache, options)
+        stream.before = {id(a): b for b, a in adapters.items()}
+        span_of = {b: span for span in _spans(recipe) for b in span}
+        for seam in recipe.seams:
+            adapter = adapters[seam.before]
+            tic = time.perf_counter()
+            x = stream.at(position[id(adapter)])
+            model, depth = _destination(recipe, pool, seam.before)
+            pairs, first, _, how = _pairs(pool, recipe, model, depth, windows, options, cache)
+            report = fit_seam(adapter, x, pairs, first, windows.validation, fit)
+            seams_report.append(
+                {
+                    "before": seam.before,
+                    "kind": seam.kind,
+                    "into": f"{model} depth {depth}",
+                    "aligned": how,
+                    "parameters": adapter.trainable_parameters(),
+                    "seconds": time.perf_counter() - tic,
+                    **report,
+                }
+            )
+            log(f"seam {seam.before} -> {model} depth {depth}: {_summary(report)}")
+            span = span_of[seam.before]
+            if fit.objective == "hidden" and seam.before == span[-1]:
+                trained.append(
+                    train_assembly(
+                        run.runner,
+                        pool,
+                        recipe,
+                        [adapters[b] for b in span],
+                        stream,
+                        [position[id(adapters[b])] for b in span],
+                        data,
+                        windows,
+                        fit,
+                        options,
+                        cache,
+                        log,
+                    )
+                )
+        if fit.objective in ("kl", "task"):
+            trained.append(
+                train_assembly(
+                    run.runner,
+                    pool,
+                    recipe,
+                    list(adapters.values()),
+                    stream,
+                    [position[id(a)] for a in adapters.values()],
+                    data,
+                    windows,
+                    fit,
+                    options,
+                    cache,
+                    log,
+                )
+            )
+    report = {
+        "recipe_fingerprint": recipe.fingerprint(),
+        "data": data.source,
+        "windows": {
+            "samples": fit.samples,
+            "seq_len": fit.seq_len,
+            "seed": fit.seed,
+            "tokens": int(windows.ids.numel()),
+            "validation_windows": int(windows.validation.sum()),
+        },
+        "settings": {k: v for k, v in asdict(fit).items()},
+        "seams": seams_report,
+        "training": trained,
+        "run": {
+            "device": options.device,
+            "dtype": options.dtype,
+            "budget": options.budget,
+            "threads": run.report.get("threads"),
+            "peak_rss_bytes": run.report.get("peak_rss_bytes"),
+        },
+        "seconds": time.perf_counter() - start,
+    }
+    return Fitted(recipe, adapters, report)
+
+
+def _summary(report: dict[str, Any]) -> str:
+    if report.get("kind") == "identity":
+        return "identity"
+    r2 = report.get("validation_r2")
+    r2_text = f"R2 {r2:.3f}" if r2 is not None else "no validation"
+    return (
+        f"ridge {report['ridge']:g}, {r2_text}, {report['pairs']} pairs, "
+        f"held {report['held_dims']}, RMS ratio {report['rms_ratio_before']:.2f}->"
+        f"{report['rms_ratio_after']:.2f}"
+    )
+
+
+def _warm_anchor(pool, recipe, items, windows, fit, options, cache) -> None:
+    """Compute the anchor's own states once, at every depth fits and objectives need; the
+    chain's stream before its first seam is the same state, and is found in the cache."""
+    depths = set()
+    for seam in recipe.seams:
+        model, depth = _destination(recipe, pool, seam.before)
+        if model == recipe.anchor:
+            depths.add(depth)
+    anchor_blocks = pool.model(recipe.anchor)["blocks"]
+    first = next((i for i, it in enumerate(items) if not isinstance(it, str)), None)
+    if first is not None and items[:first] == anchor_blocks[:first]:
+        depths.add(first - 1)
+    n = _n_layers(pool, recipe.anchor)
+    if fit.objective == "kl":
+        depths.add(n)
+    if fit.objective == "hidden":
+        for span in _spans(recipe):
+            depths.add(min(n, _destination(recipe, pool, span[-1])[1] + fit.hidden_offset))
+    if depths:
+        own_states(
+            pool,
+            recipe.anchor,
+            windows.ids,
+            None,
+            sorted(depths),
+            options=options,
+            cache=cache,
+            desc=f"{recipe.anchor} own states",
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_assembly(out: Path, fitted: Fitted, *, overwrite: bool = False) -> Recipe:
+    """Write ``recipe.yaml``, ``adapters/*.safetensors`` and ``fit.json`` to ``out``.
+
+    The directory appears whole or not at all: everything is written to a temporary
+    directory beside ``out`` and renamed into place.
+
+    Raises:
+        UsageError: ``out`` exists (and not ``overwrite``).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; choose another --out or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fingerprint = fitted.recipe.fingerprint()
+        seams = []
+        for seam in fitted.recipe.seams:
+            rel = f"adapters/seam-{seam.before}.safetensors"
+            digest = save_adapter(
+                fitted.adapters[seam.before], tmp / rel, fingerprint=fingerprint, before=seam.before
+            )
+            seams.append(replace(seam, adapter=rel, sha256=digest))
+        recipe = replace(fitted.recipe, seams=tuple(seams))
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        (tmp / "fit.json").write_text(json.dumps(fitted.report, indent=1, default=str))
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return recipe
+
+
+def stitch(
+    pool: Pool | str | Path,
+    recipe: Recipe,
+    data: FitData,
+    out: Path,
+    fit: FitOptions = FitOptions(),
+    *,
+    options: RunOptions = RunOptions(),
+    cache_dir: Path | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda _m: None,
+) -> dict[str, Any]:
+    """Fit an assembly and write it to ``out`` (see :func:`fit_assembly`, :func:`write_assembly`).
+
+    Returns:
+        The fit report (``fit.json``), with ``out``.
+    """
+    pool = pool if isinstance(pool, Pool) else Pool(pool)
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; choose another --out or pass --overwrite")
+    fitted = fit_assembly(
+        pool, recipe, data, fit, options=options, cache=StateCache(cache_dir), log=log
+    )
+    write_assembly(out, fitted, overwrite=overwrite)
+    return {"out": str(out), **fitted.report}
