@@ -96,11 +96,17 @@ def build_pool_cmd(
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--blocks", "show_blocks", is_flag=True, help="List every block.")
+@click.option("--assembly", type=click.Path(path_type=Path), help="Show this assembly instead.")
 @user_errors
-def inspect_cmd(pool: Path, as_json: bool, show_blocks: bool) -> None:
-    """Show the models, blocks, bytes and precisions of a POOL."""
+def inspect_cmd(pool: Path, as_json: bool, show_blocks: bool, assembly: Path | None) -> None:
+    """Show the models, blocks, bytes and precisions of a POOL (or one of its assemblies)."""
     from blockpool.pool import Pool, summarize
 
+    if assembly is not None:
+        from assy.commands.stitch import show_assembly
+
+        show_assembly(Pool(pool), assembly, as_json)
+        return
     info = summarize(Pool(pool))
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -142,7 +148,8 @@ def verify_pool_cmd(pool: Path) -> None:
 
 @cli.command("eval")
 @click.argument("pool", type=click.Path(path_type=Path))
-@click.option("--model", required=True, help="Model name in the pool (see assy inspect).")
+@click.option("--model", help="Model name in the pool (see assy inspect).")
+@click.option("--assembly", type=click.Path(path_type=Path), help="Or an assembly directory.")
 @click.option("--task", type=click.Choice(TASK_CHOICES), required=True)
 @click.option("--text", type=click.Path(path_type=Path), help="Text file (perplexity).")
 @click.option("--max-tokens", default=2048, show_default=True, help="Tokens of --text scored.")
@@ -158,7 +165,8 @@ def verify_pool_cmd(pool: Path) -> None:
 @user_errors
 def eval_cmd(
     pool: Path,
-    model: str,
+    model: str | None,
+    assembly: Path | None,
     task: str,
     text: Path | None,
     max_tokens: int,
@@ -174,12 +182,15 @@ def eval_cmd(
     --window tokens, every token but a window's first scored. Multiple choice: zero-shot,
     summed log-likelihood of each choice (acc) and per character (acc_norm).
     """
+    from assy.commands.common import model_or_assembly
     from assy.evaluate import evaluate_pool_model
 
+    name = model_or_assembly(model, assembly)
     result = evaluate_pool_model(
         pool,
         model,
         task,
+        assembly=assembly,
         text=text,
         data=data,
         limit=limit,
@@ -191,12 +202,13 @@ def eval_cmd(
         click.echo(json.dumps(result))
     elif task == "perplexity":
         click.echo(
-            f"{model} perplexity {result['perplexity']:.3f} over {result['tokens']} tokens "
+            f"{name} perplexity {result['perplexity']:.3f} ({result['bits_per_byte']:.4f} "
+            f"bits/byte) over {result['tokens']} tokens "
             f"(peak RSS {human_bytes(result['peak_rss_bytes'])})"
         )
     else:
         click.echo(
-            f"{model} {task}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
+            f"{name} {task}: acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
             f"n {result['n']}"
         )
 
@@ -229,13 +241,15 @@ def demo_cmd(out: Path, limit: int, max_tokens: int, device: str, threads: int |
 
 def _register() -> None:
     """Add the feature commands of ``assy.commands`` (one line each)."""
-    from assy.commands import compare, generate, prune, quantize
+    from assy.commands import compare, finetune, generate, prune, quantize, stitch
 
     for command in (
         compare.compare_cmd,
         generate.generate_cmd,
         quantize.quantize_cmd,
         prune.prune_cmd,
+        stitch.stitch_cmd,
+        finetune.finetune_cmd,
     ):
         cli.add_command(command)
 

@@ -87,16 +87,24 @@ def generate_from_pool(
     max_new_tokens: int = 32,
     temperature: float = 0.0,
     options: RunOptions = RunOptions(),
+    assembly: Path | None = None,
 ) -> dict[str, Any]:
-    """Open a pool and :func:`generate` with one of its models, as ``options`` say (budget,
-    device, threads); the result carries the run's report (see :func:`open_runner`)."""
+    """Open a pool and :func:`generate` with one of its models (or an assembly directory:
+    ``model`` is then its anchor), as ``options`` say (budget, device, threads); the result
+    carries the run's report (see :func:`open_runner`)."""
     from blockpool import Pool
 
     pool = Pool(root)
+    target, extra = model, {}
+    if assembly is not None:
+        from assy.assembly import load_assembly
+
+        loaded = load_assembly(pool, assembly)
+        model, target, extra = loaded.anchor, loaded.chain, {"assembly": str(assembly)}
     if not pool.family(model).causal:
         raise UsageError(f"model {model!r} is an encoder and cannot generate text")
     tokenizer = pool.tokenizer(model)
-    with open_runner(pool, model, options) as run:
+    with open_runner(pool, target, options) as run:
         result = generate(
             run.runner,
             tokenizer,
@@ -104,4 +112,4 @@ def generate_from_pool(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
         )
-    return {"model": model, **result} | run.report
+    return {"model": model, **extra, **result} | run.report

@@ -3,16 +3,16 @@
 - :mod:`~assy.assembly.recipe`: what to assemble (anchor, slices, seams), validated once.
 - :mod:`~assy.assembly.adapter`: the elastic adapter at a seam, saved as safetensors.
 - :mod:`~assy.assembly.fit`: closed-form seam maps from sufficient statistics.
-- :mod:`~assy.assembly.stitch`: fitting along the assembled chain, in order; writing.
+- :mod:`~assy.assembly.assemble`: fitting along the assembled chain, in order; writing.
 - :mod:`~assy.assembly.train`: the training loop and the adapter objectives.
 - :mod:`~assy.assembly.runner`: loading and running an assembly directory.
 """
 
 from assy.assembly.adapter import ElasticAdapter, GatedCrossAttention
+from assy.assembly.assemble import FitOptions, fit_assembly, stitch, write_assembly
 from assy.assembly.calibration import FitData, load_fit_data
 from assy.assembly.recipe import Recipe, SeamSpec, Slice, load_recipe, plan_replacements
 from assy.assembly.runner import Assembly, describe_assembly, load_assembly, open_assembly
-from assy.assembly.stitch import FitOptions, fit_assembly, stitch, write_assembly
 
 __all__ = [
     "Assembly",

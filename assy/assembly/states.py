@@ -21,7 +21,21 @@ from tqdm import tqdm
 
 from blockpool import Pool, RunOptions, open_runner
 
-__all__ = ["StateCache", "block_digest", "module_digest", "own_states", "state_key"]
+__all__ = [
+    "StateCache",
+    "block_digest",
+    "default_cache_dir",
+    "module_digest",
+    "own_states",
+    "state_key",
+]
+
+
+def default_cache_dir() -> Path:
+    """``states/`` under assy's cache directory (``$ASSY_CACHE_DIR``, else ``~/.cache/assy``)."""
+    from blockpool.sources import cache_dir
+
+    return cache_dir() / "states"
 
 
 def block_digest(pool: Pool, bid: str) -> str:
@@ -34,7 +48,7 @@ def module_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -222,8 +222,8 @@ def train_assembly(
         the loop's report (:func:`train_loop`) and held-out losses before and after
         (``hidden``, ``kl``: on the validation windows).
     """
+    from assy.assembly.assemble import _destination, recipe_seam_before, run_tail
     from assy.assembly.states import own_states
-    from assy.assembly.stitch import _destination, recipe_seam_before, run_tail
 
     items, device = stream.items, runner.device
     first = min(positions)

@@ -9,7 +9,7 @@ import click
 
 from assy.errors import AssyError
 
-__all__ = ["compute_options", "human_bytes", "run_options", "user_errors"]
+__all__ = ["compute_options", "human_bytes", "model_or_assembly", "run_options", "user_errors"]
 
 
 def user_errors(fn):
@@ -118,3 +118,10 @@ def run_options(*, batch_size: bool = True):
         )(wrapper)
 
     return decorate
+
+
+def model_or_assembly(model: str | None, assembly) -> str:
+    """Exactly one of ``--model`` / ``--assembly``; returns how output lines name it."""
+    if (model is None) == (assembly is None):
+        raise AssyError("give exactly one of --model NAME or --assembly DIR")
+    return model if model is not None else str(assembly)

@@ -12,7 +12,8 @@ from assy.commands.common import human_bytes, run_options, user_errors
 
 @click.command("generate")
 @click.argument("pool", type=click.Path(path_type=Path))
-@click.option("--model", required=True, help="Model name in the pool (see assy inspect).")
+@click.option("--model", help="Model name in the pool (see assy inspect).")
+@click.option("--assembly", type=click.Path(path_type=Path), help="Or an assembly directory.")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", default=32, show_default=True)
 @click.option("--temperature", default=0.0, show_default=True, help="0: greedy decoding.")
@@ -21,7 +22,8 @@ from assy.commands.common import human_bytes, run_options, user_errors
 @user_errors
 def generate_cmd(
     pool: Path,
-    model: str,
+    model: str | None,
+    assembly: Path | None,
     prompt: str,
     max_new_tokens: int,
     temperature: float,
@@ -33,12 +35,15 @@ def generate_cmd(
     With --budget the model runs through the swapper and its resident weights stay within
     the budget; the counters (hits, misses, bytes read, stall time) are printed.
     """
+    from assy.commands.common import model_or_assembly
     from assy.generate import generate_from_pool
 
+    model_or_assembly(model, assembly)
     result = generate_from_pool(
         pool,
         model,
         prompt,
+        assembly=assembly,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         options=run,
