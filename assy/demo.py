@@ -2,8 +2,10 @@
 
 Builds a pool from SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2, verifies it, and
 evaluates every model from its blocks: perplexity on held-out Wikipedia prose and zero-shot
-PIQA for the decoders, sentence similarity for the encoder. Later capabilities (quantized
-pools, the swapper, assembly, federation) extend this demo.
+PIQA for the decoders, sentence similarity for the encoder. Then it stitches an assembly --
+SmolLM2 with its layers 18-23 replaced by Gemma3's layers 11-13, adapters fitted in closed
+form on other passages -- and scores it on the same held-out text. Later capabilities
+(quantized pools, the swapper, federation) extend this demo.
 """
 
 from __future__ import annotations
@@ -56,6 +58,43 @@ def _evaluate(runner, tokenizer, text: str, piqa, max_tokens: int) -> dict[str, 
     }
 
 
+def _stitch_step(pool, out: Path, text: Path, max_tokens: int, options, log) -> dict[str, Any]:
+    """Stitch SmolLM2 18-23 <- Gemma3 11-13 (closed form) and score it on the held-out text."""
+    from assy.assembly import FitData, FitOptions, plan_replacements, stitch
+    from assy.assembly.calibration import passages_text
+    from assy.evaluate import evaluate_pool_model
+
+    fit = FitOptions(samples=32, seq_len=256)
+    log("[3/4] stitching smollm2-135m layers 18-23 <- gemma3-270m layers 11-13 (closed form)")
+    recipe = plan_replacements(pool, "smollm2-135m", [((18, 23), "gemma3-270m:11-13")])
+    data = FitData(
+        passages_text(40_000, 200_000), source={"what": "BoolQ passages after the held-out ones"}
+    )
+    report = stitch(pool, recipe, data, out / "assembly", fit, options=options, overwrite=True)
+    result = evaluate_pool_model(
+        pool.root,
+        "smollm2-135m",
+        "perplexity",
+        text=text,
+        max_tokens=max_tokens,
+        options=options,
+        progress=False,
+        assembly=out / "assembly",
+    )
+    r2 = ", ".join(f"{s['validation_r2']:.2f}" for s in report["seams"])
+    log(
+        f"      {len(recipe.seams)} adapters fitted on {report['windows']['tokens']:,} tokens "
+        f"(held-out R2 {r2}) in {report['seconds']:.0f} s; assembly perplexity "
+        f"{result['perplexity']:.2f}"
+    )
+    return {
+        "perplexity": result["perplexity"],
+        "bits_per_byte": result["bits_per_byte"],
+        "fit_seconds": report["seconds"],
+        "seams": report["seams"],
+    }
+
+
 def run_demo(
     out: Path,
     *,
@@ -83,7 +122,7 @@ def run_demo(
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log(f"[1/3] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
+    log(f"[1/4] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
     build_pool(list(BUILTIN_MODELS), out / "pool", dtype=dtype)
     pool = Pool(out / "pool")
     bad = pool.verify()
@@ -93,18 +132,19 @@ def run_demo(
     text.write_text(heldout_text(40_000))
     piqa = load_task("piqa", limit=limit)
     results: dict[str, Any] = {"pool": info, "models": {}}
-    log(f"[2/3] evaluating each model from its blocks (PIQA limit {limit})")
+    log(f"[2/4] evaluating each model from its blocks (PIQA limit {limit})")
     for name in BUILTIN_MODELS:
         tokenizer = pool.tokenizer(name)
         with open_runner(pool, name, options) as run:
             row = _evaluate(run.runner, tokenizer, text.read_text(), piqa, max_tokens)
         results["models"][name] = row
         log(f"      {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    results["assembly"] = _stitch_step(pool, out, text, max_tokens, options, log)
     results["seconds"] = time.perf_counter() - start
     results["peak_rss_bytes"] = peak_rss_bytes()
     (out / "demo.json").write_text(json.dumps(results, indent=1))
     log(
-        f"[3/3] done in {results['seconds']:.0f} s, peak RSS {results['peak_rss_bytes'] / 1e9:.2f} GB"
+        f"[4/4] done in {results['seconds']:.0f} s, peak RSS {results['peak_rss_bytes'] / 1e9:.2f} GB"
         f" -> {out / 'demo.json'}"
     )
     return results

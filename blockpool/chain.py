@@ -611,9 +611,10 @@ class ChainModule(nn.Module):
     ``seams.<k>``; ``embed`` and ``head`` hold the ends. Wrap it with peft, or train the
     seams with the blocks frozen.
 
-    ``forward(input_ids [B, T], attention_mask [B, T] | None)`` returns the head's output
-    (logits ``[B, T, V]`` for decoders, pooled ``[B, d]`` for encoders), or the last hidden
-    states when the chain has no head.
+    ``forward(input_ids [B, T], attention_mask [B, T] | None, logits_at [B, T] | None)``
+    returns the head's output (logits ``[B, T, V]`` for decoders -- ``[N, V]`` at the
+    positions ``logits_at`` marks, as :meth:`ChainRunner.forward` --, pooled ``[B, d]`` for
+    encoders), or the last hidden states when the chain has no head.
     """
 
     def __init__(self, runner: ChainRunner) -> None:
@@ -644,10 +645,15 @@ class ChainModule(nn.Module):
         return self._runner
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         device = next(self.embed.parameters()).device
-        out = self._runner.walk(self._by_id.__getitem__, input_ids, attention_mask, device=device)
+        out = self._runner.walk(
+            self._by_id.__getitem__, input_ids, attention_mask, device=device, logits_at=logits_at
+        )
         if out.pooled is not None:
             return out.pooled
         return out.logits if out.logits is not None else out.hidden

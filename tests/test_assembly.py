@@ -285,6 +285,18 @@ def test_foreign_span_is_fitted_in_order_and_runs_token_by_token(asm_pool, tmp_p
     torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-4, rtol=0)
 
 
+def test_chain_module_scores_only_the_positions_asked_for(asm_pool):
+    from blockpool import ChainModule
+
+    pool = Pool(asm_pool / "pool")
+    module = ChainModule(ChainRunner(pool, pool.model("wide")["blocks"]))
+    ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(0))
+    at = torch.zeros_like(ids, dtype=torch.bool)
+    at[0, 3], at[1, 5:] = True, True
+    full = module(ids)
+    torch.testing.assert_close(module(ids, None, logits_at=at), full[at], atol=1e-6, rtol=0)
+
+
 def test_cross_attention_starts_as_the_plain_projection():
     adapter = ElasticAdapter(8, 12, cross_attention=(2, 8))
     plain = ElasticAdapter(8, 12)
@@ -317,7 +329,7 @@ def test_training_objectives_train_adapters_only(asm_pool, objective):
     pool = Pool(asm_pool / "pool")
     recipe = plan_replacements(pool, "wide", [((1, 1), "llama:0-1")])
     fit = FitOptions(
-        samples=12, seq_len=48, objective=objective, steps=30, lr=1e-3, hidden_offset=1
+        samples=12, seq_len=48, objective=objective, steps=30, lr=1e-4, hidden_offset=1
     )
     closed = fit_assembly(pool, recipe, _data(asm_pool), FitOptions(samples=12, seq_len=48))
     trained = fit_assembly(pool, recipe, _data(asm_pool), fit)

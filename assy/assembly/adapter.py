@@ -3,8 +3,9 @@
 An :class:`ElasticAdapter` maps the hidden stream leaving one slice ``[B, T, d_src]`` into
 the space the next slice expects ``[B, T, d_dst]``:
 
-1. a projection: ``affine`` (``W x + b``, ``W: [d_dst, d_src]``), ``diagonal`` (a scale and
-   shift per dimension) or ``identity``; fitted in closed form (:mod:`assy.assembly.fit`);
+1. a projection: ``affine`` (``W (x / s) + b``, ``W: [d_dst, d_src]``, ``s`` the fitted
+   per-dimension scale of the input), ``diagonal`` (a scale and shift per dimension) or
+   ``identity``; fitted in closed form (:mod:`assy.assembly.fit`);
 2. an optional gated cross-attention sublayer in the destination space (query from the
    projected stream, key and value from the source stream, causal), added as
    ``tanh(gate) * attention`` with ``gate = 0`` at initialization: it starts as the plain
@@ -137,6 +138,9 @@ class ElasticAdapter(Seam):
             GatedCrossAttention(d_out, d_in, *cross_attention) if cross_attention else None
         )
         self.xattn_shape = cross_attention
+        # the projection acts on x / in_scale (per-dimension input scale from the fit), so
+        # a training step moves every weight's effect on the output alike
+        self.register_buffer("in_scale", torch.ones(d_in))
         self.register_buffer("held", torch.zeros(d_out, dtype=torch.bool))
         self.register_buffer("held_value", torch.zeros(d_out))
         self.register_buffer("sink", torch.zeros(d_out))
@@ -145,9 +149,9 @@ class ElasticAdapter(Seam):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The projection alone, ``[..., d_in] -> [..., d_out]``."""
         if self.kind == "affine":
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x / self.in_scale, self.weight, self.bias)
         if self.kind == "diagonal":
-            return x * self.scale + self.bias
+            return x / self.in_scale * self.scale + self.bias
         return x
 
     def forward(self, hidden: torch.Tensor, context: SeamContext | None = None) -> torch.Tensor:

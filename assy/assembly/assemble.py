@@ -36,6 +36,7 @@ from assy.assembly.recipe import (
     SeamSpec,
     chain_layout,
     dump_recipe,
+    lineage,
     pin_blocks,
     validate_recipe,
 )
@@ -64,6 +65,9 @@ class FitOptions:
         objective: ``None`` (closed form only), ``hidden``, ``kl`` or ``task``.
         steps: training steps (capped; each one batch).
         lr: AdamW learning rate of the adapters.
+        xattn_lr: AdamW learning rate of the cross-attention sublayers (the seed's adapter
+            rate, 0.01: they start gated shut and have further to go than the closed-form
+            projection, which a rate this high would wreck).
         train_batch: windows (hidden, kl) or examples (task) per step.
         hidden_offset: ``hidden``: anchor layers past the exit depth where states are matched.
         kl_positions: ``kl``: positions per window scored (the head is the largest matrix).
@@ -80,6 +84,7 @@ class FitOptions:
     objective: str | None = None
     steps: int = 100
     lr: float = 1e-4
+    xattn_lr: float = 1e-2
     train_batch: int = 4
     hidden_offset: int = 2
     kl_positions: int = 64
@@ -341,11 +346,12 @@ def _pairs(
 
 def _apply(adapter: ElasticAdapter, fit, sink: torch.Tensor | None) -> None:
     with torch.no_grad():
+        adapter.in_scale.copy_(fit.in_scale)  # the projection sees x / in_scale
         if adapter.kind == "affine":
-            adapter.weight.copy_(fit.weight)
+            adapter.weight.copy_(fit.weight * fit.in_scale)
             adapter.bias.copy_(fit.bias)
         elif adapter.kind == "diagonal":
-            adapter.scale.copy_(fit.weight.diagonal())
+            adapter.scale.copy_(fit.weight.diagonal() * fit.in_scale)
             adapter.bias.copy_(fit.bias)
         adapter.held.copy_(fit.held)
         adapter.held_value.copy_(fit.held_value)
@@ -402,15 +408,14 @@ def fit_seam(
     return report
 
 
-def _spans(recipe: Recipe) -> list[list[int]]:
+def _spans(recipe: Recipe, pool: Pool) -> list[list[int]]:
     """Seams grouped into spans: each span ends at a seam leading back into the anchor's
     line (or into the head); seams into other models before it belong to it."""
+    home = lineage(pool, recipe.anchor)[-1]
     spans, current = [], []
     for seam in recipe.seams:
         current.append(seam.before)
-        into_anchor = (
-            seam.before == len(recipe.slices) or recipe.slices[seam.before].model == recipe.anchor
-        )
+        into_anchor = seam.before == len(recipe.slices) or recipe.slices[seam.before].model == home
         if into_anchor:
             spans.append(current)
             current = []
@@ -475,7 +480,7 @@ def fit_assembly(
     with open_runner(pool, items, options) as run:
         stream = ChainStream(run.runner, pool, items, windows, cache, options)
         stream.before = {id(a): b for b, a in adapters.items()}
-        span_of = {b: span for span in _spans(recipe) for b in span}
+        span_of = {b: span for span in _spans(recipe, pool) for b in span}
         for seam in recipe.seams:
             adapter = adapters[seam.before]
             tic = time.perf_counter()
@@ -583,7 +588,7 @@ def _warm_anchor(pool, recipe, items, windows, fit, options, cache) -> None:
     if fit.objective == "kl":
         depths.add(n)
     if fit.objective == "hidden":
-        for span in _spans(recipe):
+        for span in _spans(recipe, pool):
             depths.add(min(n, _destination(recipe, pool, span[-1])[1] + fit.hidden_offset))
     if depths:
         own_states(

@@ -215,10 +215,11 @@ def finetune_pool_model(
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
             labels[row, start_at : len(tokens)] = ids[row, start_at : len(tokens)]
-        logits = peft_model(ids.to(device), mask.to(device))
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device)
-        )
+        # logits only where a response token is predicted (the LM head is the largest matrix)
+        at = torch.zeros_like(ids, dtype=torch.bool)
+        at[:, :-1] = labels[:, 1:] != -100
+        logits = peft_model(ids.to(device), mask.to(device), logits_at=at.to(device))
+        return F.cross_entropy(logits.float(), labels[:, 1:][at[:, :-1]].to(device))
 
     def on_step(done: int, optimizer) -> None:
         if done % options.checkpoint_every == 0 and done < options.steps:

@@ -147,8 +147,10 @@ class SeamFit:
     """A fitted seam map and how it was chosen.
 
     Attributes:
-        weight: ``[d_out, d_in]`` float32 (a diagonal fit: a diagonal matrix).
+        weight: ``[d_out, d_in]`` float32 (a diagonal fit: a diagonal matrix), in raw units:
+            the map is ``weight @ x + bias``.
         bias: ``[d_out]`` float32.
+        in_scale: ``[d_in]`` float32, the standard deviation of each input dimension.
         held: ``[d_out]`` bool, dimensions held at ``held_value`` instead of mapped.
         held_value: ``[d_out]`` float32.
         report: ridge chosen, validation R^2, held and massive dimensions, RMS ratios.
@@ -156,6 +158,7 @@ class SeamFit:
 
     weight: torch.Tensor
     bias: torch.Tensor
+    in_scale: torch.Tensor
     held: torch.Tensor
     held_value: torch.Tensor
     report: dict[str, Any] = field(default_factory=dict)
@@ -248,4 +251,5 @@ def fit_seam_map(
         "rms_ratio_before": ratio_before,
         "rms_ratio_after": ms_ratio(weight, bias),
     }
-    return SeamFit(weight.float(), bias.float(), held, held_value.float(), report)
+    in_scale = everything.cov_xx().diagonal().clamp_min(_EPS).sqrt()
+    return SeamFit(weight.float(), bias.float(), in_scale.float(), held, held_value.float(), report)

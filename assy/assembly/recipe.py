@@ -39,6 +39,7 @@ __all__ = [
     "SeamSpec",
     "Slice",
     "chain_layout",
+    "lineage",
     "load_recipe",
     "pin_blocks",
     "plan_replacements",
@@ -264,8 +265,8 @@ def dump_recipe(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------- pool checks
 
 
-def _lineage(pool, name: str) -> list[str]:
-    """``name``, its parent model, the parent's parent, ..."""
+def lineage(pool, name: str) -> list[str]:
+    """``name``, its parent model, the parent's parent, ... (the last: the original model)."""
     chain = [name]
     while (parent := pool.models.get(chain[-1], {}).get("parent_model")) and parent not in chain:
         chain.append(parent)
@@ -305,7 +306,7 @@ def _check_slice(pool, s: Slice, where: str) -> None:
                 f"{where}: no variant {s.variant!r} of {s.model} in pool {pool.root} "
                 f"(models: {_models(pool)})"
             )
-        if s.model not in _lineage(pool, s.variant)[1:]:
+        if s.model not in lineage(pool, s.variant)[1:]:
             raise UsageError(f"{where}: {s.variant} is not a variant of {s.model}")
     n = _n_layers(pool, s.source)
     first, last = s.layers
@@ -456,25 +457,27 @@ def plan_replacements(
         if c <= end:
             raise UsageError(f"--replace {c}-{d} overlaps an earlier --replace")
         end = d
+    home = lineage(pool, anchor)[-1]  # a fine-tuned anchor's slices name its original
+    mine = anchor if anchor != home else None
     slices: list[Slice] = []
     explicit: dict[int, str] = {}  # boundary -> seam kind of a dropped or linear span
     position = 0
     for (c, d), what in order:
         if position <= c - 1:
-            slices.append(Slice(anchor, (position, c - 1)))
+            slices.append(Slice(home, (position, c - 1), mine))
         position = d + 1
         if what in ("", "linear"):
             explicit[len(slices)] = "affine" if what == "linear" else "diagonal"
             continue
         model, layers = _parse_insert(what)
-        root = _lineage(pool, model)[-1]
+        root = lineage(pool, model)[-1]
         slices.append(Slice(root, layers, model if root != model else None))
     if position <= n - 1:
-        slices.append(Slice(anchor, (position, n - 1)))
+        slices.append(Slice(home, (position, n - 1), mine))
     if not slices:
         raise UsageError("nothing left: the replacements remove every layer and insert none")
     # a seam where the model family line changes (a variant of the anchor shares its space)
-    roots = [anchor] + [s.model for s in slices] + [anchor]
+    roots = [home] + [s.model for s in slices] + [home]
     seams = []
     for k in range(len(slices) + 1):
         if roots[k] != roots[k + 1]:

@@ -315,8 +315,19 @@ def train_assembly(
             return sum(losses) / len(losses)
 
     before = held_out() if held_out else None
+    # the gated cross-attention starts at zero and has far to go: it learns faster
+    xattn = [
+        p for a in adapters if a.cross_attention is not None for p in a.cross_attention.parameters()
+    ]
+    rest = [p for p in params if all(p is not q for q in xattn)]
+    groups = [{"params": rest, "lr": fit.lr}]
+    if xattn:
+        groups.append({"params": xattn, "lr": fit.xattn_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     with torch.enable_grad():
-        report = train_loop(params, loss_at, steps=fit.steps, lr=fit.lr, desc=f"train {objective}")
+        report = train_loop(
+            params, loss_at, steps=fit.steps, lr=fit.lr, desc=f"train {objective}", optimizer=opt
+        )
     after = held_out() if held_out else None
     for a in adapters:
         a.eval()
@@ -336,5 +347,10 @@ def train_assembly(
         "backpropagates_through_frozen_blocks": bool(through),
         "held_out_loss_before": before,
         "held_out_loss_after": after,
+        "cross_attention_gates": [
+            float(torch.tanh(a.cross_attention.gate))
+            for a in adapters
+            if a.cross_attention is not None
+        ],
         **report,
     }
