@@ -198,6 +198,12 @@ def eval_cmd(
         window=window,
         options=run,
     )
+    if (result.get("fit_data") or {}).get("task") == task:
+        click.echo(
+            f"warning: this assembly was fitted on {task}'s validation split; this "
+            "score is not held out",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(result))
     elif task == "perplexity":

@@ -1,12 +1,13 @@
 """Stitching benchmark: foreign blocks + elastic adapters against the baselines that matter.
 
-Reproduce (defaults: about 30-40 minutes on an idle 2-core CPU machine; the first run also
-builds an fp32 pool of the three builtin models and converts their GGUF files once):
+Reproduce (the default, parts ``seams`` and ``budget``: about 30 minutes on an idle 2-core
+CPU machine; the first run also builds an fp32 pool of the three builtin models):
 
     .venv/bin/python benchmarks/stitching.py --out results/stitching.json
+    .venv/bin/python benchmarks/stitching.py --parts relatives,task --out results/stitching-rt.json
     .venv/bin/python benchmarks/stitching.py --full --out results/stitching-full.json  # hours
 
-Parts (``--parts``, all by default):
+Parts (``--parts``; ``--full`` runs them all with more steps and examples):
 
 - ``seams``: SmolLM2-135M is the anchor (tokenizer, embedding, head). For each seam --
   ``s1`` SmolLM2 12-17 <- Gemma3 7-10, ``s2`` SmolLM2 18-23 <- Gemma3 11-13, ``s3``
@@ -62,14 +63,22 @@ SEAMS = {
 DEFAULT = {
     "samples": 64,
     "seq_len": 256,
-    "steps": 20,
+    "steps": 10,
     "task_steps": 30,
     "finetune_steps": 40,
     "limit": 100,
     "max_tokens": 2048,
     "seams": "s1,s2,s3",
+    "parts": "seams,budget",
 }
-FULL = {**DEFAULT, "steps": 60, "task_steps": 150, "finetune_steps": 150, "limit": 400}
+FULL = {
+    **DEFAULT,
+    "steps": 40,
+    "task_steps": 150,
+    "finetune_steps": 150,
+    "limit": 400,
+    "parts": "seams,budget,relatives,task",
+}
 HELDOUT_CHARS = 20_000
 
 
@@ -660,7 +669,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "stitching.json")
     parser.add_argument("--work", type=Path, default=ROOT / "work" / "stitching")
-    parser.add_argument("--parts", default="seams,relatives,task,budget")
     parser.add_argument("--full", action="store_true", help="More steps, larger limits.")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--lora-lr", type=float, default=2e-4)
@@ -672,10 +680,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     start = time.time()
     bench = Bench(args, config)
-    for part in args.parts.split(","):
+    for part in config["parts"].split(","):
         getattr(bench, part)()
     info = {
-        "config": config | {"parts": args.parts, "threads": args.threads, "lora_lr": args.lora_lr},
+        "config": config | {"threads": args.threads, "lora_lr": args.lora_lr},
         "git_sha": subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip(),

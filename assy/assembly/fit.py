@@ -13,8 +13,9 @@ scale all come from the sums:
 - destination dimensions with massive activations (root mean square above ``factor``
   times the median dimension's; Sun et al. 2024, arXiv 2402.17762) act as constant biases:
   they are held at their mean unless the map predicts them well on held-out windows;
-- the per-token scale (RMS) of the mapped stream is matched to the destination's by a
-  gain on the deviations from the mean (ridge shrinks predictions toward the mean).
+- the per-token scale (RMS) of the mapped stream is measured against the destination's
+  and, optionally, matched by a gain on the deviations from the mean (ridge shrinks
+  predictions toward the mean).
 
 Position 0 is never fitted (the attention sink; see :mod:`assy.assembly.adapter`).
 """
@@ -176,7 +177,7 @@ def fit_seam_map(
     lambdas: Sequence[float] = LAMBDAS,
     massive_factor: float = 20.0,
     hold_below_r2: float = 0.5,
-    rms_match: bool = True,
+    rms_match: bool = False,
 ) -> SeamFit:
     """Fit a seam map in closed form (see the module docstring).
 

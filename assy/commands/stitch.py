@@ -48,7 +48,7 @@ def _span(text: str) -> tuple[int, int]:
 @click.option("--samples", default=64, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per window.")
 @click.option("--steps", default=100, show_default=True, help="Training steps (with --objective).")
-@click.option("--lr", default=1e-4, show_default=True, help="Adapter learning rate.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adapter learning rate.")
 @click.option("--train-batch", default=4, show_default=True, help="Windows/examples per step.")
 @click.option(
     "--cross-attention",
@@ -56,6 +56,12 @@ def _span(text: str) -> tuple[int, int]:
     is_flag=True,
     help="Add gated cross-attention "
     "sublayers (4 heads, dim 128) to the adapters at foreign slices.",
+)
+@click.option(
+    "--rms-match",
+    is_flag=True,
+    help="Scale each mapped stream to the destination's "
+    "per-token RMS (off: measured to help one seam and hurt another).",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Assembly directory.")
@@ -83,6 +89,7 @@ def stitch_cmd(
     lr,
     train_batch,
     xattn,
+    rms_match,
     seed,
     out,
     overwrite,
@@ -118,6 +125,7 @@ def stitch_cmd(
         steps=steps,
         lr=lr,
         train_batch=train_batch,
+        rms_match=rms_match,
     )
     fit.validate()
     opened = Pool(pool)
