@@ -233,7 +233,8 @@ class _Rotated(Seam):
 
 
 def test_self_stitch_through_a_fitted_adapter_undoes_a_rotation(asm_pool):
-    from assy.assembly.assemble import _pairs, build_items, fit_seam, new_adapters
+    from assy.assembly.assemble import fit_seam, seam_targets
+    from assy.assembly.chain import build_items, new_adapters
     from assy.assembly.states import own_states
 
     pool = Pool(asm_pool / "pool")
@@ -250,7 +251,7 @@ def test_self_stitch_through_a_fitted_adapter_undoes_a_rotation(asm_pool):
     q, _ = torch.linalg.qr(torch.randn(48, 48, generator=torch.Generator().manual_seed(0)))
     x = own_states(pool, "wide", windows.ids, None, [2])[2]
     adapter = new_adapters(fitted.recipe, pool, 0)[1]
-    pairs, first, _, _ = _pairs(pool, fitted.recipe, "wide", 2, windows, RunOptions(), None)
+    pairs, first, _ = seam_targets(pool, fitted.recipe, "wide", 2, windows, RunOptions(), None)
     fit_seam(adapter, x @ q.T, pairs, first, windows.validation, fit)
     rotated = [_Rotated(q, adapter) if isinstance(i, nn.Module) else i for i in items]
     torch.testing.assert_close(ChainRunner(pool, rotated)(ids), whole, atol=2e-3, rtol=0)
@@ -316,7 +317,7 @@ def test_an_encoder_slice_runs_causally_in_the_assembly(asm_pool):
 
 
 def build_items_(fitted, pool):
-    from assy.assembly.assemble import build_items
+    from assy.assembly.chain import build_items
 
     return build_items(fitted.recipe, pool, fitted.adapters)
 

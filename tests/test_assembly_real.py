@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from assy.assembly import ElasticAdapter, FitOptions, Recipe, SeamSpec, Slice, fit_assembly
-from assy.assembly.assemble import _pairs, build_items, fit_seam, new_adapters
+from assy.assembly.assemble import fit_seam, seam_targets
 from assy.assembly.calibration import FitData, passages_text, token_windows
+from assy.assembly.chain import build_items, new_adapters
 from assy.assembly.states import StateCache, own_states
 from assy.evaluate import perplexity
 from blockpool import ChainRunner, Pool, RunOptions, Seam
@@ -53,7 +54,7 @@ def test_self_stitch_stays_within_one_percent_and_undoes_a_rotation(real_pool, h
     q, _ = torch.linalg.qr(torch.randn(576, 576, generator=torch.Generator().manual_seed(0)))
     x = own_states(pool, ANCHOR, windows.ids, None, [16], options=options, cache=cache)[16]
     adapter = new_adapters(fitted.recipe, pool, 0)[1]
-    pairs, first, _, _ = _pairs(pool, fitted.recipe, ANCHOR, 16, windows, options, cache)
+    pairs, first, _ = seam_targets(pool, fitted.recipe, ANCHOR, 16, windows, options, cache)
     fit_seam(adapter, x @ q.T, pairs, first, windows.validation, fit)
     rotated = ppl([_Rotated(q, adapter) if isinstance(i, nn.Module) else i for i in items])
     assert abs(rotated / intact - 1) < 0.01, (intact, rotated)

@@ -17,34 +17,41 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from assy.assembly.adapter import ElasticAdapter, save_adapter
 from assy.assembly.calibration import FitData, Windows, align_by_characters, token_windows
+from assy.assembly.chain import ChainStream, build_items, destination, new_adapters
 from assy.assembly.fit import LAMBDAS, PairStats, fit_seam_map
 from assy.assembly.recipe import (
     Recipe,
-    SeamSpec,
-    chain_layout,
     dump_recipe,
     lineage,
+    n_layers,
     pin_blocks,
     validate_recipe,
 )
-from assy.assembly.states import StateCache, block_digest, module_digest, own_states, state_key
+from assy.assembly.states import StateCache, own_states
 from assy.errors import UsageError
-from blockpool import Pool, RunOptions, SeamContext, open_runner
+from blockpool import Pool, RunOptions, open_runner
 
-__all__ = ["FitOptions", "Fitted", "fit_assembly", "stitch", "write_assembly"]
+__all__ = [
+    "FitOptions",
+    "Fitted",
+    "fit_assembly",
+    "fit_seam",
+    "same_tokenizer",
+    "seam_targets",
+    "stitch",
+    "write_assembly",
+]
 
 OBJECTIVES = ("hidden", "kl", "task")
 
@@ -128,147 +135,14 @@ class Fitted:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------- the chain
+# --------------------------------------------------------------------------- targets
 
 
-def _width(pool: Pool, model: str) -> int:
-    return int(pool.blocks[pool.model(model)["blocks"][0]]["interface"]["hidden_size"])
-
-
-def _n_layers(pool: Pool, model: str) -> int:
-    return sum(pool.blocks[b]["kind"] == "layer" for b in pool.model(model)["blocks"])
-
-
-def _destination(recipe: Recipe, pool: Pool, before: int) -> tuple[str, int]:
-    """The model whose own state a seam leading into ``before`` targets, and its depth."""
-    if before < len(recipe.slices):
-        s = recipe.slices[before]
-        return s.source, s.layers[0]
-    return recipe.anchor, _n_layers(pool, recipe.anchor)
-
-
-def _origin_width(recipe: Recipe, pool: Pool, before: int) -> int:
-    return _width(pool, recipe.anchor if before == 0 else recipe.slices[before - 1].source)
-
-
-def _same_tokenizer(pool: Pool, a: str, b: str) -> bool:
+def same_tokenizer(pool: Pool, a: str, b: str) -> bool:
+    """Whether two pool models ship the same tokenizer files (by their sums)."""
     files_a = set((pool.model(a).get("tokenizer") or {}).values())
     files_b = set((pool.model(b).get("tokenizer") or {}).values())
     return bool(files_a) and files_a == files_b
-
-
-def build_items(recipe: Recipe, pool: Pool, adapters: dict[int, ElasticAdapter]) -> list:
-    """The runnable chain: block ids, with each seam's adapter in its place."""
-    return [
-        adapters[i.before] if isinstance(i, SeamSpec) else i for i in chain_layout(recipe, pool)
-    ]
-
-
-def new_adapters(recipe: Recipe, pool: Pool, seed: int) -> dict[int, ElasticAdapter]:
-    """Unfitted adapters for every seam of ``recipe`` (seeded initialization)."""
-    torch.manual_seed(seed)
-    out = {}
-    for seam in recipe.seams:
-        d_in = _origin_width(recipe, pool, seam.before)
-        d_out = _width(pool, _destination(recipe, pool, seam.before)[0])
-        out[seam.before] = ElasticAdapter(d_in, d_out, seam.kind, seam.cross_attention)
-    return out
-
-
-def run_tail(runner, items: Sequence, h: torch.Tensor) -> torch.Tensor:
-    """Run chain items over one batch ``h`` (ids or states, on the runner's device), as the
-    chain would in a full pass (positions from 0, no padding), keeping gradients."""
-    positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    for item in items:
-        if isinstance(item, str):
-            h = runner.run_block(item, h)
-        else:
-            h = item(h, SeamContext(None, positions, 0, {}))
-    return h
-
-
-def recipe_seam_before(adapter, stream: ChainStream) -> int:
-    """The boundary index of an adapter of the stream's chain."""
-    return stream.before[id(adapter)]
-
-
-def run_items(
-    runner, items: Sequence, x: torch.Tensor, *, batch_size: int, desc: str | None = None
-) -> torch.Tensor:
-    """Run chain items (block ids and seams) over ``x`` in batches; float32 on the CPU.
-
-    ``x`` is token ids ``[n, T]`` when ``items`` starts with the embedding, else states
-    ``[n, T, d]``. Full sequences, all tokens real, positions from 0.
-    """
-    if not items:
-        return x
-    outs = []
-    starts = range(0, x.shape[0], batch_size)
-    with torch.no_grad():  # not inference mode: blocks built here may train later
-        for s in tqdm(starts, desc=desc, file=sys.stderr, leave=False, disable=desc is None):
-            outs.append(
-                run_tail(runner, items, x[s : s + batch_size].to(runner.device)).float().cpu()
-            )
-    return torch.cat(outs)
-
-
-class ChainStream:
-    """The stream at any position of a chain, over the calibration windows, computed from
-    the nearest valid earlier state and cached by the digests of what produced it."""
-
-    def __init__(
-        self,
-        runner,
-        pool: Pool,
-        items: list,
-        windows: Windows,
-        cache: StateCache,
-        options: RunOptions,
-    ) -> None:
-        self.runner, self.pool, self.items = runner, pool, items
-        self.windows, self.cache, self.options = windows, cache, options
-        self._inputs = windows.digest()
-        self._known: dict[int, str] = {}  # position -> key of the state held for it
-        self.before = {id(i): None for i in items if not isinstance(i, str)}
-
-    def _digest(self, item) -> str:
-        return block_digest(self.pool, item) if isinstance(item, str) else module_digest(item)
-
-    def key(self, position: int) -> str:
-        digests = [self._digest(i) for i in self.items[:position]]
-        return state_key(
-            self._inputs, digests, causal=self.runner.is_causal, dtype=self.options.dtype
-        )
-
-    def at(self, position: int) -> torch.Tensor:
-        """The stream entering ``items[position]``, ``[n, T, d]``."""
-        key = self.key(position)
-        found = self.cache.get(key)
-        if found is not None:
-            self._known[position] = key
-            return found
-        start, base = 0, self.windows.ids
-        for p in sorted(self._known, reverse=True):
-            if (
-                p < position
-                and self.cache.get(self._known[p]) is not None
-                and self.key(p) == self._known[p]
-            ):
-                start, base = p, self.cache.get(self._known[p])
-                break
-        state = run_items(
-            self.runner,
-            self.items[start:position],
-            base,
-            batch_size=self.options.batch_size,
-            desc=f"chain {start}->{position}",
-        )
-        self.cache.put(key, state)
-        self._known[position] = key
-        return state
-
-
-# --------------------------------------------------------------------------- targets
 
 
 def _foreign_tokens(
@@ -304,7 +178,7 @@ def _foreign_tokens(
     return ids, mask, end_t
 
 
-def _pairs(
+def seam_targets(
     pool: Pool,
     recipe: Recipe,
     model: str,
@@ -312,10 +186,15 @@ def _pairs(
     windows: Windows,
     options: RunOptions,
     cache: StateCache,
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, str]:
-    """Per window, (positions in the chain's windows, the model's own states there), the
-    model's own first-position state per window, and how tokens were aligned."""
-    if _same_tokenizer(pool, recipe.anchor, model):
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, str]:
+    """What a seam into ``model`` at ``depth`` is fitted to, on the chain's ``windows``.
+
+    Returns:
+        Per window, (positions in the window, ``model``'s own states there ``[k, d]``); the
+        model's own first-position state per window ``[n, d]``; how tokens were aligned
+        (the same tokens, or -- another tokenizer -- tokens ending on the same character).
+    """
+    if same_tokenizer(pool, recipe.anchor, model):
         own = own_states(
             pool,
             model,
@@ -328,12 +207,7 @@ def _pairs(
         )[depth]
         t = windows.ids.shape[1]
         positions = torch.arange(1, t)
-        return (
-            [(positions, own[w, 1:]) for w in range(own.shape[0])],
-            own[:, 0],
-            own[:, 0],
-            "same tokens",
-        )
+        return [(positions, own[w, 1:]) for w in range(own.shape[0])], own[:, 0], "same tokens"
     ids, mask, ends = _foreign_tokens(pool, model, windows)
     own = own_states(
         pool, model, ids, mask, [depth], options=options, cache=cache, desc=f"{model} depth {depth}"
@@ -344,7 +218,7 @@ def _pairs(
     for w in range(ids.shape[0]):
         pa, pb = align_by_characters(anchor_ends[w], ends[w])
         pairs.append((pa, own[w, pb]))
-    return pairs, own[:, 0], own[:, 0], "tokens ending on the same character"
+    return pairs, own[:, 0], "tokens ending on the same character"
 
 
 # --------------------------------------------------------------------------- fitting
@@ -485,14 +359,13 @@ def fit_assembly(
     _warm_anchor(pool, recipe, items, windows, fit, options, cache)
     with open_runner(pool, items, options) as run:
         stream = ChainStream(run.runner, pool, items, windows, cache, options)
-        stream.before = {id(a): b for b, a in adapters.items()}
         span_of = {b: span for span in _spans(recipe, pool) for b in span}
         for seam in recipe.seams:
             adapter = adapters[seam.before]
             tic = time.perf_counter()
             x = stream.at(position[id(adapter)])
-            model, depth = _destination(recipe, pool, seam.before)
-            pairs, first, _, how = _pairs(pool, recipe, model, depth, windows, options, cache)
+            model, depth = destination(recipe, pool, seam.before)
+            pairs, first, how = seam_targets(pool, recipe, model, depth, windows, options, cache)
             report = fit_seam(adapter, x, pairs, first, windows.validation, fit)
             seams_report.append(
                 {
@@ -508,39 +381,10 @@ def fit_assembly(
             log(f"seam {seam.before} -> {model} depth {depth}: {_summary(report)}")
             span = span_of[seam.before]
             if fit.objective == "hidden" and seam.before == span[-1]:
-                trained.append(
-                    train_assembly(
-                        run.runner,
-                        pool,
-                        recipe,
-                        [adapters[b] for b in span],
-                        stream,
-                        [position[id(adapters[b])] for b in span],
-                        data,
-                        windows,
-                        fit,
-                        options,
-                        cache,
-                        log,
-                    )
-                )
+                chosen = {b: adapters[b] for b in span}
+                trained.append(train_assembly(stream, recipe, chosen, data, fit, log))
         if fit.objective in ("kl", "task"):
-            trained.append(
-                train_assembly(
-                    run.runner,
-                    pool,
-                    recipe,
-                    list(adapters.values()),
-                    stream,
-                    [position[id(a)] for a in adapters.values()],
-                    data,
-                    windows,
-                    fit,
-                    options,
-                    cache,
-                    log,
-                )
-            )
+            trained.append(train_assembly(stream, recipe, adapters, data, fit, log))
     report = {
         "recipe_fingerprint": recipe.fingerprint(),
         "data": data.source,
@@ -583,19 +427,19 @@ def _warm_anchor(pool, recipe, items, windows, fit, options, cache) -> None:
     chain's stream before its first seam is the same state, and is found in the cache."""
     depths = set()
     for seam in recipe.seams:
-        model, depth = _destination(recipe, pool, seam.before)
+        model, depth = destination(recipe, pool, seam.before)
         if model == recipe.anchor:
             depths.add(depth)
     anchor_blocks = pool.model(recipe.anchor)["blocks"]
     first = next((i for i, it in enumerate(items) if not isinstance(it, str)), None)
     if first is not None and items[:first] == anchor_blocks[:first]:
         depths.add(first - 1)
-    n = _n_layers(pool, recipe.anchor)
+    n = n_layers(pool, recipe.anchor)
     if fit.objective == "kl":
         depths.add(n)
     if fit.objective == "hidden":
         for span in _spans(recipe, pool):
-            depths.add(min(n, _destination(recipe, pool, span[-1])[1] + fit.hidden_offset))
+            depths.add(min(n, destination(recipe, pool, span[-1])[1] + fit.hidden_offset))
     if depths:
         own_states(
             pool,

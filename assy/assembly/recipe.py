@@ -41,11 +41,13 @@ __all__ = [
     "chain_layout",
     "lineage",
     "load_recipe",
+    "n_layers",
     "pin_blocks",
     "plan_replacements",
     "recipe_to_dict",
     "slice_block_ids",
     "validate_recipe",
+    "width",
 ]
 
 FORMAT_VERSION = 1
@@ -273,11 +275,13 @@ def lineage(pool, name: str) -> list[str]:
     return chain
 
 
-def _n_layers(pool, model: str) -> int:
+def n_layers(pool, model: str) -> int:
+    """Layer blocks of a pool model."""
     return sum(pool.blocks[b]["kind"] == "layer" for b in pool.model(model)["blocks"])
 
 
-def _width(pool, model: str) -> int:
+def width(pool, model: str) -> int:
+    """Hidden size of a pool model."""
     return int(pool.blocks[pool.model(model)["blocks"][0]]["interface"]["hidden_size"])
 
 
@@ -308,7 +312,7 @@ def _check_slice(pool, s: Slice, where: str) -> None:
             )
         if s.model not in lineage(pool, s.variant)[1:]:
             raise UsageError(f"{where}: {s.variant} is not a variant of {s.model}")
-    n = _n_layers(pool, s.source)
+    n = n_layers(pool, s.source)
     first, last = s.layers
     if not 0 <= first <= last < n:
         raise UsageError(
@@ -321,9 +325,9 @@ def _boundary_widths(pool, recipe: Recipe) -> list[tuple[str, int, str, int]]:
     """For every boundary ``k`` (0: after the embedding, len(slices): before the head):
     ``(from name, from width, to name, to width)``."""
     names = [recipe.anchor + " embedding"] + [f"slices[{i}]" for i in range(len(recipe.slices))]
-    widths = [_width(pool, recipe.anchor)] + [_width(pool, s.source) for s in recipe.slices]
+    widths = [width(pool, recipe.anchor)] + [width(pool, s.source) for s in recipe.slices]
     names.append(recipe.anchor + " head")
-    widths.append(_width(pool, recipe.anchor))
+    widths.append(width(pool, recipe.anchor))
     return [(names[k], widths[k], names[k + 1], widths[k + 1]) for k in range(len(widths) - 1)]
 
 
@@ -448,7 +452,7 @@ def plan_replacements(
         raise UsageError(
             f"--anchor: no model {anchor!r} in pool {pool.root} (models: {_models(pool)})"
         )
-    n = _n_layers(pool, anchor)
+    n = n_layers(pool, anchor)
     order = sorted(replacements, key=lambda r: r[0])
     end = -1
     for (c, d), _ in order:

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from assy.assembly.adapter import ElasticAdapter, load_adapter
-from assy.assembly.recipe import Recipe, chain_layout, load_recipe, validate_recipe
+from assy.assembly.recipe import Recipe, chain_layout, load_recipe, validate_recipe, width
 from assy.errors import UsageError
 from blockpool import Pool, RunOptions, RunSession, open_runner
+from blockpool.errors import ManifestError
 from blockpool.manifest import resolve_inside
 
 __all__ = ["Assembly", "describe_assembly", "load_assembly", "open_assembly"]
@@ -43,10 +44,6 @@ class Assembly:
         return self.recipe.anchor
 
 
-def _width(pool: Pool, model: str) -> int:
-    return int(pool.blocks[pool.model(model)["blocks"][0]]["interface"]["hidden_size"])
-
-
 def load_assembly(pool: Pool, root: str | Path) -> Assembly:
     """Read ``root/recipe.yaml``, check it against ``pool`` and load its adapters.
 
@@ -65,7 +62,7 @@ def load_assembly(pool: Pool, root: str | Path) -> Assembly:
     for i, seam in enumerate(recipe.seams):
         if seam.adapter is None:
             raise UsageError(f"seams[{i}]: no adapter file; re-stitch the assembly")
-        d_in = _width(
+        d_in = width(
             pool, recipe.anchor if seam.before == 0 else recipe.slices[seam.before - 1].source
         )
         dst = (
@@ -75,14 +72,14 @@ def load_assembly(pool: Pool, root: str | Path) -> Assembly:
         )
         try:
             path = resolve_inside(root, seam.adapter)
-        except Exception:  # noqa: BLE001 - ManifestError names the pool; say it here
+        except ManifestError:  # its message speaks of a pool; say what happened here
             raise UsageError(f"seams[{i}]: adapter path {seam.adapter!r} leaves {root}") from None
         adapters[seam.before] = load_adapter(
             path,
             sha256=seam.sha256,
             kind=seam.kind,
             d_in=d_in,
-            d_out=_width(pool, dst),
+            d_out=width(pool, dst),
             cross_attention=seam.cross_attention,
             fingerprint=fingerprint,
             before=seam.before,

@@ -202,36 +202,33 @@ def _hidden_stop(pool, items: list, exit_position: int, offset: int) -> tuple[in
 
 
 def train_assembly(
-    runner,
-    pool,
-    recipe,
-    adapters: list,
-    stream,
-    positions: list[int],
-    data,
-    windows,
-    fit,
-    options,
-    cache,
-    log: Callable[[str], None],
+    stream, recipe, adapters: dict[int, Any], data, fit, log: Callable[[str], None]
 ) -> dict[str, Any]:
-    """Train ``adapters`` (at chain ``positions``) with ``fit.objective``; blocks frozen.
+    """Train ``adapters`` (boundary -> adapter) of ``stream``'s chain with ``fit.objective``.
+
+    The blocks stay frozen. ``hidden`` and ``kl`` start from the cached stream entering the
+    first of these adapters (:class:`~assy.assembly.chain.ChainStream`); ``task`` runs the
+    whole chain on the examples of ``data``.
 
     Returns:
         The report: objective, trainable parameters, the blocks gradients pass through,
         the loop's report (:func:`train_loop`) and held-out losses before and after
         (``hidden``, ``kl``: on the validation windows).
     """
-    from assy.assembly.assemble import _destination, recipe_seam_before, run_tail
+    from assy.assembly.chain import destination, run_tail
     from assy.assembly.states import own_states
 
-    items, device = stream.items, runner.device
+    runner, pool, items = stream.runner, stream.pool, stream.items
+    windows, options, cache, device = stream.windows, stream.options, stream.cache, runner.device
+    befores = sorted(adapters)
+    chosen = [adapters[b] for b in befores]
+    positions = [items.index(a) for a in chosen]
     first = min(positions)
     _freeze_blocks(runner)
-    params = [p for a in adapters for p in a.parameters()]
+    params = [p for a in chosen for p in a.parameters()]
     for p in params:
         p.requires_grad_(True)
-    for a in adapters:
+    for a in chosen:
         a.train()
     train_w = (~windows.validation).nonzero().flatten()
     val_w = windows.validation.nonzero().flatten()
@@ -242,9 +239,8 @@ def train_assembly(
         x0 = stream.at(first)
         batches = _batches(len(train_w), fit.train_batch, fit.steps, fit.seed)
     if objective == "hidden":
-        exit_before = recipe_seam_before(adapters[-1], stream)
         stop, k = _hidden_stop(pool, items, max(positions), fit.hidden_offset)
-        depth = _destination(recipe, pool, exit_before)[1] + k
+        depth = destination(recipe, pool, befores[-1])[1] + k
         target = own_states(
             pool, recipe.anchor, windows.ids, None, [depth], options=options, cache=cache
         )[depth]
@@ -317,7 +313,7 @@ def train_assembly(
     before = held_out() if held_out else None
     # the gated cross-attention starts at zero and has far to go: it learns faster
     xattn = [
-        p for a in adapters if a.cross_attention is not None for p in a.cross_attention.parameters()
+        p for a in chosen if a.cross_attention is not None for p in a.cross_attention.parameters()
     ]
     rest = [p for p in params if all(p is not q for q in xattn)]
     groups = [{"params": rest, "lr": fit.lr}]
@@ -329,7 +325,7 @@ def train_assembly(
             params, loss_at, steps=fit.steps, lr=fit.lr, desc=f"train {objective}", optimizer=opt
         )
     after = held_out() if held_out else None
-    for a in adapters:
+    for a in chosen:
         a.eval()
         for p in a.parameters():
             p.requires_grad_(False)
@@ -341,7 +337,7 @@ def train_assembly(
     return {
         "objective": objective,
         "target": target_name,
-        "seams": [recipe_seam_before(a, stream) for a in adapters],
+        "seams": befores,
         "trainable_parameters": sum(p.numel() for p in params),
         "blocks_gradients_pass_through": through,
         "backpropagates_through_frozen_blocks": bool(through),
@@ -349,7 +345,7 @@ def train_assembly(
         "held_out_loss_after": after,
         "cross_attention_gates": [
             float(torch.tanh(a.cross_attention.gate))
-            for a in adapters
+            for a in chosen
             if a.cross_attention is not None
         ],
         **report,
