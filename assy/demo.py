@@ -18,7 +18,7 @@ import torch
 
 from assy.data import heldout_text, load_task
 from assy.evaluate import multiple_choice, perplexity
-from blockpool.session import RunOptions, peak_rss_bytes
+from blockpool import RunOptions, peak_rss_bytes
 
 __all__ = ["BUILTIN_MODELS", "run_demo"]
 
@@ -78,8 +78,7 @@ def run_demo(
     Returns:
         The results written to ``out/demo.json``.
     """
-    from blockpool import Pool, build_pool, open_runner
-    from blockpool.pool import summarize
+    from blockpool import Pool, build_pool, open_runner, summarize
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

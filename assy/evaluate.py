@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from assy.data import MCExample, load_task, read_text
-from assy.errors import UsageError
-from blockpool.session import RunOptions, open_runner, peak_rss_bytes
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner, peak_rss_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -381,7 +381,6 @@ def evaluate_pool_model(
     model: str,
     task: str,
     *,
-    text: Path | None = None,
     data: Path | None = None,
     limit: int | None = None,
     max_tokens: int = 2048,
@@ -394,9 +393,11 @@ def evaluate_pool_model(
     Args:
         root: the pool directory.
         model: the model's name in the pool.
-        task: ``perplexity`` (needs ``text``) or a multiple-choice task of :data:`TASKS`.
-        text, data, limit, max_tokens, window: as for :func:`perplexity` and
-            :func:`multiple_choice` (``data`` replaces the shipped validation split).
+        task: ``perplexity`` (needs ``data``, a text file) or a multiple-choice task of
+            :data:`TASKS`.
+        data: the text file scored for perplexity; for a multiple-choice task, a JSONL
+            file that replaces the shipped validation split.
+        limit, max_tokens, window: as for :func:`perplexity` and :func:`multiple_choice`.
         options: how to run (budget, swap policy, device, dtype, batch size, threads).
 
     Returns:
@@ -413,9 +414,9 @@ def evaluate_pool_model(
             f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
         )
     if task == "perplexity":
-        if text is None:
-            raise UsageError("--task perplexity needs --text FILE")
-        body = read_text(text)
+        if data is None:
+            raise UsageError(f"{arg('task')} perplexity needs {arg('data')} (a text file)")
+        body = read_text(data)
     else:
         examples = load_task(task, data_file=data, limit=limit)
     tokenizer = pool.tokenizer(model)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from assy.errors import UsageError
-from blockpool.session import RunOptions, open_runner
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner
 
 __all__ = ["generate", "generate_from_pool"]
 
@@ -48,7 +48,7 @@ def generate(
         ``decode_seconds`` and ``decode_tokens_per_second``.
     """
     if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+        raise UsageError(f"{arg('max_new_tokens')} must be at least 1")
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()

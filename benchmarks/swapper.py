@@ -47,7 +47,7 @@ FRACTIONS = (1.0, 0.5, 0.25)
 
 
 def pool_files(pool: Pool, model: str) -> list[Path]:
-    return [pool.path(b) for b in pool.model(model)["blocks"]]
+    return [pool.path(b) for b in pool.model(model).blocks]
 
 
 def prefill_pass(runner, ids: torch.Tensor) -> None:
@@ -77,7 +77,7 @@ def read_all_seconds(pool: Pool, model: str) -> float:
     files = pool_files(pool, model)
     drop_page_cache(files)
     start = time.perf_counter()
-    for b in pool.model(model)["blocks"]:
+    for b in pool.model(model).blocks:
         pool.build_module(b, fresh=True)
     return time.perf_counter() - start
 
@@ -113,7 +113,7 @@ def forwards_per_pass(workload: str) -> int:
 
 
 def bench_model(pool: Pool, name: str, args, workloads: dict) -> list[dict[str, Any]]:
-    total = sum(block_nbytes(pool, b, torch.float32) for b in pool.model(name)["blocks"])
+    total = sum(block_nbytes(pool, b, torch.float32) for b in pool.model(name).blocks)
     files = pool_files(pool, name)
     resident = BlockRunner(pool, name)
     rows = []
@@ -181,7 +181,7 @@ def rss_check(pool_dir: Path, name: str, total: int, text: Path) -> dict[str, An
             name,
             "--task",
             "perplexity",
-            "--text",
+            "--data",
             str(text),
             "--max-tokens",
             "1024",
@@ -273,7 +273,7 @@ def main() -> None:
         rss_check(
             pool_dir,
             n,
-            sum(block_nbytes(pool, b, torch.float32) for b in pool.model(n)["blocks"]),
+            sum(block_nbytes(pool, b, torch.float32) for b in pool.model(n).blocks),
             text,
         )
         for n in models

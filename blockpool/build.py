@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from blockpool.errors import SourceError, UsageError
+from blockpool.entries import BlockEntry, Interface, Manifest, ModelEntry, block_header
+from blockpool.errors import SourceError, UsageError, arg
 from blockpool.families import FamilySpec, family_for_config
 from blockpool.manifest import (
-    FORMAT_VERSION,
     MANIFEST,
     atomic_write_bytes,
     block_file,
@@ -36,7 +36,7 @@ from blockpool.manifest import (
     sha256_file,
     write_manifest,
 )
-from blockpool.quantizer import (
+from blockpool.quant.formats import (
     QUANT_PRECISIONS,
     encode_quant,
     logical_params,
@@ -102,13 +102,13 @@ def plan_blocks(spec: FamilySpec, config: Any, names: Sequence[str]) -> dict[str
     }
 
 
-def _interface(spec: FamilySpec, config: Any) -> dict[str, Any]:
-    return {
-        "hidden_size": int(config.hidden_size),
-        "position": spec.position,
-        "attention": "causal" if spec.causal else "bidirectional",
-        "norm": spec.norm,
-    }
+def _interface(spec: FamilySpec, config: Any) -> Interface:
+    return Interface(
+        hidden_size=int(config.hidden_size),
+        position=spec.position,
+        attention="causal" if spec.causal else "bidirectional",
+        norm=spec.norm,
+    )
 
 
 def _existing_ok(path: Path, meta: dict[str, str]) -> bool:
@@ -176,7 +176,7 @@ def _existing_extra(path: Path) -> dict[str, Any]:
 
 def _add_model(
     root: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     name: str,
     source: Source,
     dtype: str,
@@ -194,15 +194,9 @@ def _add_model(
     for step, ((kind, index), tensors) in enumerate(plan["blocks"].items()):
         bid = block_id(name, kind, index)
         rel = block_file(name, kind, index)
-        meta = {
-            "block_id": bid,
-            "family": spec.name,
-            "kind": kind,
-            "index": str(index),
-            "precision": precision or dtype,
-            "source": source.fingerprint,
-            "format_version": str(FORMAT_VERSION),
-        }
+        meta = block_header(
+            bid, spec.name, kind, index, precision or dtype, source=source.fingerprint
+        )
         path = root / rel
         if _existing_ok(path, meta):
             digest, extra = sha256_file(path), _existing_extra(path)
@@ -213,33 +207,33 @@ def _add_model(
             for local, (k, i, src_local) in plan["tied"].items()
             if kind == "head"
         }
-        manifest["blocks"][bid] = {
-            "file": rel,
-            "model": name,
-            "kind": kind,
-            "index": index,
-            "family": spec.name,
-            "precision": precision or dtype,
-            "sparsity": 0.0,
-            "bytes": path.stat().st_size,
-            "sha256": digest,
-            "interface": _interface(spec, source.config),
-            "parent": None,
-            "tied": tied,
-            "tensors": [local for _, local in tensors],
+        manifest.blocks[bid] = BlockEntry(
+            id=bid,
+            file=rel,
+            model=name,
+            kind=kind,
+            index=index,
+            family=spec.name,
+            precision=precision or dtype,
+            sha256=digest,
+            bytes=path.stat().st_size,
+            interface=_interface(spec, source.config),
+            tied=tied,
+            tensors=tuple(local for _, local in tensors),
             **extra,
-        }
+        )
         ids.append(bid)
         if progress:
             progress(name, step + 1, len(plan["blocks"]))
-    manifest["models"][name] = {
-        "family": spec.name,
-        "config": source.config.to_dict(),
-        "blocks": ids,
-        "source": {"origin": source.origin, "fingerprint": source.fingerprint},
-        "tokenizer": _copy_tokenizer(root, name, source),
-        "ignored": plan["ignored"],
-    }
+    manifest.models[name] = ModelEntry(
+        name=name,
+        family=spec.name,
+        config=source.config.to_dict(),
+        blocks=tuple(ids),
+        source={"origin": source.origin, "fingerprint": source.fingerprint},
+        tokenizer=_copy_tokenizer(root, name, source),
+        ignored=tuple(plan["ignored"]),
+    )
 
 
 def _copy_tokenizer(root: Path, name: str, source: Source) -> dict[str, str]:
@@ -260,7 +254,7 @@ def build_pool(
     precision: str | None = None,
     allow_pickle: bool = False,
     progress: Progress | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Split each source into blocks under ``out`` and write ``out/pool.json``.
 
     Args:
@@ -269,7 +263,7 @@ def build_pool(
             the same source is rebuilt in place, reusing its complete block files).
         dtype: storage precision of floating tensors: ``fp32``, ``bf16`` or ``fp16``.
         precision: quantize the large matrices (``int8``, ``nf4``/``int4``, ``fp4``: see
-            :mod:`blockpool.quantizer`); norms, biases and small tensors stay at ``dtype``.
+            :mod:`blockpool.quant.formats`); norms, biases and small tensors stay at ``dtype``.
         allow_pickle: accept directories holding only ``pytorch_model.bin`` (loaded with
             ``torch.load(weights_only=True)``).
         progress: called as ``progress(model, blocks_done, blocks_total)``.
@@ -282,20 +276,20 @@ def build_pool(
             (block files are atomic and the manifest is written last).
     """
     if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"{arg('dtype')} {dtype!r}: choose one of {', '.join(DTYPES)}")
     if precision is not None:
         precision = normalize_precision(precision)
         if precision not in QUANT_PRECISIONS:
             raise UsageError(
-                f"--precision {precision!r}: choose one of {', '.join(QUANT_PRECISIONS)} "
-                "(float storage is --dtype)"
+                f"{arg('precision')} {precision!r}: choose one of {', '.join(QUANT_PRECISIONS)} "
+                f"(float storage is {arg('dtype')})"
             )
     if not sources:
         raise UsageError(
             "give at least one SOURCE (an HF directory, a .gguf file or a builtin name)"
         )
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+        raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     manifest = read_manifest(out) if (out / MANIFEST).is_file() else empty_manifest()
     named = list(iter_sources(list(sources)))
     opened = [(name, open_source(src, allow_pickle=allow_pickle)) for name, src in named]
@@ -314,16 +308,15 @@ def build_pool(
     return manifest
 
 
-def _check_replaceable(manifest: dict[str, Any], name: str, source: Source) -> None:
-    old = manifest["models"].get(name)
-    if old and old["source"]["fingerprint"] != source.fingerprint:
+def _check_replaceable(manifest: Manifest, name: str, source: Source) -> None:
+    old = manifest.models.get(name)
+    if old and old.source.get("fingerprint") != source.fingerprint:
         raise UsageError(
             f"the pool already holds a model named {name!r} from another source "
-            f"({old['source']['origin']}); give this one another name as NAME=SOURCE"
+            f"({old.origin}); give this one another name as NAME=SOURCE"
         )
-    for bid in list(manifest["blocks"]):
-        if old and bid in old["blocks"]:
-            del manifest["blocks"][bid]
+    for bid in old.blocks if old else ():
+        manifest.blocks.pop(bid, None)
 
 
 def remove_stray(out: Path) -> None:

@@ -238,14 +238,14 @@ class ChainRunner:
                 continue
             if not isinstance(item, str) or item not in blocks:
                 raise UsageError(f"chain[{i}]: no block {item!r} in pool {self.pool.root}")
-            kind = blocks[item]["kind"]
+            kind = blocks[item].kind
             if kind == "embed" and i != 0:
                 raise UsageError(f"chain[{i}]: embedding block {item} must come first")
             if kind == "head" and i != len(self.items) - 1:
                 raise UsageError(f"chain[{i}]: head block {item} must come last")
         if not self.items or not isinstance(self.items[0], str):
             raise UsageError("a chain starts with an embedding block")
-        if blocks[self.items[0]]["kind"] != "embed":
+        if blocks[self.items[0]].kind != "embed":
             raise UsageError(f"chain[0]: {self.items[0]} is not an embedding block")
 
     def _check_widths(self) -> None:
@@ -262,10 +262,10 @@ class ChainRunner:
 
     def config_of(self, bid: str) -> Any:
         """The transformers config that block ``bid`` is built and run with."""
-        return self._configs[self.pool.blocks[bid]["model"]]
+        return self._configs[self.pool.blocks[bid].model]
 
     def spec_of(self, bid: str) -> FamilySpec:
-        return self._specs[self.pool.blocks[bid]["model"]]
+        return self._specs[self.pool.blocks[bid].model]
 
     def build(self, bid: str) -> nn.Module:
         """The block's module, built once at the runner's dtype on its device, then kept."""
@@ -380,7 +380,7 @@ class ChainRunner:
         when ``attention_mask`` is ``None``.
         """
         k = self._segment_index(bid)
-        index = self.pool.blocks[bid]["index"]
+        index = self.pool.blocks[bid].index
         layer_type = self._layer_type(k, index)
         key = (k, tuple(hidden.shape[:2]), hidden.dtype, hidden.device)
         if attention_mask is None and key in self._standalone:
@@ -414,7 +414,7 @@ class ChainRunner:
             The block's output as a tensor.
         """
         module = module if module is not None else self.fetch(bid)
-        kind = self.pool.blocks[bid]["kind"]
+        kind = self.pool.blocks[bid].kind
         if kind == "embed":
             positions = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
             return module(x, attention_mask, positions, 0)
@@ -514,7 +514,7 @@ class ChainRunner:
             by_type: dict[str, dict[str, Any]] | None = None
             layer = iter(seg.layer_indices)
             for position, bid in zip(seg.positions, seg.block_ids, strict=True):
-                kind = self.pool.blocks[bid]["kind"]
+                kind = self.pool.blocks[bid].kind
                 if kind == "head" and not head:
                     break
                 module = get(bid)
@@ -575,16 +575,16 @@ def _segments(pool: Pool, items: Sequence[str | nn.Module]) -> list[Segment]:
             continue
         entry = pool.blocks[item]
         current = groups[-1] if groups else None
-        index = entry["index"] if entry["kind"] == "layer" else None
+        index = entry.index if entry.kind == "layer" else None
         new = (
             current is None
             or seam is not None
-            or current["model"] != entry["model"]
+            or current["model"] != entry.model
             or (index is not None and current["layers"] and current["layers"][-1] >= index)
         )
         if new:
             current = {
-                "model": entry["model"],
+                "model": entry.model,
                 "positions": [],
                 "ids": [],
                 "layers": [],
@@ -621,7 +621,7 @@ class ChainModule(nn.Module):
         pool = runner.pool
         self._runner = runner
         self.block_ids = list(runner.block_ids)
-        kinds = [pool.blocks[b]["kind"] for b in self.block_ids]
+        kinds = [pool.blocks[b].kind for b in self.block_ids]
 
         def build(bid: str) -> nn.Module:
             module = pool.build_module(bid, dtype=runner.dtype, config=runner.config_of(bid))

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from blockpool.entries import FORMAT_VERSION, Manifest
 from blockpool.errors import ManifestError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "write_manifest",
 ]
 
-FORMAT_VERSION = 1
 MANIFEST = "pool.json"
 _REQUIRED_BLOCK_KEYS = ("file", "model", "kind", "index", "family", "precision", "sha256", "bytes")
 
@@ -54,8 +54,8 @@ def block_id(model: str, kind: str, index: int) -> str:
     return f"{model}/{kind}/{index}"
 
 
-def empty_manifest() -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "models": {}, "blocks": {}}
+def empty_manifest() -> Manifest:
+    return Manifest(FORMAT_VERSION, {}, {})
 
 
 def sha256_file(path: Path) -> str:
@@ -82,9 +82,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(root: Path, manifest: Manifest) -> None:
     """Write ``pool.json`` atomically."""
-    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    doc = manifest.to_json()
+    atomic_write_bytes(root / MANIFEST, json.dumps(doc, indent=1, sort_keys=True).encode())
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
@@ -103,8 +104,8 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return path
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Read and validate ``root/pool.json``.
+def read_manifest(root: Path) -> Manifest:
+    """Read and validate ``root/pool.json`` into typed entries.
 
     Raises:
         ManifestError: missing, truncated or malformed manifest, unknown format version,
@@ -125,12 +126,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
             "to rewrite it"
         ) from None
     _validate(path, manifest)
-    for entry in manifest["blocks"].values():
-        resolve_inside(root, entry["file"])
-    for model in manifest["models"].values():
-        for rel in model.get("tokenizer", {}):
+    try:
+        typed = Manifest.from_json(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ManifestError(
+            f"{path}: malformed entry ({type(e).__name__}: {e}); the manifest was tampered with "
+            "or hand-edited; rebuild the pool with assy build-pool"
+        ) from None
+    for entry in typed.blocks.values():
+        resolve_inside(root, entry.file)
+    for model in typed.models.values():
+        for rel in model.tokenizer:
             resolve_inside(root, rel)
-    return manifest
+    return typed
 
 
 def _validate(path: Path, manifest: Any) -> None:

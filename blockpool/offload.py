@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from blockpool.chain import ChainRunner
-from blockpool.errors import UsageError
+from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
@@ -41,16 +41,15 @@ def _header(pool: Pool, bid: str) -> dict[str, tuple[list[int], str]]:
 def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
     """In-memory bytes of a block's weights at ``dtype`` (tied aliases included)."""
     entry = pool.blocks[bid]
-    if entry.get("quant") or any(
-        pool.blocks[ref.partition(":")[0]].get("quant")
-        for ref in (entry.get("tied") or {}).values()
+    if entry.quant or any(
+        pool.blocks[ref.partition(":")[0]].get("quant") for ref in entry.tied.values()
     ):
         # Quantized blocks are dequantized at load: count every weight at the compute dtype
         # (a tied alias at the size of the whole block it lives in: an upper bound).
-        refs = {ref.partition(":")[0] for ref in (entry.get("tied") or {}).values()}
+        refs = {ref.partition(":")[0] for ref in entry.tied.values()}
         return sum(pool.params(b) for b in {bid} | refs) * dtype.itemsize
     shapes = {k: v for k, v in _header(pool, bid).items() if k not in skip}
-    for local, ref in (entry.get("tied") or {}).items():
+    for local, ref in entry.tied.items():
         if local not in skip:
             src, _, name = ref.partition(":")
             shapes[local] = _header(pool, src)[name]
@@ -68,9 +67,9 @@ _ST_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 def _table_ref(pool: Pool, bid: str) -> tuple[str, str]:
     """Where a head's LM-head weight (or an embed's token table) is stored."""
     entry = pool.blocks[bid]
-    if entry["kind"] == "embed":
+    if entry.kind == "embed":
         return bid, _TOKEN_TABLE
-    tied = (entry.get("tied") or {}).get("lm_head.weight")
+    tied = entry.tied.get("lm_head.weight")
     if tied:
         src, _, name = tied.partition(":")
         return src, name
@@ -112,10 +111,10 @@ class _Piecewise(nn.Module):
     ) -> None:
         super().__init__()
         entry = pool.blocks[bid]
-        if entry["precision"] not in _DENSE:
+        if entry.precision not in _DENSE:
             raise UsageError(
                 f"block {bid} ({entry['precision']}) is too large for the budget and quantized "
-                "blocks cannot be served in pieces yet; raise --budget"
+                f"blocks cannot be served in pieces yet; raise {arg('budget')}"
             )
         self.inner = pool.empty_module(bid, config)
         self.src, self.table = _table_ref(pool, bid)
@@ -187,7 +186,7 @@ def _limit_malloc_caching() -> None:
 
 def _chain_blocks(pool: Pool, target: str | Sequence[str | nn.Module]) -> list[str]:
     if isinstance(target, str):
-        return list(pool.model(target)["blocks"])
+        return list(pool.model(target).blocks)
     return [b for b in target if isinstance(b, str)]
 
 
@@ -197,10 +196,10 @@ def min_budget(
     """The smallest budget that runs a model (by name) or a chain: its largest layer plus
     its pinned parts (the small tensors of an embedding and head served in pieces)."""
     ids = _chain_blocks(pool, target)
-    layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b]["kind"] == "layer"]
-    ends = [b for b in ids if pool.blocks[b]["kind"] != "layer"]
+    layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b].kind == "layer"]
+    ends = [b for b in ids if pool.blocks[b].kind != "layer"]
     pinned = sum(block_nbytes(pool, b, dtype, skip=(_TOKEN_TABLE, "lm_head.weight")) for b in ends)
-    width = max(pool.blocks[b]["interface"]["hidden_size"] for b in ends or ids)
+    width = max(pool.blocks[b].hidden_size for b in ends or ids)
     piece = _MIN_CHUNK_ROWS * width * dtype.itemsize  # room for a gathered or chunked piece
     return max(layers, default=0) + pinned + piece
 
@@ -245,9 +244,9 @@ def budgeted_runner(
     name = target if isinstance(target, str) else "the chain"
     if budget < floor:
         raise UsageError(
-            f"--budget {format_size(budget)} is below the smallest working set of {name} "
+            f"{arg('budget')} {format_size(budget)} is below the smallest working set of {name} "
             f"({format_size(floor)}: its largest layer at {str(dtype).removeprefix('torch.')} "
-            f"plus embedding, head and seam parts); use --budget {format_size(floor)} or more"
+            f"plus embedding, head and seam parts); use {arg('budget')} {format_size(floor)} or more"
         )
     _limit_malloc_caching()
     runner = make()
@@ -263,7 +262,7 @@ def budgeted_runner(
     swapper = BlockSwapper(
         load,
         sizes,
-        {b: pool.blocks[b]["bytes"] for b in ids},
+        {b: pool.blocks[b].bytes for b in ids},
         [b for b in runner.block_ids if b in cached],
         budget=budget,
         policy=policy,
@@ -272,7 +271,7 @@ def budgeted_runner(
     )
     for b in ids:
         if b not in cached:
-            cls = GatheredEmbed if pool.blocks[b]["kind"] == "embed" else ChunkedHead
+            cls = GatheredEmbed if pool.blocks[b].kind == "embed" else ChunkedHead
             pieces[b] = cls(pool, b, runner.config_of(b), dtype, swapper, runner.device)
             swapper.pin(pieces[b].pinned)
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
@@ -281,5 +280,5 @@ def budgeted_runner(
 
 def _piecewise(pool: Pool, bid: str, large: bool) -> bool:
     entry = pool.blocks[bid]
-    causal = pool.family(entry["model"]).causal
-    return large and causal and entry["kind"] in ("embed", "head")
+    causal = pool.family(entry.model).causal
+    return large and causal and entry.kind in ("embed", "head")

@@ -14,10 +14,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from blockpool.entries import BlockEntry, ModelEntry
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file
-from blockpool.quantizer import companions, dequantize_block, logical_params
+from blockpool.quant.formats import companions, dequantize_block, logical_params
 
 __all__ = ["BadBlock", "Pool", "empty_weights", "summarize"]
 
@@ -75,13 +76,13 @@ class Pool:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        self.models: dict[str, Any] = self.manifest["models"]
-        self.blocks: dict[str, Any] = self.manifest["blocks"]
+        self.models: dict[str, ModelEntry] = self.manifest.models
+        self.blocks: dict[str, BlockEntry] = self.manifest.blocks
         self._verified: set[str] = set()
         self._stat_checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when hashed
 
     # --- models -------------------------------------------------------------------------
-    def model(self, name: str) -> dict[str, Any]:
+    def model(self, name: str) -> ModelEntry:
         """The manifest entry of model ``name``."""
         if name not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
@@ -89,13 +90,13 @@ class Pool:
         return self.models[name]
 
     def family(self, name: str) -> FamilySpec:
-        return get_family(self.model(name)["family"])
+        return get_family(self.model(name).family)
 
     def config(self, name: str, attn_implementation: str = "sdpa") -> Any:
         """The transformers config of model ``name``, ready to build layers from."""
         from transformers import AutoConfig
 
-        entry = dict(self.model(name)["config"])
+        entry = dict(self.model(name).config)
         entry.pop("assy_converted_from", None)
         config = AutoConfig.for_model(**entry)
         config._attn_implementation = attn_implementation
@@ -105,7 +106,7 @@ class Pool:
         """The model's tokenizer, from the files copied into the pool."""
         from transformers import AutoTokenizer
 
-        files = self.model(name).get("tokenizer") or {}
+        files = self.model(name).tokenizer
         if not files:
             raise UsageError(f"model {name!r} has no tokenizer in the pool (its source had none)")
         for rel, digest in files.items():
@@ -115,17 +116,17 @@ class Pool:
 
     # --- blocks -------------------------------------------------------------------------
     def path(self, bid: str) -> Path:
-        return resolve_inside(self.root, self.blocks[bid]["file"])
+        return resolve_inside(self.root, self.blocks[bid].file)
 
     def params(self, bid: str) -> int:
         """Weights stored in block ``bid``: elements of its plain tensors, quantized ones
         counted at their dequantized size, tied aliases not counted (stored elsewhere)."""
         entry = self.blocks[bid]
-        if "params" in entry:
-            return int(entry["params"])
+        if entry.params is not None:
+            return entry.params
         with safe_open(self.path(bid), "pt") as f:
-            if entry.get("quant"):
-                return logical_params({n: f.get_tensor(n) for n in f.keys()}, entry["quant"])
+            if entry.quant:
+                return logical_params({n: f.get_tensor(n) for n in f.keys()}, entry.quant)
             return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
 
     def check_block(self, bid: str) -> BadBlock | None:
@@ -133,9 +134,9 @@ class Pool:
         entry = self.blocks[bid]
         path = self.path(bid)
         if not path.is_file():
-            return BadBlock(bid, entry["file"], "file missing")
-        if sha256_file(path) != entry["sha256"]:
-            return BadBlock(bid, entry["file"], "sha256 mismatch (file corrupted or modified)")
+            return BadBlock(bid, entry.file, "file missing")
+        if sha256_file(path) != entry.sha256:
+            return BadBlock(bid, entry.file, "sha256 mismatch (file corrupted or modified)")
         return None
 
     def verify(self) -> list[BadBlock]:
@@ -163,7 +164,7 @@ class Pool:
         file changed during a run must not be used). With ``tied``, weights stored once in
         another block (a tied LM head) are resolved and included. Quantized tensors (int8,
         nf4, fp4 in bitsandbytes' layout) are dequantized to the dtype they were quantized
-        from, so a caller always gets plain tensors (see :mod:`blockpool.quantizer`).
+        from, so a caller always gets plain tensors (see :mod:`blockpool.quant.formats`).
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -171,11 +172,11 @@ class Pool:
         if bid not in self.blocks:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
-        state = dequantize_block(self._read(bid, verify, fresh=fresh), entry.get("quant"))
-        for local, ref in (entry.get("tied") or {}).items() if tied else ():
+        state = dequantize_block(self._read(bid, verify, fresh=fresh), entry.quant)
+        for local, ref in entry.tied.items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
             src = self._read(src_bid, verify, only=src_local, fresh=fresh)
-            state[local] = dequantize_block(src, self.blocks[src_bid].get("quant"))[src_local]
+            state[local] = dequantize_block(src, self.blocks[src_bid].quant)[src_local]
         return state
 
     def _read(
@@ -191,7 +192,7 @@ class Pool:
                 return {n: f.get_tensor(n) for n in names}
         except (SafetensorError, OSError) as e:
             raise IntegrityError(
-                f"block {bid}: cannot read {self.blocks[bid]['file']} ({e})"
+                f"block {bid}: cannot read {self.blocks[bid].file} ({e})"
             ) from None
 
     def _read_checked(self, bid: str, only: str | None) -> dict[str, torch.Tensor]:
@@ -213,11 +214,11 @@ class Pool:
                 return {n: state[n] for n in companions(only, state)} if only else state
             data = path.read_bytes()
         except (OSError, SafetensorError) as e:
-            raise IntegrityError(f"block {bid}: cannot read {entry['file']} ({e})") from None
+            raise IntegrityError(f"block {bid}: cannot read {entry.file} ({e})") from None
         self._stat_checked.pop(bid, None)
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(
-                f"block {bid} ({entry['file']}): sha256 mismatch (file corrupted or modified); "
+                f"block {bid} ({entry.file}): sha256 mismatch (file corrupted or modified); "
                 f"run assy verify-pool {self.root} and rebuild the pool"
             )
         self._stat_checked[bid] = key
@@ -227,12 +228,12 @@ class Pool:
     def empty_module(self, bid: str, config: Any = None) -> nn.Module:
         """The block's module with its parameters on the meta device (no memory)."""
         entry = self.blocks[bid]
-        spec = get_family(entry["family"])
-        config = config if config is not None else self.config(entry["model"])
+        spec = get_family(entry.family)
+        config = config if config is not None else self.config(entry.model)
         with empty_weights():
-            if entry["kind"] == "layer":
-                return import_object(spec.layer_class)(config, entry["index"])
-            if entry["kind"] == "embed":
+            if entry.kind == "layer":
+                return import_object(spec.layer_class)(config, entry.index)
+            if entry.kind == "embed":
                 return spec.build_embed(config)
             return spec.build_head(config)
 
@@ -277,35 +278,38 @@ def summarize(pool: Pool) -> dict[str, Any]:
     models = {}
     params = {b: pool.params(b) for b in pool.blocks}
     for name, entry in pool.models.items():
-        blocks = [pool.blocks[b] for b in entry["blocks"]]
-        n_bytes = sum(b["bytes"] for b in blocks)
+        blocks = [pool.blocks[b] for b in entry.blocks]
+        n_bytes = sum(b.bytes for b in blocks)
+        n_params = sum(params[b.id] for b in blocks)
         models[name] = {
-            "family": entry["family"],
-            "source": entry["source"]["origin"],
-            "layers": sum(b["kind"] == "layer" for b in blocks),
-            "hidden_size": blocks[0]["interface"]["hidden_size"],
+            "family": entry.family,
+            "source": entry.origin,
+            "parent_model": entry.parent_model,
+            "layers": sum(b.kind == "layer" for b in blocks),
+            "hidden_size": blocks[0].hidden_size,
             "bytes": n_bytes,
-            "params": sum(params[b] for b in entry["blocks"]),
-            "bits": _bits(n_bytes, sum(params[b] for b in entry["blocks"])),
-            "precisions": sorted({b["precision"] for b in blocks}),
+            "params": n_params,
+            "bits": _bits(n_bytes, n_params),
+            "precisions": sorted({b.precision for b in blocks}),
             "blocks": [
                 {
-                    "id": b,
-                    "kind": pool.blocks[b]["kind"],
-                    "precision": pool.blocks[b]["precision"],
-                    "sparsity": pool.blocks[b]["sparsity"],
-                    "bytes": pool.blocks[b]["bytes"],
-                    "bits": _bits(pool.blocks[b]["bytes"], params[b]),
+                    "id": b.id,
+                    "kind": b.kind,
+                    "precision": b.precision,
+                    "sparsity": b.sparsity,
+                    "bytes": b.bytes,
+                    "bits": _bits(b.bytes, params[b.id]),
                 }
-                for b in entry["blocks"]
+                for b in blocks
             ],
         }
+    total = sum(b.bytes for b in pool.blocks.values())
     return {
         "pool": str(pool.root),
-        "format_version": pool.manifest["format_version"],
+        "format_version": pool.manifest.format_version,
         "models": models,
         "blocks": len(pool.blocks),
-        "bytes": sum(b["bytes"] for b in pool.blocks.values()),
+        "bytes": total,
         "params": sum(params.values()),
-        "bits": _bits(sum(b["bytes"] for b in pool.blocks.values()), sum(params.values())),
+        "bits": _bits(total, sum(params.values())),
     }

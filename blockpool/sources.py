@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from blockpool.errors import SourceError, UsageError
+from blockpool.errors import SourceError, UsageError, arg
 
 __all__ = ["BUILTINS", "Source", "cache_dir", "open_source", "parse_source_arg"]
 
@@ -171,7 +171,9 @@ def _load_pickled(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not allow_pickle:
         raise SourceError(
             f"{path}: holds only pickled weights ({bins[0].name}), which can run code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle to load them with "
+            "loaded; convert them to safetensors, or pass "
+            + arg("allow_pickle")
+            + " to load them with "
             "torch.load(weights_only=True)"
         )
     state: dict[str, Any] = {}
@@ -282,8 +284,8 @@ def convert_gguf(path: Path, *, progress: bool = True) -> Path:
 def iter_sources(args: list[str]) -> Iterator[tuple[str, str]]:
     """Parse ``name=SOURCE`` arguments, refusing duplicate names."""
     seen: set[str] = set()
-    for arg in args:
-        name, source = parse_source_arg(arg)
+    for item in args:
+        name, source = parse_source_arg(item)
         if name in seen:
             raise UsageError(f"two sources are named {name!r}; name them apart as NAME=SOURCE")
         seen.add(name)

@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from blockpool.errors import UsageError, arg
 
-from blockpool.errors import UsageError
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["DEFAULT_POLICY", "POLICIES", "BlockSwapper", "SwapStats"]
 
@@ -190,7 +191,7 @@ class BlockSwapper:
             elif demand:
                 raise UsageError(
                     f"{nbytes} B of weights do not fit beside the {self._used} B held within the "
-                    f"budget of {self.budget} B; raise --budget or use shorter batches"
+                    f"budget of {self.budget} B; raise {arg('budget')} or use shorter batches"
                 )
             else:
                 return False

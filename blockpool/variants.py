@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from blockpool.entries import Manifest, Parent, block_header
 from blockpool.errors import UsageError
 from blockpool.manifest import (
-    FORMAT_VERSION,
     MANIFEST,
     atomic_write_bytes,
     block_file,
@@ -35,7 +35,8 @@ Transform = Callable[[str, dict[str, torch.Tensor]], tuple[dict[str, torch.Tenso
 
 ``tensors`` are the block's own stored tensors (tied aliases not included). ``updates`` may
 hold ``precision`` (str), ``sparsity`` (float), ``metadata`` (str -> str, written into the
-safetensors header) and ``entry`` (extra manifest fields of the block).
+safetensors header) and ``entry`` (fields of the new :class:`~blockpool.entries.BlockEntry`:
+``quant``, ``params``, ``pruning``).
 """
 
 
@@ -53,7 +54,7 @@ def _write(out: Path, rel: str, state: dict[str, torch.Tensor], meta: dict[str, 
 
 def _copy_tokenizer(pool: Pool, model: str, out: Path, name: str) -> dict[str, str]:
     copied = {}
-    for rel, digest in (pool.model(model).get("tokenizer") or {}).items():
+    for rel, digest in pool.model(model).tokenizer.items():
         new_rel = f"tokenizers/{name}/{Path(rel).name}"
         if (out / new_rel).resolve() != (pool.root / rel).resolve():
             atomic_write_bytes(out / new_rel, (pool.root / rel).read_bytes())
@@ -69,7 +70,7 @@ def write_variant_model(
     out: Path | None = None,
     name: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> Manifest:
     """Transform every block of ``model`` and register the result as a pool model.
 
     Args:
@@ -92,50 +93,48 @@ def write_variant_model(
     manifest = read_manifest(out) if (out / MANIFEST).is_file() else empty_manifest()
     source = pool.model(model)
     ids: list[str] = []
-    for step, bid in enumerate(source["blocks"]):
+    for step, bid in enumerate(source.blocks):
         entry = pool.blocks[bid]
         new_state, updates = transform(bid, pool.load_tensors(bid, tied=False))
-        new_bid = block_id(name, entry["kind"], entry["index"])
-        precision = updates.get("precision", entry["precision"])
-        meta = {
-            "block_id": new_bid,
-            "family": entry["family"],
-            "kind": entry["kind"],
-            "index": str(entry["index"]),
-            "precision": precision,
-            "parent": bid,
-            "format_version": str(FORMAT_VERSION),
+        new_bid = block_id(name, entry.kind, entry.index)
+        precision = updates.get("precision", entry.precision)
+        meta = block_header(
+            new_bid,
+            entry.family,
+            entry.kind,
+            entry.index,
+            precision,
+            parent=bid,
             **updates.get("metadata", {}),
-        }
-        rel = block_file(name, entry["kind"], entry["index"])
+        )
+        rel = block_file(name, entry.kind, entry.index)
         digest = _write(out, rel, new_state, meta)
-        tied = {local: _retarget(ref, name) for local, ref in (entry.get("tied") or {}).items()}
-        inherited = {k: v for k, v in entry.items() if k not in ("quant", "params")}
-        manifest["blocks"][new_bid] = {
-            **inherited,
-            "file": rel,
-            "model": name,
-            "precision": precision,
-            "sparsity": float(updates.get("sparsity", entry["sparsity"])),
-            "bytes": (out / rel).stat().st_size,
-            "sha256": digest,
-            "tied": tied,
-            "tensors": list(new_state),
-            "parent": {
-                "block": bid,
-                "sha256": entry["sha256"],
-                "pool": "." if same_pool else str(pool.root.resolve()),
-            },
-            **updates.get("entry", {}),
-        }
+        fields = {"quant": None, "params": None, **updates.get("entry", {})}
+        manifest.blocks[new_bid] = entry.but(
+            id=new_bid,
+            file=rel,
+            model=name,
+            precision=precision,
+            sparsity=float(updates.get("sparsity", entry.sparsity)),
+            bytes=(out / rel).stat().st_size,
+            sha256=digest,
+            tied={local: _retarget(ref, name) for local, ref in entry.tied.items()},
+            tensors=tuple(new_state),
+            parent=Parent(
+                block=bid,
+                sha256=entry.sha256,
+                pool="." if same_pool else str(pool.root.resolve()),
+            ),
+            **fields,
+        )
         ids.append(new_bid)
         if progress:
-            progress(name, step + 1, len(source["blocks"]))
-    manifest["models"][name] = {
-        **source,
-        "blocks": ids,
-        "parent_model": model,
-        "tokenizer": _copy_tokenizer(pool, model, out, name),
-    }
+            progress(name, step + 1, len(source.blocks))
+    manifest.models[name] = source.but(
+        name=name,
+        blocks=tuple(ids),
+        parent_model=model,
+        tokenizer=_copy_tokenizer(pool, model, out, name),
+    )
     write_manifest(out, manifest)
     return manifest

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from assy.capture import cached_capture, calibration_texts, capture_model, pool_tokens
 from assy.cli import cli
-from assy.comparator import (
+from assy.comparator import CompareOptions, compare_activations, compare_pool
+from assy.comparator.capture import cached_capture, calibration_texts, capture_model, pool_tokens
+from assy.comparator.metrics import (
     CKAAccumulator,
     cka_matrix,
     clip_outlier_features,
@@ -23,7 +24,6 @@ from assy.comparator import (
     linear_cka,
     standardize_features,
 )
-from assy.compare import CompareOptions, compare_activations, compare_pool
 from blockpool import BlockRunner, Pool, RunOptions, build_pool
 
 F64 = torch.float64
@@ -290,7 +290,7 @@ def test_capture_fetch_passes_through_and_skips_the_head(tiny_pool):
 
     runner = BlockRunner(pool, "llama", fetch=fetch)
     capture_model(pool, "llama", _texts(3), runner=runner, progress=False)
-    kinds = {pool.blocks[b]["kind"] for b in fetched}
+    kinds = {pool.blocks[b].kind for b in fetched}
     assert kinds == {"embed", "layer"}
 
 

@@ -105,7 +105,7 @@ def test_missing_pool_and_unknown_model(pool, tmp_path):
     assert_user_error(run("inspect", tmp_path / "none"), "no such pool directory")
     text = tmp_path / "t.txt"
     text.write_text("some text")
-    result = run("eval", pool, "--model", "nope", "--task", "perplexity", "--text", text)
+    result = run("eval", pool, "--model", "nope", "--task", "perplexity", "--data", text)
     assert_user_error(result, "no model 'nope'", "llama")
 
 
@@ -134,7 +134,7 @@ def test_killed_build_resumes_to_a_valid_pool(tiny_dirs, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in first} == first  # complete blocks were kept
     assert not list(root.rglob("*.tmp"))
     assert run("verify-pool", root).exit_code == 0
-    assert len(Pool(root).model("m")["blocks"]) == 5
+    assert len(Pool(root).model("m").blocks) == 5
 
 
 def test_tied_weights_are_stored_once(pool):

@@ -34,7 +34,7 @@ def tiny_pool(tiny_dirs, tmp_path_factory):
 
 
 def _total(pool, model):
-    return sum(block_nbytes(pool, b, torch.float32) for b in pool.model(model)["blocks"])
+    return sum(block_nbytes(pool, b, torch.float32) for b in pool.model(model).blocks)
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -150,7 +150,7 @@ def test_ctrl_c_during_compute_shuts_the_preloader_down(tiny_pool):
     inner = runner.fetch
 
     def interrupted(bid):
-        if pool.blocks[bid]["kind"] == "head":
+        if pool.blocks[bid].kind == "head":
             raise KeyboardInterrupt
         return inner(bid)
 
@@ -184,7 +184,7 @@ def test_block_corrupted_during_a_run_is_a_clear_error(tiny_pool, tmp_path):
 
 def test_budget_below_the_minimum_names_it(tiny_pool):
     pool = Pool(tiny_pool)
-    with pytest.raises(UsageError, match="smallest working set of llama .*use --budget"):
+    with pytest.raises(UsageError, match="smallest working set of llama .*use budget"):
         budgeted_runner(pool, "llama", budget=1000)
 
 

@@ -4,23 +4,41 @@ from __future__ import annotations
 
 import sys
 from functools import wraps
+from pathlib import Path
 
 import click
 
 from assy.errors import AssyError
 
-__all__ = ["compute_options", "human_bytes", "run_options", "user_errors"]
+__all__ = [
+    "calibration_options",
+    "compute_options",
+    "deprecated_alias",
+    "run_options",
+    "user_errors",
+]
+
+
+def _flag(name: str) -> str:
+    """The current command's flag for library argument ``name`` (``budget`` -> ``--budget``)."""
+    ctx = click.get_current_context(silent=True)
+    for param in ctx.command.params if ctx else ():
+        if param.name == name and isinstance(param, click.Option):
+            longs = [o for o in param.opts if o.startswith("--")]
+            return (longs or param.opts)[0]
+    return "--" + name.replace("_", "-")
 
 
 def user_errors(fn):
-    """Turn user errors into a one-line ``error: ...`` on stderr and exit code 2."""
+    """Turn user errors into a one-line ``error: ...`` on stderr and exit code 2; library
+    argument names in the message become this command's flags."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AssyError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {e.render(_flag)}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
@@ -29,21 +47,10 @@ def user_errors(fn):
     return wrapper
 
 
-def human_bytes(n: float) -> str:
-    """``1234567`` -> ``"1.2 MB"`` (decimal units)."""
-    if n < 1000:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1000
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def _parse_budget(ctx, param, value):
     if value is None:
         return None
-    from blockpool.sizes import parse_size
+    from blockpool import parse_size
 
     try:
         return parse_size(value)
@@ -52,7 +59,7 @@ def _parse_budget(ctx, param, value):
 
 
 def _check_device(ctx, param, value):
-    from blockpool.session import parse_device
+    from blockpool import parse_device
 
     try:
         parse_device(value)
@@ -81,12 +88,12 @@ def compute_options(fn):
 def run_options(*, batch_size: bool = True):
     """``--budget``, ``--swap-policy``, ``--device``, ``--threads`` (and ``--batch-size``),
     handed to the command as one ``run: RunOptions``."""
-    from blockpool.swapper import DEFAULT_POLICY, POLICIES
+    from blockpool import DEFAULT_POLICY, POLICIES
 
     def decorate(fn):
         @wraps(fn)
         def wrapper(*args, budget, swap_policy, device, threads, **kwargs):
-            from blockpool.session import RunOptions
+            from blockpool import RunOptions
 
             size = kwargs.pop("batch_size") if batch_size else RunOptions.batch_size
             run = RunOptions(
@@ -118,3 +125,47 @@ def run_options(*, batch_size: bool = True):
         )(wrapper)
 
     return decorate
+
+
+def deprecated_alias(old: str, new: str, **option: object):
+    """Accept the old spelling ``old`` of the flag ``new`` for one more release.
+
+    Its value goes to ``new``'s parameter, with a one-line note on stderr; giving both is
+    a usage error. ``option``: click's settings of the old flag (its ``type``).
+    """
+    new_param = new.lstrip("-").replace("-", "_")
+    old_param = "deprecated_" + old.lstrip("-").replace("-", "_")
+
+    def decorate(fn):
+        @wraps(fn)
+        def wrapper(*args, **kwargs):
+            value = kwargs.pop(old_param)
+            if value is not None:
+                if kwargs.get(new_param) is not None:
+                    raise click.UsageError(f"give {new} only ({old} is its old name)")
+                click.echo(f"note: {old} is deprecated, use {new} (same meaning)", err=True)
+                kwargs[new_param] = value
+            return fn(*args, **kwargs)
+
+        return click.option(old, old_param, hidden=True, **option)(wrapper)
+
+    return decorate
+
+
+def calibration_options(fn):
+    """``--calib-task T | --calib-data FILE``: generic calibration text (``--calib-file``
+    is the old spelling of ``--calib-data``)."""
+    from assy.calibration import DEFAULT_TASK
+    from assy.data import TASKS
+
+    fn = deprecated_alias("--calib-file", "--calib-data", type=click.Path(path_type=Path))(fn)
+    fn = click.option(
+        "--calib-data",
+        type=click.Path(path_type=Path),
+        help="Calibrate on a UTF-8 text file.",
+    )(fn)
+    return click.option(
+        "--calib-task",
+        type=click.Choice(sorted(TASKS)),
+        help=f"Calibrate on a task's examples (context + answer). Default: {DEFAULT_TASK}.",
+    )(fn)

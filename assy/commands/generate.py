@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import human_bytes, run_options, user_errors
+from assy.commands.common import run_options, user_errors
+from blockpool.sizes import format_size
 
 
 @click.command("generate")
@@ -49,12 +50,12 @@ def generate_cmd(
     click.echo(prompt + result["text"])
     line = (
         f"[{result['new_tokens']} tokens, {result['decode_tokens_per_second']:.1f} tok/s, "
-        f"peak RSS {human_bytes(result['peak_rss_bytes'])}"
+        f"peak RSS {format_size(result['peak_rss_bytes'])}"
     )
     if run.budget is not None:
         line += (
-            f", weights resident peak {human_bytes(result['weights_resident_peak_bytes'])}"
-            f" of {human_bytes(run.budget)}, {result['misses']} misses, "
-            f"{human_bytes(result['bytes_read'])} read"
+            f", weights resident peak {format_size(result['weights_resident_peak_bytes'])}"
+            f" of {format_size(run.budget)}, {result['misses']} misses, "
+            f"{format_size(result['bytes_read'])} read"
         )
     click.echo(line + "]", err=True)

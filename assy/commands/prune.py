@@ -9,8 +9,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import compute_options, user_errors
-from assy.data import TASKS
+from assy.commands.common import calibration_options, compute_options, user_errors
 
 __all__ = ["prune_cmd"]
 
@@ -25,8 +24,7 @@ __all__ = ["prune_cmd"]
     help="magnitude needs no calibration; wanda and sparsegpt calibrate.",
 )
 @click.option("--sparsity", required=True, help="Fraction of zeros (0.5) or n:m kept (2:4).")
-@click.option("--calib-task", type=click.Choice(sorted(TASKS)), help="Calibrate on a task's text.")
-@click.option("--calib-file", type=click.Path(path_type=Path), help="Calibrate on a text file.")
+@calibration_options
 @click.option("--samples", default=32, show_default=True, help="Calibration windows.")
 @click.option("--seq-len", default=128, show_default=True, help="Tokens per calibration window.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the window offsets.")
@@ -41,7 +39,7 @@ def prune_cmd(
     method: str,
     sparsity: str,
     calib_task: str | None,
-    calib_file: Path | None,
+    calib_data: Path | None,
     samples: int,
     seq_len: int,
     seed: int,
@@ -55,32 +53,39 @@ def prune_cmd(
 
     Layers are pruned in order, each on calibration inputs that went through the already
     pruned layers (Wanda, SparseGPT); embeddings, norms and the LM head stay dense.
+    Calibration: --calib-task or --calib-data, default the sciq task's text.
     """
     from tqdm import tqdm
 
-    from assy.lego import calibration_ids, calibration_text, parse_sparsity, prune_pool_model
-    from blockpool import Pool
-    from blockpool.session import use_threads
+    from assy.calibration import calibration_text, calibration_windows
+    from assy.lego import parse_sparsity, prune_pool_model
+    from blockpool import Pool, use_threads
 
     threads = use_threads(threads)
+    target = parse_sparsity(sparsity)
     opened = Pool(pool)
-    ids = None
-    if method != "magnitude" or calib_task or calib_file:
-        text = calibration_text(task=calib_task, file=calib_file)
-        ids = calibration_ids(opened.tokenizer(model), text, samples, seq_len, seed=seed)
-    blocks = len(opened.model(model)["blocks"])
+    opened.model(model)
+    ids, source = None, None
+    if method == "magnitude":
+        if calib_task or calib_data:
+            click.echo("note: magnitude pruning uses no calibration; --calib-* ignored", err=True)
+    else:
+        source = calibration_text(calib_task, calib_data)
+        ids = calibration_windows(opened.tokenizer(model), source.text, samples, seq_len, seed=seed)
+    blocks = len(opened.model(model).blocks)
     with tqdm(total=blocks, desc=new_name, unit="block", file=sys.stderr) as bar:
         report = prune_pool_model(
             opened,
             model,
             method,
-            parse_sparsity(sparsity),
+            target,
             new_name,
             calib_ids=ids,
             batch_size=batch_size,
             device=device,
             progress=lambda _n, done, _t: bar.update(done - bar.n),
         )
+    report.calibration = source.label if source else ""
     if as_json:
         click.echo(json.dumps(asdict(report) | {"device": device, "threads": threads}))
     else:

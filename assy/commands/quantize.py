@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from assy.commands.common import compute_options, human_bytes, user_errors
+from assy.commands.common import calibration_options, compute_options, user_errors
+from blockpool.sizes import format_size
 
 __all__ = ["quantize_cmd"]
 
@@ -39,8 +40,7 @@ def _progress() -> Callable[[str, int, int], None]:
 @click.option("--target-bits", type=float, help="--auto: average bits per weight of each model.")
 @click.option("--pool-budget", help="--auto: total block bytes of the pool (4GB, 512MB, 1.5GiB).")
 @click.option("--choices", default="nf4,int8,fp16", show_default=True, help="--auto: precisions.")
-@click.option("--calib-task", help="Calibration text: a task's examples [default: sciq].")
-@click.option("--calib-file", type=click.Path(path_type=Path), help="Calibration text file.")
+@calibration_options
 @click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
 @click.option("--calib-seq-len", default=64, show_default=True, help="Tokens per window.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[default: OUT/calibration]")
@@ -58,7 +58,7 @@ def quantize_cmd(
     pool_budget: str | None,
     choices: str,
     calib_task: str | None,
-    calib_file: Path | None,
+    calib_data: Path | None,
     calib_samples: int,
     calib_seq_len: int,
     cache_dir: Path | None,
@@ -76,15 +76,14 @@ def quantize_cmd(
     """
     from assy.errors import UsageError
     from assy.quantization import CalibrationOptions, quantize
-    from blockpool.session import use_threads
-    from blockpool.sizes import parse_size
+    from blockpool import parse_size, use_threads
 
     threads = use_threads(threads)
     if auto == (precision is not None) or (not auto and (target_bits or pool_budget)):
         raise UsageError("give --precision P, or --auto with --target-bits B or --pool-budget SIZE")
     calibration = CalibrationOptions(
         task=calib_task,
-        file=calib_file,
+        data=calib_data,
         samples=calib_samples,
         seq_len=calib_seq_len,
         choices=tuple(c.strip() for c in choices.split(",") if c.strip()),
@@ -110,12 +109,14 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
+    if result.get("calibration"):
+        click.echo(f"planned on calibration text: {result['calibration']}")
     for name, m in info["models"].items():
         click.echo(
-            f"{name}: {human_bytes(m['bytes'])}, {m['bits']:.2f} bits/weight, "
+            f"{name}: {format_size(m['bytes'])}, {m['bits']:.2f} bits/weight, "
             f"{','.join(m['precisions'])}"
         )
     click.echo(
-        f"{info['blocks']} blocks, {human_bytes(info['bytes'])}, "
+        f"{info['blocks']} blocks, {format_size(info['bytes'])}, "
         f"{info['bits']:.2f} bits/weight -> {out}"
     )

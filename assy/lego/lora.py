@@ -211,12 +211,12 @@ def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[
         The pool manifest, as written.
     """
     from assy.lego.sequential import prunable_linears
-    from blockpool.variants import write_variant_model
+    from blockpool import write_variant_model
 
     def transform(bid: str, tensors: dict[str, torch.Tensor]):
         state = module.block_state(bid)
         new = {k: state[k].detach().to(tensors[k].dtype).contiguous() for k in tensors}
-        if pool.blocks[bid]["kind"] != "layer":
+        if pool.blocks[bid].kind != "layer":
             return new, {}
         linears = prunable_linears(module.layers[module.layer_ids.index(bid)])
         weights = [new[f"{n}.weight"] for n in linears]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
 from assy.lego.pruning import SparsityTarget, magnitude_mask, sparsegpt_prune, wanda_mask
 
 __all__ = ["PruneReport", "prunable_linears", "prune_pool_model"]
@@ -45,6 +45,7 @@ class PruneReport:
             over the block's matrices).
         sparsity: fraction of zeros over all pruned matrices of the model.
         calibration_tokens: ``samples x seq_len`` (0 for magnitude).
+        calibration: what the windows were cut from (``task sciq (default)``), if known.
         seconds: wall time of the whole run, writing included.
     """
 
@@ -54,6 +55,7 @@ class PruneReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     sparsity: float = 0.0
     calibration_tokens: int = 0
+    calibration: str = ""
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -63,6 +65,7 @@ class PruneReport:
         matrices = sum(r["matrices"] for r in self.layers)
         calib = (
             f"{self.calibration_tokens} calibration tokens"
+            + (f" of {self.calibration}" if self.calibration else "")
             if self.calibration_tokens
             else "no calibration"
         )
@@ -167,7 +170,7 @@ class _SequentialPruner:
         self.layers: list[dict[str, Any]] = []
 
     def __call__(self, bid: str, tensors: dict[str, torch.Tensor]):
-        kind = self.pool.blocks[bid]["kind"]
+        kind = self.pool.blocks[bid].kind
         if kind == "embed" and self.calib_ids is not None:
             self._embed(bid)
         if kind != "layer":
@@ -236,7 +239,7 @@ class _SequentialPruner:
 
 def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
     entry = pool.model(model)
-    bad = sorted({pool.blocks[b]["precision"] for b in entry["blocks"]} - set(_FLOAT_PRECISIONS))
+    bad = sorted({pool.blocks[b].precision for b in entry.blocks} - set(_FLOAT_PRECISIONS))
     if bad:
         raise UsageError(
             f"model {model!r} has {'/'.join(bad)} blocks; prune a full-precision model "
@@ -245,7 +248,7 @@ def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
     same_pool = out is None or Path(out).resolve() == pool.root.resolve()
     if same_pool and new_name in pool.models:
         raise UsageError(
-            f"pool {pool.root} already has a model {new_name!r}; choose another --as name"
+            f"pool {pool.root} already has a model {new_name!r}; choose another {arg('new_name')}"
         )
 
 
@@ -282,7 +285,8 @@ def prune_pool_model(
         target: the sparsity of every pruned matrix.
         new_name: the new model's name.
         calib_ids: ``[samples, seq_len]`` token ids (see
-            :func:`assy.lego.calibration.calibration_ids`); required unless magnitude.
+            :func:`assy.calibration.calibration_windows`); required by Wanda and SparseGPT,
+            ignored by magnitude pruning.
         batch_size: calibration sequences per forward call.
         activation_budget_bytes: most bytes the held layer activations may take.
         out: another pool directory to write to (default: the source pool).
@@ -297,14 +301,17 @@ def prune_pool_model(
             or calibration activations over the budget.
     """
     start = time.perf_counter()
-    from blockpool.variants import write_variant_model
+    from blockpool import write_variant_model
 
     if method not in ("magnitude", "wanda", "sparsegpt"):
         raise UsageError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
     if method != "magnitude" and calib_ids is None:
-        raise UsageError(f"{method} needs calibration text: pass --calib-task or --calib-file")
-    if method == "magnitude" and calib_ids is not None:
-        raise UsageError("magnitude pruning uses no calibration; drop --calib-task/--calib-file")
+        raise UsageError(
+            f"{method} needs calibration windows ({arg('calib_ids')}: see "
+            "assy.calibration.calibration_windows)"
+        )
+    if method == "magnitude":
+        calib_ids = None  # magnitude pruning looks at the weights only
     _check_source(pool, model, new_name, out)
     if calib_ids is not None:
         _check_activation_budget(calib_ids, pool.config(model).hidden_size, activation_budget_bytes)

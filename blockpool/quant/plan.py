@@ -8,7 +8,7 @@ Three stages (AssyLLM's block quantizer):
    largest outlier share (weights beyond 6 standard deviations of their matrix) are
    kept as candidates. Non-candidates get the cheapest precision without measurement.
 2. Activation sensitivity of each candidate at each precision
-   (:func:`blockpool.sensitivity.measure_blocks`): the relative change of its output on
+   (:func:`blockpool.quant.sensitivity.measure_blocks`): the relative change of its output on
    calibration activations when it alone is quantized.
 3. Allocation (:func:`allocate`): minimize the summed sensitivity subject to the total
    bytes, a multiple-choice knapsack solved by dynamic programming over the bytes above
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from blockpool.errors import UsageError
+from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
-from blockpool.quantize import quantized_block, tied_sources, variant_bytes
-from blockpool.quantizer import MIN_DIM, normalize_precision
-from blockpool.sensitivity import measure_blocks
+from blockpool.quant.formats import MIN_DIM, normalize_precision
+from blockpool.quant.sensitivity import measure_blocks
+from blockpool.quant.write import quantized_block, tied_sources, variant_bytes
 
 __all__ = [
     "NOMINAL_BITS",
@@ -204,7 +204,7 @@ def _units(pool: Pool, model: str) -> dict[str, list[str]]:
     """Unit id -> its blocks: every block alone, except a tied head joins its source."""
     tied = tied_sources(pool)
     units: dict[str, list[str]] = {}
-    for bid in pool.model(model)["blocks"]:
+    for bid in pool.model(model).blocks:
         units.setdefault(tied.get(bid, bid), []).append(bid)
     return units
 
@@ -242,7 +242,7 @@ def plan_precisions(
     Args:
         pool: the source pool.
         calibration: model -> ``[N, T]`` calibration windows
-            (:func:`blockpool.sensitivity.calibration_ids`).
+            (``assy.calibration.calibration_windows``).
         data_key: identifies the calibration data in cache keys.
         choices: the precisions to choose from.
         target_bits: average storage bits per weight, met by every model (``8 * bytes /
@@ -259,7 +259,7 @@ def plan_precisions(
             the smallest plan.
     """
     if (target_bits is None) == (budget is None):
-        raise UsageError("give exactly one of --target-bits and --pool-budget")
+        raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
     choices = list(dict.fromkeys(normalize_precision(p) for p in choices))
     options: dict[str, dict[str, list[Option]]] = {}
     report: list[dict[str, Any]] = []
@@ -334,11 +334,11 @@ def _allocate_all(
     picked: dict[str, Option] = {}
     total = 0
     for model, per_model in options.items():
-        weights = sum(pool.params(b) for b in pool.model(model)["blocks"])
+        weights = sum(pool.params(b) for b in pool.model(model).blocks)
         model_budget = math.floor(target_bits * weights / 8)
         try:
             picked.update(allocate(per_model, model_budget))
         except UsageError as e:
-            raise UsageError(f"{model}: --target-bits {target_bits}: {e}") from None
+            raise UsageError(f"{model}: {arg('target_bits')} {target_bits}: {e}") from None
         total += model_budget
     return picked, total
