@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
 from blockpool.entries import BlockEntry, ModelEntry
@@ -19,6 +20,7 @@ from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file
 from blockpool.quant.formats import companions, dequantize_block, logical_params
+from blockpool.reads import read_header, read_tensors
 
 __all__ = ["BadBlock", "Pool", "empty_weights", "summarize"]
 
@@ -78,8 +80,7 @@ class Pool:
         self.manifest = read_manifest(self.root)
         self.models: dict[str, ModelEntry] = self.manifest.models
         self.blocks: dict[str, BlockEntry] = self.manifest.blocks
-        self._verified: set[str] = set()
-        self._stat_checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when hashed
+        self._checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when it matched
 
     # --- models -------------------------------------------------------------------------
     def model(self, name: str) -> ModelEntry:
@@ -143,28 +144,47 @@ class Pool:
         """Every block that is missing or does not match its sum."""
         return [bad for bid in self.blocks if (bad := self.check_block(bid)) is not None]
 
-    def _ensure_verified(self, bid: str) -> None:
-        if bid in self._verified:
-            return
-        bad = self.check_block(bid)
-        if bad is not None:
+    def ensure_verified(self, bid: str) -> Path:
+        """Check block ``bid``'s file against its sum unless it was checked and has not
+        changed since (same size and modification time); return its path.
+
+        Raises:
+            IntegrityError: the file is missing or does not match its sum.
+        """
+        path = self.path(bid)
+        key = self._stat_key(bid, path)
+        if self._checked.get(bid) != key:
+            bad = self.check_block(bid)
+            if bad is not None:
+                raise IntegrityError(
+                    f"block {bid} ({bad.file}): {bad.reason}; run assy verify-pool {self.root} "
+                    "and rebuild the pool"
+                )
+            self._checked[bid] = key
+        return path
+
+    def _stat_key(self, bid: str, path: Path) -> tuple[int, int]:
+        try:
+            stat = path.stat()
+        except OSError as e:
             raise IntegrityError(
-                f"block {bid} ({bad.file}): {bad.reason}; run assy verify-pool {self.root} "
-                "and rebuild the pool"
-            )
-        self._verified.add(bid)
+                f"block {bid}: cannot read {self.blocks[bid].file} ({e})"
+            ) from None
+        return stat.st_size, stat.st_mtime_ns
 
     def load_tensors(
         self, bid: str, *, verify: bool = True, tied: bool = True, fresh: bool = False
     ) -> dict[str, torch.Tensor]:
-        """A block's tensors by their names inside the block module.
+        """A block's tensors by their names inside the block module, in buffers of their own.
 
-        The file's sum is checked once per open pool before its first use; with ``fresh``
-        the file is read whole and checked at every call (a swapper re-reads blocks, and a
-        file changed during a run must not be used). With ``tied``, weights stored once in
-        another block (a tied LM head) are resolved and included. Quantized tensors (int8,
-        nf4, fp4 in bitsandbytes' layout) are dequantized to the dtype they were quantized
-        from, so a caller always gets plain tensors (see :mod:`blockpool.quant.formats`).
+        Files are read with positioned reads into freshly allocated tensors (nothing stays
+        mapped). A file's sum is checked on its first read, while reading (no extra pass),
+        and again whenever its size or modification time changed since (a swapper re-reads
+        blocks, and a file changed during a run must not be used); ``fresh`` is accepted for
+        compatibility and changes nothing. With ``tied``, weights stored once in another
+        block (a tied LM head) are resolved and included. Quantized tensors (int8, nf4, fp4
+        in bitsandbytes' layout) are dequantized to the dtype they were quantized from, so a
+        caller always gets plain tensors (see :mod:`blockpool.quant.formats`).
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -172,57 +192,36 @@ class Pool:
         if bid not in self.blocks:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
-        state = dequantize_block(self._read(bid, verify, fresh=fresh), entry.quant)
+        state = dequantize_block(self._read(bid, verify), entry.quant)
         for local, ref in entry.tied.items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
-            src = self._read(src_bid, verify, only=src_local, fresh=fresh)
+            src = self._read(src_bid, verify, only=src_local)
             state[local] = dequantize_block(src, self.blocks[src_bid].quant)[src_local]
         return state
 
-    def _read(
-        self, bid: str, verify: bool, only: str | None = None, fresh: bool = False
-    ) -> dict[str, torch.Tensor]:
-        if fresh:
-            return self._read_checked(bid, only)
-        if verify:
-            self._ensure_verified(bid)
-        try:
-            with safe_open(self.path(bid), "pt") as f:
-                names = companions(only, f.keys()) if only else list(f.keys())
-                return {n: f.get_tensor(n) for n in names}
-        except (SafetensorError, OSError) as e:
-            raise IntegrityError(
-                f"block {bid}: cannot read {self.blocks[bid].file} ({e})"
-            ) from None
-
-    def _read_checked(self, bid: str, only: str | None) -> dict[str, torch.Tensor]:
-        """Read a block for a reload, re-checking its sum whenever the file may have changed.
-
-        The first read hashes the whole file; later reads of a file whose size and
-        modification time are unchanged skip the hash and read through the memory map.
-        """
-        from safetensors.torch import load
-
+    def _read(self, bid: str, verify: bool, only: str | None = None) -> dict[str, torch.Tensor]:
+        """A block file's tensors (those of logical tensor ``only``), hashed while read
+        unless the file was checked and is unchanged."""
         entry = self.blocks[bid]
         path = self.path(bid)
+        key = self._stat_key(bid, path)
         try:
-            stat = path.stat()
-            key = (stat.st_size, stat.st_mtime_ns)
-            if self._stat_checked.get(bid) == key:
-                with safe_open(path, "pt") as f:
-                    state = {n: f.get_tensor(n) for n in f.keys()}
-                return {n: state[n] for n in companions(only, state)} if only else state
-            data = path.read_bytes()
-        except (OSError, SafetensorError) as e:
+            if not verify or self._checked.get(bid) == key:
+                names = None
+                if only:
+                    names = companions(only, read_header(path)[1])
+                return read_tensors(path, names)
+            hasher = hashlib.sha256()
+            state = read_tensors(path, hasher=hasher)
+        except (OSError, IntegrityError) as e:
             raise IntegrityError(f"block {bid}: cannot read {entry.file} ({e})") from None
-        self._stat_checked.pop(bid, None)
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
+        if hasher.hexdigest() != entry.sha256:
+            self._checked.pop(bid, None)
             raise IntegrityError(
                 f"block {bid} ({entry.file}): sha256 mismatch (file corrupted or modified); "
                 f"run assy verify-pool {self.root} and rebuild the pool"
             )
-        self._stat_checked[bid] = key
-        state = load(data)
+        self._checked[bid] = key
         return {n: state[n] for n in companions(only, state)} if only else state
 
     def empty_module(self, bid: str, config: Any = None) -> nn.Module:
@@ -244,18 +243,25 @@ class Pool:
         dtype: torch.dtype = torch.float32,
         config: Any = None,
         fresh: bool = False,
+        shared: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
         Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
         embeddings and heads are the family's small wrappers. ``fresh``: see
-        :meth:`load_tensors`.
+        :meth:`load_tensors`. ``shared``: tensors already in memory by ``"<block>:<name>"``
+        (a tied LM head then uses its embedding's tensor instead of a second copy).
         """
         module = self.empty_module(bid, config)
-        state = {
-            k: (v.to(dtype) if v.is_floating_point() else v)
-            for k, v in self.load_tensors(bid, fresh=fresh).items()
-        }
+        entry = self.blocks[bid]
+        tied = {local: shared[ref] for local, ref in entry.tied.items() if shared and ref in shared}
+        loaded = self.load_tensors(bid, fresh=fresh, tied=not tied)
+        for local, ref in entry.tied.items() if tied else ():
+            if local not in tied:  # a tie the caller could not serve: read it
+                src_bid, _, src_local = ref.partition(":")
+                loaded[local] = self.load_tensors(src_bid)[src_local]
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in loaded.items()}
+        state |= tied
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise IntegrityError(
