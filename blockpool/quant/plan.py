@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "allocate",
     "candidates",
+    "check_choices",
     "plan_precisions",
     "weight_stats",
 ]
@@ -260,7 +261,13 @@ def plan_precisions(
     """
     if (target_bits is None) == (budget is None):
         raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
-    choices = list(dict.fromkeys(normalize_precision(p) for p in choices))
+    choices = check_choices(choices)
+    low = min(choices, key=lambda p: NOMINAL_BITS[p])
+    cheapest = {
+        model: {u: _cheapest(pool, blocks, low) for u, blocks in _units(pool, model).items()}
+        for model in calibration
+    }
+    _allocate_all(pool, cheapest_only(cheapest), target_bits, budget)  # before calibrating
     options: dict[str, dict[str, list[Option]]] = {}
     report: list[dict[str, Any]] = []
     for model, ids in calibration.items():
@@ -279,7 +286,7 @@ def plan_precisions(
             device=device,
             progress=progress,
         )
-        options[model] = _unit_options(pool, units, chosen, measured, choices)
+        options[model] = _unit_options(units, chosen, measured, choices, cheapest[model])
         report += [
             {
                 "unit": u,
@@ -297,20 +304,47 @@ def plan_precisions(
     return Plan(precisions, total_budget, sum(o.bytes for o in picked.values()), report)
 
 
+def check_choices(choices: Sequence[str]) -> list[str]:
+    """The planner's precisions, normalized and deduplicated.
+
+    Raises:
+        UsageError: no precision, or one the quantizer does not know.
+    """
+    out = []
+    for p in choices:
+        try:
+            out.append(normalize_precision(p))
+        except UsageError:
+            raise UsageError(
+                f"{arg('choices')}: unknown precision {p!r}; choose from "
+                f"{', '.join(NOMINAL_BITS)} (int4 means nf4)"
+            ) from None
+    if not out:
+        raise UsageError(f"{arg('choices')} is empty; give precisions such as nf4,int8,fp16")
+    return list(dict.fromkeys(out))
+
+
+def cheapest_only(
+    cheapest: Mapping[str, Mapping[str, Option]],
+) -> dict[str, dict[str, list[Option]]]:
+    """Model -> unit -> ``[its cheapest option]``: the smallest plan, to check a budget."""
+    return {m: {u: [o] for u, o in units.items()} for m, units in cheapest.items()}
+
+
 def _unit_options(
-    pool: Pool,
     units: Mapping[str, list[str]],
     chosen: list[str],
     measured: Mapping[str, Mapping[str, Mapping[str, float]]],
     choices: list[str],
+    cheapest: Mapping[str, Option],
 ) -> dict[str, list[Option]]:
     """Each unit's options: measured ones for candidates, the cheapest alone otherwise."""
-    low = min(choices, key=lambda p: NOMINAL_BITS[p])
     options = {}
-    for u, blocks in units.items():
+    for u in units:
         if u not in chosen:
-            options[u] = [_cheapest(pool, blocks, low)]
+            options[u] = [cheapest[u]]
             continue
+        blocks = units[u]
         options[u] = [
             Option(
                 p,
