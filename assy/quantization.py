@@ -75,13 +75,13 @@ def quantize(
     from blockpool import (
         Pool,
         atomic_write_bytes,
+        check_precision_choices,
         check_variant_target,
         plan_precisions,
         pool_lock,
         quantize_pool,
         summarize,
     )
-    from blockpool.quant.plan import check_choices
 
     modes = [x is not None for x in (precision, target_bits, pool_budget)]
     if sum(modes) != 1:
@@ -113,7 +113,7 @@ def quantize(
         check_variant_target(pool, m, out)
     windows = text = None
     if precision is None:
-        check_choices(calibration.choices)
+        check_precision_choices(calibration.choices)
         text = calibration_text(calibration.task, calibration.data)
         windows = _windows(
             pool, models, text.text, samples=calibration.samples, seq_len=calibration.seq_len

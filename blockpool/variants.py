@@ -109,21 +109,24 @@ def check_variant_target(
     manifest = read_manifest(out)
     check_model_name(name, argument="name", taken=manifest.models)
     old = manifest.models.get(name)
-    if old is not None:
-        parents = [manifest.blocks[b].parent for b in old.blocks]
-        if old.parent_model != model or parents != _lineage(pool, model, same_pool):
-            what = (
-                f"a variant of {old.parent_model!r}"
-                if old.parent_model
-                else f"built from {old.origin or 'a checkpoint'}"
-            )
-            where = f"{arg('out')} {out}" if not same_pool else f"pool {out}"
-            other = [f"another {arg('name')}"] if named else []
-            other += [] if same_pool else [f"another {arg('out')}"]
-            raise UsageError(
-                f"{where} already holds a different model named {name!r} ({what}); choose "
-                + " or ".join(other)
-            )
+    if old is None:
+        return out, name
+    what = (
+        f"a variant of {old.parent_model!r}"
+        if old.parent_model
+        else f"built from {old.origin or 'a checkpoint'}"
+    )
+    if same_pool:
+        raise UsageError(
+            f"pool {out} already has a model named {name!r} ({what}); choose another {arg('name')}"
+        )
+    parents = [manifest.blocks[b].parent for b in old.blocks]
+    if old.parent_model != model or parents != _lineage(pool, model, same_pool):
+        other = [f"another {arg('name')}"] if named else []
+        raise UsageError(
+            f"{arg('out')} {out} already holds a different model named {name!r} ({what}); "
+            f"choose " + " or ".join([*other, f"another {arg('out')}"])
+        )
     return out, name
 
 
@@ -210,8 +213,9 @@ def write_variant_model(
         transform: applied to each block's own tensors, in execution order.
         out: the destination pool directory (default: the source pool itself).
         name: the variant's model name (default: ``model``; must differ when ``out`` is the
-            source pool). A model of that name in ``out`` is replaced only if it is a
-            variant of the same source blocks (writing it again, e.g. at another precision).
+            source pool, and must not be taken there). A model of that name in another
+            ``out`` is replaced only if it is a variant of the same source blocks (written
+            again, e.g. at another precision).
         progress: called as ``progress(name, blocks_done, blocks_total)``.
         wait: wait for another writer of ``out`` to finish instead of failing at once.
 

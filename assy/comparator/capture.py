@@ -119,6 +119,11 @@ def calibration_texts(
     lines = [line for line in read_text(path).splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         lines = [_jsonl_text(path, number, line) for number, line in enumerate(lines, 1)]
+    if len(lines) < 4:
+        raise UsageError(
+            f"{path} holds {len(lines)} text(s) (one per non-blank line); comparing needs at "
+            "least 4 (unbiased CKA)"
+        )
     return lines[:samples]
 
 
@@ -196,7 +201,8 @@ def capture_model(
         raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if max_tokens < 1 or batch_size < 1 or skip_first < 0:
         raise UsageError(
-            "max_tokens and batch_size must be >= 1 and skip_first >= 0, "
+            f"{arg('max_tokens')} and {arg('batch_size')} must be >= 1 and "
+            f"{arg('skip_first')} >= 0, "
             f"got {max_tokens}, {batch_size}, {skip_first}"
         )
     runner = runner if runner is not None else BlockRunner(pool, model)

@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from assy.errors import UsageError, arg
 from assy.lego.pruning import SparsityTarget, magnitude_mask, sparsegpt_prune, wanda_mask
 
-__all__ = ["PruneReport", "prunable_linears", "prune_pool_model"]
+__all__ = ["PruneReport", "check_prune", "prunable_linears", "prune_pool_model"]
 
 _FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -237,7 +237,12 @@ class _SequentialPruner:
         return new_tensors, {"sparsity": sparsity, "metadata": meta, "entry": {"pruning": meta}}
 
 
-def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
+def check_prune(pool, model: str, new_name: str, out: Path | None = None) -> None:
+    """Check, before any calibration, that ``model`` can be pruned into ``new_name``.
+
+    Raises:
+        UsageError: an unknown model, a quantized one, a bad name or a name in use.
+    """
     from blockpool import check_model_name, check_variant_target
 
     check_model_name(new_name, argument="new_name", taken=pool.models)
@@ -318,7 +323,7 @@ def prune_pool_model(
         PoolBusy: another process writes the destination pool.
     """
     start = time.perf_counter()
-    from blockpool import pool_lock, write_variant_model
+    from blockpool import Pool, pool_lock, write_variant_model
 
     if method not in ("magnitude", "wanda", "sparsegpt"):
         raise UsageError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
@@ -329,14 +334,15 @@ def prune_pool_model(
         )
     if method == "magnitude":
         calib_ids = None  # magnitude pruning looks at the weights only
-    _check_source(pool, model, new_name, out)
+    check_prune(pool, model, new_name, out)
     if calib_ids is not None:
         _check_activation_budget(calib_ids, pool.config(model).hidden_size, activation_budget_bytes)
     if batch_size < 1:
         raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
     _check_positions(pool, model, calib_ids)
     with pool_lock(out if out is not None else pool.root, wait=wait):
-        _check_source(pool, model, new_name, out)  # again, under the lock
+        # again, on the manifest as it is now that no other writer can change it
+        check_prune(Pool(pool.root), model, new_name, out)
         pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size, device)
         write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
     report = PruneReport(new_name, method, str(target), pruner.layers)

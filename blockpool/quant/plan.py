@@ -43,7 +43,7 @@ __all__ = [
     "Plan",
     "allocate",
     "candidates",
-    "check_choices",
+    "check_precision_choices",
     "plan_precisions",
     "weight_stats",
 ]
@@ -261,7 +261,7 @@ def plan_precisions(
     """
     if (target_bits is None) == (budget is None):
         raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
-    choices = check_choices(choices)
+    choices = check_precision_choices(choices)
     low = min(choices, key=lambda p: NOMINAL_BITS[p])
     cheapest = {
         model: {u: _cheapest(pool, blocks, low) for u, blocks in _units(pool, model).items()}
@@ -304,7 +304,7 @@ def plan_precisions(
     return Plan(precisions, total_budget, sum(o.bytes for o in picked.values()), report)
 
 
-def check_choices(choices: Sequence[str]) -> list[str]:
+def check_precision_choices(choices: Sequence[str]) -> list[str]:
     """The planner's precisions, normalized and deduplicated.
 
     Raises:
