@@ -284,17 +284,20 @@ def _add_model(
     )
 
 
+_NOT_THE_MODEL = ("_name_or_path", "transformers_version")  # where and by what it was saved
+
+
 def _normalized(config: dict[str, Any]) -> dict[str, Any]:
-    """A config as this transformers writes it (versions add defaults and their own key)."""
+    """A config as this transformers writes it (versions add defaults and their own key),
+    without the keys that say where it was loaded from rather than what the model is."""
     from transformers import AutoConfig
 
-    entry = {k: v for k, v in config.items() if k != "transformers_version"}
+    entry = {k: v for k, v in config.items() if k not in _NOT_THE_MODEL}
     try:
         out = AutoConfig.for_model(**entry).to_dict()
     except (ValueError, TypeError, KeyError):
         out = entry
-    out.pop("transformers_version", None)
-    return out
+    return {k: v for k, v in out.items() if k not in _NOT_THE_MODEL}
 
 
 def _config_change(old: dict[str, Any], new: dict[str, Any]) -> str | None:

@@ -50,8 +50,9 @@ def _describe(info: dict[str, str | int] | None) -> str:
     return f"pid {info.get('pid')} on {info.get('host')}{command} (since {since})"
 
 
-def _open_locked(path: Path, wait: bool) -> int:
-    """Open ``path`` and take its exclusive lock; the fd of the file that is there now."""
+def _open_locked(path: Path, wait: bool) -> int | None:
+    """Open ``path`` and take its exclusive lock: the fd of the file that is there now, or
+    ``None`` if another process holds it and ``wait`` is false."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -59,7 +60,8 @@ def _open_locked(path: Path, wait: bool) -> int:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if not wait:
-                    raise
+                    os.close(fd)
+                    return None
                 fcntl.flock(fd, fcntl.LOCK_EX)
             try:  # the holder before us may have removed the file: lock the one there now
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -124,14 +126,13 @@ def pool_lock(root: str | Path, *, wait: bool = False) -> Iterator[Path]:
                 _held[key] -= 1
         return
     try:
-        try:
-            with writing(path):
-                fd = _open_locked(path, wait)
-        except BlockingIOError:
+        with writing(path):
+            fd = _open_locked(path, wait)
+        if fd is None:
             raise PoolBusy(
                 f"pool {root} is being written by {_describe(lock_holder(root))}; wait for it "
                 f"to finish, or pass {arg('wait')} to wait for it"
-            ) from None
+            )
         try:
             info = {
                 "host": socket.gethostname(),

@@ -25,6 +25,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,7 +181,9 @@ def write_tensors(
     with writing(directory / stem):
         tmp = _temp_beside(directory / f"{stem}.safetensors")
         try:
+            mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 minus the umask
             save_file(dict(state), str(tmp), metadata=dict(meta))
+            os.chmod(tmp, mode)  # safetensors replaces the file with one of mode 0o600
             _fsync(tmp)
             digest = sha256_file(tmp)
             path = directory / f"{stem}-{digest[:12]}.safetensors"

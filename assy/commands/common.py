@@ -19,6 +19,7 @@ __all__ = [
     "deprecated_alias",
     "given",
     "note_unused",
+    "progress_bars",
     "run_options",
     "user_errors",
     "wait_option",
@@ -84,6 +85,23 @@ def note_unused(names: Iterable[str], why: str) -> None:
     if flags:
         verb = "does" if len(flags) == 1 else "do"
         click.echo(f"note: {', '.join(flags)} {verb} nothing here ({why}); ignored", err=True)
+
+
+def progress_bars():
+    """A ``progress(label, done, total)`` callback drawing one tqdm bar per label on stderr,
+    each created at its first call (so an error raised before any work prints no bar)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in bars:
+            bars[label] = tqdm(total=total, desc=label, unit="block", file=sys.stderr)
+        bars[label].update(done - bars[label].n)
+        if done >= total:
+            bars[label].close()
+
+    return update
 
 
 def wait_option(fn):

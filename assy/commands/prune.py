@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from assy.commands.common import (
     calibration_options,
     compute_options,
     note_unused,
+    progress_bars,
     user_errors,
     wait_option,
 )
@@ -81,7 +81,6 @@ def prune_cmd(
     pruned layers (Wanda, SparseGPT); embeddings, norms and the LM head stay dense.
     Calibration: --calib-task or --calib-data, default the sciq task's text.
     """
-    from tqdm import tqdm
 
     from assy.calibration import calibration_text, calibration_windows
     from assy.lego import parse_sparsity, prune_pool_model
@@ -99,20 +98,18 @@ def prune_cmd(
     else:
         source = calibration_text(calib_task, calib_data)
         ids = calibration_windows(opened.tokenizer(model), source.text, samples, seq_len, seed=seed)
-    blocks = len(opened.model(model).blocks)
-    with tqdm(total=blocks, desc=new_name, unit="block", file=sys.stderr) as bar:
-        report = prune_pool_model(
-            opened,
-            model,
-            method,
-            target,
-            new_name,
-            calib_ids=ids,
-            batch_size=batch_size,
-            device=device,
-            progress=lambda _n, done, _t: bar.update(done - bar.n),
-            wait=wait,
-        )
+    report = prune_pool_model(
+        opened,
+        model,
+        method,
+        target,
+        new_name,
+        calib_ids=ids,
+        batch_size=batch_size,
+        device=device,
+        progress=progress_bars(),
+        wait=wait,
+    )
     report.calibration = source.label if source else ""
     if as_json:
         click.echo(json.dumps(asdict(report) | {"device": device, "threads": threads}))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from assy.commands.common import (
     calibration_options,
     compute_options,
     note_unused,
+    progress_bars,
     user_errors,
     wait_option,
 )
@@ -22,20 +21,6 @@ from blockpool.sizes import format_size
 __all__ = ["quantize_cmd"]
 
 _PRECISIONS = ["fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp4"]
-
-
-def _progress() -> Callable[[str, int, int], None]:
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(label: str, done: int, total: int) -> None:
-        bar = bars.setdefault(label, tqdm(total=total, desc=label, unit="block", file=sys.stderr))
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 @click.command("quantize")
@@ -130,7 +115,7 @@ def quantize_cmd(
         pool_budget=parse_size(pool_budget) if pool_budget else None,
         calibration=calibration,
         models=list(models) or None,
-        progress=_progress(),
+        progress=progress_bars(),
         wait=wait,
     )
     _report(result | {"device": device, "threads": threads}, out, as_json)
