@@ -57,18 +57,29 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except AssyError as e:
+            _end_bars()
             click.echo(f"error: {e.render(_flag)}", err=True)
             sys.exit(2)
         except OSError as e:
+            _end_bars()
             fix = _OS_FIXES.get(e.errno or 0, "check the path and run the command again")
             where = f"{e.filename}: " if e.filename else ""
             click.echo(f"error: {where}{e.strerror or e} ({fix})", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
+            _end_bars()
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _end_bars() -> None:
+    """Close the progress bars still open, so that the error line stands on its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def given(name: str) -> bool:
