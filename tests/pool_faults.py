@@ -104,6 +104,64 @@ def at_write(step: int, action, *, after: bool = False):
         storage._publish = real
 
 
+@contextmanager
+def slow_writes(seconds: float = 0.1):
+    """Sleep before every file a pool publishes (to make two writers overlap)."""
+    import blockpool.storage as storage
+
+    real = storage._publish
+
+    def publish(tmp: Path, path: Path) -> None:
+        time.sleep(seconds)
+        real(tmp, path)
+
+    storage._publish = publish
+    try:
+        yield
+    finally:
+        storage._publish = real
+
+
+def run_forked(args: list[str], log: Path, patch, *, start: int | None = None) -> int:
+    """Run ``assy ARGS`` in a forked child under ``patch()`` (a context manager), its
+    output in ``log``; with ``start`` (a pipe's read end) the child first waits for a byte
+    on it. Returns the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115
+            if start is not None:
+                os.read(start, 1)
+            from assy.cli import cli
+
+            with patch():
+                try:
+                    cli.main(args, prog_name="assy")
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            os._exit(code)
+    return pid if start is not None else wait_child(pid, log)
+
+
+def wait_child(pid: int, log: Path, timeout: float = 120) -> int:
+    """Wait for a forked child; kill it (and fail) if it hangs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"the writer hung: {log.read_text()}")
+
+
 def disk_full() -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -120,16 +178,8 @@ def _main() -> None:
     from assy.cli import main
 
     if action == "slow":
-        import blockpool.storage as storage
-
-        real = storage._publish
-
-        def slow(tmp, path):
-            time.sleep(0.15)
-            real(tmp, path)
-
-        storage._publish = slow
-        main()
+        with slow_writes(0.15):
+            main()
     with at_write(step, actions[action]):
         main()
 

@@ -14,18 +14,26 @@ left, and that a rerun of the same command completes. Later writers add their co
 ``SCENARIOS``.
 """
 
+import functools
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import pytest
 from click.testing import CliRunner
-from pool_faults import ROOT, assert_intact, at_write, disk_full, make_sources, pool_state
+from pool_faults import (
+    ROOT,
+    assert_intact,
+    at_write,
+    disk_full,
+    make_sources,
+    pool_state,
+    run_forked,
+)
 
 from assy.cli import cli
 from blockpool import Pool, build_pool
@@ -133,36 +141,6 @@ def test_a_failure_at_every_write_step_leaves_the_pool_valid(base, tmp_path, nam
         _rerun_completes(args, target, before, writes)
 
 
-def _run_forked(args, step, action, after, log):
-    """Run the CLI in a forked child that meets ``action`` at write ``step``."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 99
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115 (pytest's are gone)
-            with at_write(step, action, after=after):
-                try:
-                    cli.main(args, prog_name="assy")
-                except SystemExit as e:
-                    code = e.code if isinstance(e.code, int) else 1
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        time.sleep(0.02)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail(f"the writer hung: {log.read_text()}")
-
-
 def _kill_self():
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -181,7 +159,9 @@ def test_sigkill_and_sigint_at_seeded_moments(base, tmp_path, name):
         step, after = rng.randint(1, steps), rng.random() < 0.5
         sigint = trial == 2
         log = tmp_path / f"t{trial}.log"
-        status = _run_forked(args, step, _interrupt_self if sigint else _kill_self, after, log)
+        action = _interrupt_self if sigint else _kill_self
+        patch = functools.partial(at_write, step, action, after=after)
+        status = run_forked(args, log, patch)
         output = log.read_text()
         if sigint:
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 130, output
