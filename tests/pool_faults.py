@@ -36,6 +36,7 @@ def make_sources(root: Path) -> dict[str, Path]:
     for name, family, seed in (("llama", "llama", 0), ("gpt2", "gpt2", 0), ("llama_b", "llama", 1)):
         torch.manual_seed(seed)
         model = TINY[family]().eval()
+        model.config.bos_token_id = model.config.eos_token_id = 1  # inside the tiny vocabulary
         model.save_pretrained(root / name)
         char_tokenizer().save_pretrained(root / name)
         dirs[name] = root / name
