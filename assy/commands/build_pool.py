@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from assy.commands.common import user_errors, wait_option
+from assy.commands.common import progress_bars, user_errors, wait_option
 from blockpool.sizes import format_size
 
 __all__ = ["build_pool_cmd"]
@@ -53,15 +52,7 @@ def build_pool_cmd(
     to name the model in the pool. Rerunning a killed build resumes it; rebuilding a model
     (another --dtype) leaves the old version valid until the new one is complete.
     """
-    from tqdm import tqdm
-
     from blockpool import Pool, build_pool, summarize
-
-    bars: dict[str, tqdm] = {}
-
-    def progress(model: str, done: int, total: int) -> None:
-        bar = bars.setdefault(model, tqdm(total=total, desc=model, unit="block", file=sys.stderr))
-        bar.update(done - bar.n)
 
     build_pool(
         list(sources),
@@ -69,11 +60,9 @@ def build_pool_cmd(
         dtype=dtype,
         precision=precision,
         allow_pickle=allow_pickle,
-        progress=progress,
+        progress=progress_bars(),
         wait=wait,
     )
-    for bar in bars.values():
-        bar.close()
     info = summarize(Pool(out))
     if as_json:
         click.echo(json.dumps(info))
