@@ -190,7 +190,9 @@ def _existing_extra(path: Path) -> dict[str, Any]:
 
 
 def _model_digest(config: dict[str, Any], block_sums: list[str]) -> str:
-    """One sum over a model's config and its blocks' source sums, in order."""
+    """One sum over a model's config (but where it was loaded from) and its blocks' source
+    sums, in order: equal for the same weights and config read from anywhere."""
+    config = {k: v for k, v in config.items() if k not in _NOT_THE_MODEL}
     return config_digest({"config": config_digest(config), "blocks": block_sums})
 
 

@@ -115,6 +115,11 @@ def compare_pool(
         A summary: settings, top seams, files written, cache use and timings.
     """
     options.validate()
+    if len(texts) < 4:
+        raise UsageError(
+            f"only {len(texts)} text(s) to compare ({data_label or 'texts given'}); unbiased "
+            "CKA needs at least 4"
+        )
     if top < 0:
         raise UsageError(f"{arg('top')} must be 0 or more, got {top}")
     out = Path(out)
