@@ -263,17 +263,24 @@ def plan_precisions(
         raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
     choices = check_precision_choices(choices)
     low = min(choices, key=lambda p: NOMINAL_BITS[p])
-    cheapest = {
-        model: {u: _cheapest(pool, blocks, low) for u, blocks in _units(pool, model).items()}
-        for model in calibration
+    units = {model: _units(pool, model) for model in calibration}
+    stats = {m: {u: _unit_stats(pool, b) for u, b in units[m].items()} for m in calibration}
+    chosen = {
+        m: candidates(stats[m], max_sparsity=max_sparsity, screen=screen) for m in calibration
     }
-    _allocate_all(pool, cheapest_only(cheapest), target_bits, budget)  # before calibrating
+    # exact sizes of every option, to refuse a budget below the smallest plan before
+    # calibrating (on small blocks nf4's state can make it larger than int8)
+    sizes = {
+        m: {
+            u: [_cheapest(pool, blocks, p) for p in (choices if u in chosen[m] else [low])]
+            for u, blocks in units[m].items()
+        }
+        for m in calibration
+    }
+    _allocate_all(pool, sizes, target_bits, budget)
     options: dict[str, dict[str, list[Option]]] = {}
     report: list[dict[str, Any]] = []
     for model, ids in calibration.items():
-        units = _units(pool, model)
-        stats = {u: _unit_stats(pool, blocks) for u, blocks in units.items()}
-        chosen = candidates(stats, max_sparsity=max_sparsity, screen=screen)
         measured = measure_blocks(
             pool,
             model,
@@ -281,21 +288,21 @@ def plan_precisions(
             choices,
             data_key=data_key,
             cache_dir=cache_dir,
-            blocks=[b for u in chosen for b in units[u]],
+            blocks=[b for u in chosen[model] for b in units[model][u]],
             batch_size=batch_size,
             device=device,
             progress=progress,
         )
-        options[model] = _unit_options(units, chosen, measured, choices, cheapest[model])
+        options[model] = _unit_options(units[model], chosen[model], measured, choices, sizes[model])
         report += [
             {
                 "unit": u,
                 "blocks": blocks,
-                "stats": stats[u],
-                "measured": u in chosen,
+                "stats": stats[model][u],
+                "measured": u in chosen[model],
                 "options": [o.__dict__ for o in options[model][u]],
             }
-            for u, blocks in units.items()
+            for u, blocks in units[model].items()
         ]
     picked, total_budget = _allocate_all(pool, options, target_bits, budget)
     for row in report:
@@ -324,25 +331,19 @@ def check_precision_choices(choices: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def cheapest_only(
-    cheapest: Mapping[str, Mapping[str, Option]],
-) -> dict[str, dict[str, list[Option]]]:
-    """Model -> unit -> ``[its cheapest option]``: the smallest plan, to check a budget."""
-    return {m: {u: [o] for u, o in units.items()} for m, units in cheapest.items()}
-
-
 def _unit_options(
     units: Mapping[str, list[str]],
     chosen: list[str],
     measured: Mapping[str, Mapping[str, Mapping[str, float]]],
     choices: list[str],
-    cheapest: Mapping[str, Option],
+    sizes: Mapping[str, list[Option]],
 ) -> dict[str, list[Option]]:
-    """Each unit's options: measured ones for candidates, the cheapest alone otherwise."""
+    """Each unit's options: measured ones for candidates, the cheapest alone otherwise
+    (``sizes``: the unmeasured options of each unit, as sized before calibrating)."""
     options = {}
     for u in units:
         if u not in chosen:
-            options[u] = [cheapest[u]]
+            options[u] = list(sizes[u])
             continue
         blocks = units[u]
         options[u] = [
