@@ -120,7 +120,9 @@ def perplexity(
         UsageError: Bad ``max_tokens``/``window``, or a text too short to score anything.
     """
     if max_tokens < 2 or window < 2:
-        raise UsageError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
+        raise UsageError(
+            f"{arg('max_tokens')} and {arg('window')} must be >= 2, got {max_tokens} and {window}"
+        )
     ids = list(tokenizer(text).input_ids)[:max_tokens]
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     total, scored = 0.0, 0
@@ -413,9 +415,15 @@ def evaluate_pool_model(
         raise UsageError(
             f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
         )
+    positions = pool.max_positions(model)  # learned positions: inputs must not exceed them
     if task == "perplexity":
         if data is None:
             raise UsageError(f"{arg('task')} perplexity needs {arg('data')} (a text file)")
+        if positions is not None and window > positions:
+            raise UsageError(
+                f"{arg('window')} {window} is longer than the {positions} positions model "
+                f"{model!r} has learned; use {arg('window')} {positions} or less"
+            )
         body = read_text(data)
     else:
         examples = load_task(task, data_file=data, limit=limit)
@@ -439,6 +447,7 @@ def evaluate_pool_model(
                 tokenizer,
                 examples,
                 batch_size=options.batch_size,
+                max_length=min(1024, positions or 1024),  # longer inputs: cut from the left
                 device=device,
                 progress=progress,
             )

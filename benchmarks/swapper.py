@@ -325,7 +325,7 @@ def markdown(rows: list[dict], bandwidth: float) -> str:
             )
             continue
 
-        def fmt(key, spec):
+        def fmt(key, spec, r=r):
             return format(r[key], spec) if r.get(key) is not None else ""
 
         within = {True: "yes", False: "**no**"}.get(r.get("within_budget"), "")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import deprecated_alias, run_options, user_errors
+from assy.commands.common import deprecated_alias, note_unused, run_options, user_errors
 from blockpool.sizes import format_size
 
 __all__ = ["eval_cmd"]
@@ -60,6 +60,10 @@ def eval_cmd(
     """
     from assy.evaluate import evaluate_pool_model
 
+    if task == "perplexity":
+        note_unused(["limit"], "it limits multiple-choice tasks")
+    else:
+        note_unused(["max_tokens", "window"], "they set up perplexity")
     result = evaluate_pool_model(
         pool,
         model,
