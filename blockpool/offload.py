@@ -10,6 +10,7 @@ left. Everything else goes through the :class:`~blockpool.swapper.BlockSwapper`.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -155,13 +156,15 @@ class GatheredEmbed(_Piecewise):
 
 
 class ChunkedHead(_Piecewise):
-    """An LM head that multiplies vocabulary chunks sized to the room left in the budget."""
+    """An LM head that multiplies vocabulary chunks sized to the room free in the budget."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         features = self.inner.features(hidden)
         vocab = self.info.shape[0]
         cost = self.row_cost()
-        chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.available() // cost))
+        # chunks sized to the room that is free now: evicting cached layers for a larger
+        # chunk would have them re-read in the next pass
+        chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.free() // cost))
         logits = features.new_empty(*features.shape[:-1], vocab)
         for start in range(0, vocab, chunk):
             stop = min(vocab, start + chunk)
@@ -306,6 +309,7 @@ def budgeted_runner(
         policy=policy,
         depth=depth,
         pinned_bytes=seams + sum(sizes[b] for b in fixed),
+        readahead=lambda b: _readahead(pool.path(b)),
     )
     fixed_modules = {b: build_block(pool, b, runner, {}) for b in fixed}
     pieces: dict[str, nn.Module] = dict(fixed_modules)
@@ -317,6 +321,19 @@ def budgeted_runner(
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
     runner.memory = swapper  # the runner reserves its working memory out of the budget
     return runner, swapper
+
+
+def _readahead(path) -> None:
+    """Let the kernel start reading ``path`` into the page cache (not this process's RSS)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the load itself will report the missing file
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _piecewise(pool: Pool, bid: str, large: bool) -> bool:

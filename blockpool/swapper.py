@@ -83,6 +83,9 @@ class BlockSwapper:
         depth: how many blocks ahead the pre-loader looks.
         pinned_bytes: bytes held outside the cache for the whole run (small parts of
             blocks served in pieces); counted against the budget.
+        readahead: ``block_id -> None`` asks the OS to start reading a block's file into its
+            page cache (not this process's memory), called for the blocks after the
+            pre-loader's reach so that the disk streams while blocks compute.
 
     Raises:
         UsageError: unknown policy, or a budget below the largest block plus pinned bytes.
@@ -99,6 +102,7 @@ class BlockSwapper:
         policy: str = DEFAULT_POLICY,
         depth: int = 2,
         pinned_bytes: int = 0,
+        readahead: Callable[[str], None] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise UsageError(f"unknown swap policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -106,6 +110,7 @@ class BlockSwapper:
         if budget < need:
             raise UsageError(f"budget {budget} B is below the smallest working set ({need} B)")
         self._load, self.sizes, self.file_bytes = load, sizes, file_bytes
+        self._readahead = readahead
         self.order, self.budget, self.policy, self.depth = list(order), budget, policy, depth
         self._pos = {b: i for i, b in enumerate(self.order)}
         self._cond = threading.Condition()
@@ -242,6 +247,10 @@ class BlockSwapper:
             target = self.order[(base + k) % len(self.order)]
             if target != bid and target not in self._resident and target not in self._pending:
                 self._worker.submit(self._preload, target)
+        if self._readahead is not None:
+            ahead = self.order[(base + self.depth + 1) % len(self.order)]
+            if ahead not in self._resident:
+                self._readahead(ahead)
 
     def _preload(self, bid: str) -> None:
         with self._cond:
@@ -306,9 +315,10 @@ class BlockSwapper:
 
     def room(self) -> int:
         """Bytes of working memory that fit beside the largest cached block and what is
-        pinned or held now."""
+        pinned or held now (a block being pre-loaded is cached: it can be made to go)."""
         with self._cond:
-            held = self._used - sum(self.sizes[b] for b in self._resident)
+            cached = [*self._resident, *self._pending]
+            held = self._used - sum(self.sizes[b] for b in cached)
             return self.budget - held - max(self.sizes[b] for b in self.order)
 
     def reset_stats(self) -> None:
@@ -330,6 +340,11 @@ class BlockSwapper:
                 raise UsageError(f"budget {self.budget} B leaves no room beside {nbytes} B pinned")
             self._used += nbytes
             self._note_peaks()
+
+    def free(self) -> int:
+        """Bytes of the budget unused now (nothing would be evicted to use them)."""
+        with self._cond:
+            return self.budget - self._used
 
     def available(self) -> int:
         """Bytes that could be made free now (budget less pinned and current weights)."""
