@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from assy.data import heldout_text, load_task
+from assy.errors import UsageError, arg
 from assy.evaluate import multiple_choice, perplexity
-from blockpool.session import RunOptions, peak_rss_bytes
+from blockpool import RunOptions, peak_rss_bytes
 
 __all__ = ["BUILTIN_MODELS", "run_demo"]
 
@@ -75,7 +76,7 @@ def _stitch_step(pool, out: Path, text: Path, max_tokens: int, options, log) -> 
         pool.root,
         "smollm2-135m",
         "perplexity",
-        text=text,
+        data=text,
         max_tokens=max_tokens,
         options=options,
         progress=False,
@@ -117,9 +118,12 @@ def run_demo(
     Returns:
         The results written to ``out/demo.json``.
     """
-    from blockpool import Pool, build_pool, open_runner
-    from blockpool.pool import summarize
+    from blockpool import Pool, build_pool, open_runner, summarize
 
+    if limit < 1 or max_tokens < 2:  # checked before the pool is built
+        raise UsageError(f"{arg('limit')} must be >= 1 and {arg('max_tokens')} >= 2")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log(f"[1/4] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")

@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from assy.data import MCExample, load_task, read_text
-from assy.errors import UsageError
-from blockpool.session import RunOptions, open_runner, peak_rss_bytes
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner, peak_rss_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -121,7 +121,9 @@ def perplexity(
         UsageError: Bad ``max_tokens``/``window``, or a text too short to score anything.
     """
     if max_tokens < 2 or window < 2:
-        raise UsageError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
+        raise UsageError(
+            f"{arg('max_tokens')} and {arg('window')} must be >= 2, got {max_tokens} and {window}"
+        )
     ids = list(tokenizer(text).input_ids)[:max_tokens]
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     total, scored = 0.0, 0
@@ -397,7 +399,6 @@ def evaluate_pool_model(
     model: str,
     task: str,
     *,
-    text: Path | None = None,
     data: Path | None = None,
     limit: int | None = None,
     max_tokens: int = 2048,
@@ -411,9 +412,11 @@ def evaluate_pool_model(
     Args:
         root: the pool directory.
         model: the model's name in the pool.
-        task: ``perplexity`` (needs ``text``) or a multiple-choice task of :data:`TASKS`.
-        text, data, limit, max_tokens, window: as for :func:`perplexity` and
-            :func:`multiple_choice` (``data`` replaces the shipped validation split).
+        task: ``perplexity`` (needs ``data``, a text file) or a multiple-choice task of
+            :data:`TASKS`.
+        data: the text file scored for perplexity; for a multiple-choice task, a JSONL
+            file that replaces the shipped validation split.
+        limit, max_tokens, window: as for :func:`perplexity` and :func:`multiple_choice`.
         options: how to run (budget, swap policy, device, dtype, batch size, threads).
         assembly: run this assembly directory (:mod:`assy.assembly`) instead; ``model``
             is then ignored (the assembly names its anchor).
@@ -430,7 +433,7 @@ def evaluate_pool_model(
     pool = Pool(root)
     target, extra = model, {}
     if assembly is not None:
-        from assy.assembly import load_assembly
+        from assy.assembly.runner import load_assembly
 
         loaded = load_assembly(pool, assembly)
         model, target = loaded.anchor, loaded.chain
@@ -439,10 +442,16 @@ def evaluate_pool_model(
         raise UsageError(
             f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
         )
+    positions = pool.max_positions(model)  # learned positions: inputs must not exceed them
     if task == "perplexity":
-        if text is None:
-            raise UsageError("--task perplexity needs --text FILE")
-        body = read_text(text)
+        if data is None:
+            raise UsageError(f"{arg('task')} perplexity needs {arg('data')} (a text file)")
+        if positions is not None and window > positions:
+            raise UsageError(
+                f"{arg('window')} {window} is longer than the {positions} positions model "
+                f"{model!r} has learned; use {arg('window')} {positions} or less"
+            )
+        body = read_text(data)
     else:
         examples = load_task(task, data_file=data, limit=limit)
     tokenizer = pool.tokenizer(model)
@@ -468,6 +477,7 @@ def evaluate_pool_model(
                 tokenizer,
                 examples,
                 batch_size=options.batch_size,
+                max_length=min(1024, positions or 1024),  # longer inputs: cut from the left
                 device=device,
                 progress=progress,
             )

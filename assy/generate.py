@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from assy.errors import UsageError
-from blockpool.session import RunOptions, open_runner
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner
 
 __all__ = ["generate", "generate_from_pool"]
 
@@ -48,9 +48,13 @@ def generate(
         ``decode_seconds`` and ``decode_tokens_per_second``.
     """
     if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+        raise UsageError(f"{arg('max_new_tokens')} must be at least 1")
+    if temperature < 0:
+        raise UsageError(f"{arg('temperature')} must be 0 (greedy) or more, got {temperature}")
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UsageError(f"{arg('prompt')} is empty (and the tokenizer adds no BOS token)")
     start = time.perf_counter()
     logits, cache = _next_logits(runner, ids, None)
     prefill = time.perf_counter() - start
@@ -97,13 +101,22 @@ def generate_from_pool(
     pool = Pool(root)
     target, extra = model, {}
     if assembly is not None:
-        from assy.assembly import load_assembly
+        from assy.assembly.runner import load_assembly
 
         loaded = load_assembly(pool, assembly)
         model, target, extra = loaded.anchor, loaded.chain, {"assembly": str(assembly)}
     if not pool.family(model).causal:
         raise UsageError(f"model {model!r} is an encoder and cannot generate text")
     tokenizer = pool.tokenizer(model)
+    limit = pool.max_positions(model)  # learned positions: the whole sequence must fit
+    if limit is not None:
+        length = len(tokenizer(prompt).input_ids) + max_new_tokens
+        if length > limit:
+            raise UsageError(
+                f"the prompt plus {arg('max_new_tokens')} {max_new_tokens} make {length} tokens, "
+                f"more than the {limit} positions model {model!r} has learned; shorten "
+                f"{arg('prompt')} or lower {arg('max_new_tokens')}"
+            )
     with open_runner(pool, target, options) as run:
         result = generate(
             run.runner,

@@ -241,7 +241,7 @@ class Bench:
             self.pool.root,
             model or ANCHOR,
             "perplexity",
-            text=self.heldout,
+            data=self.heldout,
             max_tokens=self.config["max_tokens"],
             options=self.options,
             progress=False,
@@ -290,7 +290,7 @@ class Bench:
             "intact anchor",
             lambda: {
                 **self.perplexity(),
-                "bytes": sum(pool.blocks[b]["bytes"] for b in pool.model(ANCHOR)["blocks"]),
+                "bytes": sum(pool.blocks[b].bytes for b in pool.model(ANCHOR).blocks),
             },
             part="seams",
             seam="-",
@@ -300,7 +300,7 @@ class Bench:
             "gemma3-270m alone",
             lambda: {
                 **self.perplexity(model="gemma3-270m"),
-                "bytes": sum(pool.blocks[b]["bytes"] for b in pool.model("gemma3-270m")["blocks"]),
+                "bytes": sum(pool.blocks[b].bytes for b in pool.model("gemma3-270m").blocks),
             },
             part="seams",
             seam="-",
@@ -533,7 +533,9 @@ class Bench:
                 self.fit_options(),
             )
         assembly = load_assembly(self.pool, out)
-        budget = max(150_000_000, 2 * min_budget(self.pool, assembly.chain))
+        # room for the largest call below: assy eval's 2 windows of 512 tokens in one batch
+        need = min_budget(self.pool, assembly.chain, batch=2, tokens=512)
+        budget = max(150_000_000, need)
 
         def logits():
             ids = torch.tensor(
@@ -568,7 +570,7 @@ class Bench:
                     str(out),
                     "--task",
                     "perplexity",
-                    "--text",
+                    "--data",
                     str(self.heldout),
                     "--max-tokens",
                     "1024",

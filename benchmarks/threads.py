@@ -123,7 +123,8 @@ def main() -> None:
         if key not in best or r["median_seconds"] < best[key]["median_seconds"]:
             best[key] = r
     lines = [
-        "| workload | busy processes | " + " | ".join(f"{t} thr (s)" for t in range(1, cores + 1))
+        "| workload | busy processes | "
+        + " | ".join(f"{t} thr (s)" for t in range(1, cores + 1))
         + " | fastest |",
         "|---|---|" + "---|" * cores + "---|",
     ]

@@ -37,7 +37,7 @@ class BlockRunner(ChainRunner):
     ) -> None:
         super().__init__(
             pool,
-            pool.model(model)["blocks"],
+            pool.model(model).blocks,
             dtype=dtype,
             device=device,
             attn_implementation=attn_implementation,

@@ -73,14 +73,14 @@ def main(device: str = "cuda") -> int:
         sources = [f"llama={tmp / 'llama'}", f"llama2={tmp / 'llama'}"]
         build_pool(sources, tmp / "chain", dtype="fp32")
         pool = Pool(tmp / "chain")
-        blocks = pool.model("llama")["blocks"]
-        chain = [blocks[0], blocks[1], nn.Identity(), pool.model("llama2")["blocks"][2], blocks[3]]
+        blocks = pool.model("llama").blocks
+        chain = [blocks[0], blocks[1], nn.Identity(), pool.model("llama2").blocks[2], blocks[3]]
         check(
             "two-copy chain with an identity seam",
             ChainRunner(pool, chain, device=device)(ids, mask),
             BlockRunner(pool, "llama")(ids, mask),
         )
-        budget = min_budget(pool, "llama")
+        budget = min_budget(pool, "llama", batch=2, tokens=12)
         with open_runner(pool, "llama", RunOptions(budget=budget, device=device)) as run:
             got = run.runner(ids, mask)
         check(

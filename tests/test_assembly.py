@@ -243,7 +243,7 @@ def test_self_stitch_through_a_fitted_adapter_undoes_a_rotation(asm_pool):
     fitted = fit_assembly(pool, recipe, _data(asm_pool), fit)
     assert fitted.report["seams"][0]["validation_r2"] > 0.999
     ids = token_windows(char_tokenizer(), (asm_pool / "heldout.txt").read_text(), 4, 40).ids
-    whole = ChainRunner(pool, pool.model("wide")["blocks"])(ids)
+    whole = ChainRunner(pool, pool.model("wide").blocks)(ids)
     items = build_items(fitted.recipe, pool, fitted.adapters)
     torch.testing.assert_close(ChainRunner(pool, items)(ids), whole, atol=2e-3, rtol=0)
 
@@ -290,7 +290,7 @@ def test_chain_module_scores_only_the_positions_asked_for(asm_pool):
     from blockpool import ChainModule
 
     pool = Pool(asm_pool / "pool")
-    module = ChainModule(ChainRunner(pool, pool.model("wide")["blocks"]))
+    module = ChainModule(ChainRunner(pool, pool.model("wide").blocks))
     ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(0))
     at = torch.zeros_like(ids, dtype=torch.bool)
     at[0, 3], at[1, 5:] = True, True
@@ -404,7 +404,7 @@ def test_stitch_eval_generate_inspect_from_the_command_line(asm_pool, tmp_path):
         out,
         "--task",
         "perplexity",
-        "--text",
+        "--data",
         asm_pool / "heldout.txt",
         "--json",
     )
@@ -418,7 +418,7 @@ def test_stitch_eval_generate_inspect_from_the_command_line(asm_pool, tmp_path):
     assert result.exit_code == 0, result.output
     assert "llama" in result.output and "affine" in result.output and "held-out R2" in result.output
     assert (
-        _cli("eval", pool, "--task", "perplexity", "--text", asm_pool / "heldout.txt").exit_code
+        _cli("eval", pool, "--task", "perplexity", "--data", asm_pool / "heldout.txt").exit_code
         == 2
     )
 
@@ -432,9 +432,7 @@ def test_an_assembly_under_a_budget_gives_the_same_logits(asm_pool, tmp_path):
     assembly = load_assembly(pool, tmp_path / "asm")
     ids = token_windows(char_tokenizer(), (asm_pool / "heldout.txt").read_text(), 2, 30).ids
     expected = ChainRunner(pool, assembly.chain)(ids)
-    budget = min_budget(pool, assembly.chain) + sum(
-        a.state_dict()[k].numel() * 4 for a in assembly.adapters.values() for k in a.state_dict()
-    )
+    budget = min_budget(pool, assembly.chain, batch=2, tokens=30)  # adapters included
     with open_runner(pool, assembly.chain, RunOptions(budget=budget)) as run:
         got = run.runner(ids)
     assert run.report["weights_resident_peak_bytes"] <= budget
@@ -469,7 +467,7 @@ def _eval(asm_pool, asm):
         asm,
         "--task",
         "perplexity",
-        "--text",
+        "--data",
         asm_pool / "heldout.txt",
     )
 
@@ -570,7 +568,7 @@ def test_a_changed_pool_block_is_refused(asm_pool, made, tmp_path):
         made,
         "--task",
         "perplexity",
-        "--text",
+        "--data",
         asm_pool / "heldout.txt",
     )
     _one_line_error(result, r"block llama/layer/1: changed since the assembly was stitched")
@@ -673,12 +671,12 @@ def test_finetune_registers_a_relative_and_resumes_after_an_interruption(
 
     pool = Pool(pool_dir)
     for a, b, parent in zip(
-        pool.model("wide-a")["blocks"],
-        pool.model("wide-b")["blocks"],
-        pool.model("wide")["blocks"],
+        pool.model("wide-a").blocks,
+        pool.model("wide-b").blocks,
+        pool.model("wide").blocks,
         strict=True,
     ):
-        assert pool.blocks[b]["parent"]["block"] == parent
+        assert pool.blocks[b].parent.block == parent
         for name, t in pool.load_tensors(a).items():
             torch.testing.assert_close(pool.load_tensors(b)[name], t, atol=1e-6, rtol=0)
     changed = pool.load_tensors("wide-a/layer/0")["self_attn.q_proj.weight"]

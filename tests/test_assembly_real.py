@@ -46,7 +46,7 @@ def test_self_stitch_stays_within_one_percent_and_undoes_a_rotation(real_pool, h
     fitted = fit_assembly(pool, recipe, FitData(fit_text), fit, options=options, cache=cache)
     items = build_items(fitted.recipe, pool, fitted.adapters)
 
-    intact = ppl(pool.model(ANCHOR)["blocks"])
+    intact = ppl(pool.model(ANCHOR).blocks)
     stitched = ppl(items)
     assert abs(stitched / intact - 1) < 0.01, (intact, stitched)
 

@@ -47,11 +47,11 @@ def pool_dir(tiny_dirs, tmp_path_factory):
 
 def _blocks(pool, model, kinds=("embed", "layer", "head"), layers=None):
     out = []
-    for b in pool.model(model)["blocks"]:
+    for b in pool.model(model).blocks:
         entry = pool.blocks[b]
-        if entry["kind"] not in kinds:
+        if entry.kind not in kinds:
             continue
-        if entry["kind"] == "layer" and layers is not None and entry["index"] not in layers:
+        if entry.kind == "layer" and layers is not None and entry.index not in layers:
             continue
         out.append(b)
     return out
@@ -59,6 +59,20 @@ def _blocks(pool, model, kinds=("embed", "layer", "head"), layers=None):
 
 def _ids(t=11, b=2, seed=0):
     return torch.randint(2, V, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _token_by_token(runner, ids, start, mask=None):
+    """Logits of ``ids`` from a prefill of ``start`` tokens, then one token per call."""
+    piece = (lambda t: mask[:, :t]) if mask is not None else (lambda t: None)
+    step = runner.forward(ids[:, :start], piece(start), use_cache=True)
+    logits = [step.logits]
+    for t in range(start, ids.shape[1]):
+        cache = step.past_key_values
+        step = runner.forward(
+            ids[:, t : t + 1], piece(t + 1), past_key_values=cache, use_cache=True
+        )
+        logits.append(step.logits)
+    return torch.cat(logits, 1), step.past_key_values
 
 
 def _two_copies(pool, family, cut):
@@ -83,17 +97,8 @@ def test_identity_seam_between_two_copies_reproduces_the_model(family, pool_dir)
     torch.testing.assert_close(chain(ids, mask), whole(ids, mask), atol=1e-5, rtol=0)
 
     # token by token, each segment with its own cache (gemma3: sliding window 4 < 11 tokens)
-    step = chain.forward(ids[:, :5], mask[:, :5], use_cache=True)
-    logits = [step.logits]
-    for t in range(5, ids.shape[1]):
-        step = chain.forward(
-            ids[:, t : t + 1],
-            mask[:, : t + 1],
-            past_key_values=step.past_key_values,
-            use_cache=True,
-        )
-        logits.append(step.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), whole(ids, mask), atol=1e-5, rtol=0)
+    stepped, _ = _token_by_token(chain, ids, 5, mask)
+    torch.testing.assert_close(stepped, whole(ids, mask), atol=1e-5, rtol=0)
 
 
 class _Scale(Seam):
@@ -126,15 +131,9 @@ def test_two_model_chain_runs_forward_and_generates_with_a_cache(pool_dir):
 
     full = runner(ids)
     assert full.shape == (1, 10, V) and torch.isfinite(full).all()
-    step = runner.forward(ids[:, :4], use_cache=True)
-    logits = [step.logits]
-    for t in range(4, 10):
-        step = runner.forward(
-            ids[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True
-        )
-        logits.append(step.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=0)
-    assert step.past_key_values.seam_states[1]["seen"] == 10
+    stepped, cache = _token_by_token(runner, ids, 4)
+    torch.testing.assert_close(stepped, full, atol=1e-5, rtol=0)
+    assert cache.seam_states[1]["seen"] == 10
 
 
 def test_layers_of_a_model_can_repeat(pool_dir):
@@ -143,15 +142,8 @@ def test_layers_of_a_model_can_repeat(pool_dir):
     runner = ChainRunner(pool, [embed, l0, l1, l1, head])  # layer 1 twice: a new segment
     assert len(runner.segments) == 2
     ids = _ids(t=8, b=1)
-    full = runner(ids)
-    step = runner.forward(ids[:, :3], use_cache=True)
-    logits = [step.logits]
-    for t in range(3, 8):
-        step = runner.forward(
-            ids[:, t : t + 1], past_key_values=step.past_key_values, use_cache=True
-        )
-        logits.append(step.logits)
-    torch.testing.assert_close(torch.cat(logits, 1), full, atol=1e-5, rtol=0)
+    stepped, _ = _token_by_token(runner, ids, 3)
+    torch.testing.assert_close(stepped, runner(ids), atol=1e-5, rtol=0)
 
 
 def test_an_encoder_segment_runs_causally_in_a_causal_chain(pool_dir):
@@ -324,7 +316,7 @@ def test_chain_under_a_budget_matches_the_resident_chain(pool_dir):
     items = _two_copies(pool, "gemma3", 2)
     ids = _ids(t=9)
     expected = ChainRunner(pool, items)(ids)
-    budget = min_budget(pool, items)
+    budget = min_budget(pool, items, batch=2, tokens=9)
     with open_runner(pool, items, RunOptions(budget=budget)) as run:
         got = run.runner(ids)
     assert run.report["weights_resident_peak_bytes"] <= budget

@@ -39,7 +39,7 @@ def _json(args):
 
 def test_eval_and_generate(pool_dir):
     text = str(pool_dir.parent / "text.txt")
-    base = ["eval", str(pool_dir), "--model", "gemma3", "--task", "perplexity", "--text", text]
+    base = ["eval", str(pool_dir), "--model", "gemma3", "--task", "perplexity", "--data", text]
     base += ["--max-tokens", "200", "--window", "64", "--json"]
     default = _json(base)
     explicit = _json([*base, "--device", "cpu", "--threads", "1"])
@@ -64,19 +64,17 @@ def test_prune_and_quantize(pool_dir, tmp_path):
     shutil.copytree(pool_dir, pool)
     text = str(pool_dir.parent / "text.txt")
     base = ["prune", str(pool), "--model", "llama", "--method", "wanda", "--sparsity", "0.5"]
-    base += ["--calib-file", text, "--samples", "4", "--seq-len", "32", "--json"]
+    base += ["--calib-data", text, "--samples", "4", "--seq-len", "32", "--json"]
     _run([*base, "--as", "p-default"])
     report = _json([*base, "--as", "p-cpu", "--device", "cpu", "--threads", "1"])
     assert report["threads"] == 1
     opened = Pool(pool)
-    for a, b in zip(
-        opened.model("p-default")["blocks"], opened.model("p-cpu")["blocks"], strict=True
-    ):
+    for a, b in zip(opened.model("p-default").blocks, opened.model("p-cpu").blocks, strict=True):
         for name, tensor in opened.load_tensors(a).items():
             assert torch.equal(tensor, opened.load_tensors(b)[name]), (a, name)
 
     base = ["quantize", str(pool_dir), "--auto", "--target-bits", "14", "--model", "gemma3"]
-    base += ["--calib-file", text, "--calib-samples", "4", "--calib-seq-len", "16", "--json"]
+    base += ["--calib-data", text, "--calib-samples", "4", "--calib-seq-len", "16", "--json"]
     a = _json([*base, "--out", str(tmp_path / "qa")])
     b = _json([*base, "--out", str(tmp_path / "qb"), "--device", "cpu", "--threads", "1"])
     assert a["plan"]["precisions"] == b["plan"]["precisions"] and b["threads"] == 1

@@ -35,8 +35,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from assy.errors import UsageError
-from blockpool import Seam, SeamContext
-from blockpool.manifest import atomic_write_bytes
+from blockpool import Seam, SeamContext, atomic_write_bytes
 
 __all__ = [
     "ADAPTER_FORMAT",

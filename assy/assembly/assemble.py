@@ -140,8 +140,8 @@ class Fitted:
 
 def same_tokenizer(pool: Pool, a: str, b: str) -> bool:
     """Whether two pool models ship the same tokenizer files (by their sums)."""
-    files_a = set((pool.model(a).get("tokenizer") or {}).values())
-    files_b = set((pool.model(b).get("tokenizer") or {}).values())
+    files_a = set(pool.model(a).tokenizer.values())
+    files_b = set(pool.model(b).tokenizer.values())
     return bool(files_a) and files_a == files_b
 
 
@@ -430,7 +430,7 @@ def _warm_anchor(pool, recipe, items, windows, fit, options, cache) -> None:
         model, depth = destination(recipe, pool, seam.before)
         if model == recipe.anchor:
             depths.add(depth)
-    anchor_blocks = pool.model(recipe.anchor)["blocks"]
+    anchor_blocks = list(pool.model(recipe.anchor).blocks)
     first = next((i for i, it in enumerate(items) if not isinstance(it, str)), None)
     if first is not None and items[:first] == anchor_blocks[:first]:
         depths.add(first - 1)

@@ -26,9 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from assy.assembly.calibration import FitData
 from assy.assembly.train import train_loop
-from assy.errors import UsageError
-from blockpool import Pool, RunOptions
-from blockpool.session import parse_device, use_threads
+from assy.errors import UsageError, arg
+from blockpool import Pool, RunOptions, check_model_name, parse_device, use_threads
 
 __all__ = ["FinetuneOptions", "finetune_pool_model", "training_pairs"]
 
@@ -147,6 +146,7 @@ def finetune_pool_model(
     *,
     run: RunOptions = RunOptions(),
     restart: bool = False,
+    wait: bool = False,
     log: Callable[[str], None] = lambda _m: None,
 ) -> dict[str, Any]:
     """LoRA-fine-tune ``model`` on ``data`` and add the merged model to the pool as ``name``.
@@ -165,8 +165,9 @@ def finetune_pool_model(
 
     options.validate()
     run.validate()
+    check_model_name(name, argument="name", taken=pool.models)
     if name in pool.models:
-        raise UsageError(f"model {name!r} exists in pool {pool.root}; choose another --as")
+        raise UsageError(f"model {name!r} exists in pool {pool.root}; choose another {arg('name')}")
     if not pool.family(model).causal:
         raise UsageError(f"model {model!r} is an encoder; fine-tuning here trains causal LMs")
     tokenizer = pool.tokenizer(model)
@@ -237,7 +238,7 @@ def finetune_pool_model(
         on_step=on_step,
     )
     merged = peft_model.merge_and_unload().eval()
-    write_merged_model(pool, model, merged, name)
+    write_merged_model(pool, model, merged, name, wait=wait)
     shutil.rmtree(ckpt, ignore_errors=True)
     return {
         "model": name,

@@ -270,27 +270,30 @@ def dump_recipe(recipe: Recipe) -> str:
 def lineage(pool, name: str) -> list[str]:
     """``name``, its parent model, the parent's parent, ... (the last: the original model)."""
     chain = [name]
-    while (parent := pool.models.get(chain[-1], {}).get("parent_model")) and parent not in chain:
+    while (entry := pool.models.get(chain[-1])) is not None:
+        parent = entry.parent_model
+        if not parent or parent in chain:
+            break
         chain.append(parent)
     return chain
 
 
 def n_layers(pool, model: str) -> int:
     """Layer blocks of a pool model."""
-    return sum(pool.blocks[b]["kind"] == "layer" for b in pool.model(model)["blocks"])
+    return sum(pool.blocks[b].kind == "layer" for b in pool.model(model).blocks)
 
 
 def width(pool, model: str) -> int:
     """Hidden size of a pool model."""
-    return int(pool.blocks[pool.model(model)["blocks"][0]]["interface"]["hidden_size"])
+    return int(pool.blocks[pool.model(model).blocks[0]].interface.hidden_size)
 
 
 def slice_block_ids(pool, s: Slice) -> list[str]:
     """The layer block ids of a slice, in order."""
     by_index = {
-        pool.blocks[b]["index"]: b
-        for b in pool.model(s.source)["blocks"]
-        if pool.blocks[b]["kind"] == "layer"
+        pool.blocks[b].index: b
+        for b in pool.model(s.source).blocks
+        if pool.blocks[b].kind == "layer"
     }
     return [by_index[i] for i in range(s.layers[0], s.layers[1] + 1)]
 
@@ -387,34 +390,32 @@ def _check_pins(recipe: Recipe, pool) -> None:
                 f"block {bid}: the recipe pins it but pool {pool.root} has no such block; "
                 "run the assembly against the pool it was stitched from"
             )
-        if entry["sha256"] != digest:
+        if entry.sha256 != digest:
             raise UsageError(
                 f"block {bid}: changed since the assembly was stitched (pool sum "
-                f"{entry['sha256'][:12]}, recipe pins {digest[:12]}); re-stitch it against "
+                f"{entry.sha256[:12]}, recipe pins {digest[:12]}); re-stitch it against "
                 "this pool"
             )
 
 
 def chain_block_ids(recipe: Recipe, pool) -> list[str]:
     """Every pool block the assembly runs: anchor embedding, the slices' layers, anchor head."""
-    anchor = pool.model(recipe.anchor)["blocks"]
+    anchor = pool.model(recipe.anchor).blocks
     layers = [b for s in recipe.slices for b in slice_block_ids(pool, s)]
-    head = [b for b in anchor if pool.blocks[b]["kind"] == "head"]
+    head = [b for b in anchor if pool.blocks[b].kind == "head"]
     return [anchor[0], *layers, *head]
 
 
 def pin_blocks(recipe: Recipe, pool) -> Recipe:
     """The recipe with the sums of every block it uses pinned (tied blocks included)."""
     ids = chain_block_ids(recipe, pool)
-    tied = {
-        ref.partition(":")[0] for b in ids for ref in (pool.blocks[b].get("tied") or {}).values()
-    }
-    return replace(recipe, blocks={b: pool.blocks[b]["sha256"] for b in sorted({*ids, *tied})})
+    tied = {ref.partition(":")[0] for b in ids for ref in pool.blocks[b].tied.values()}
+    return replace(recipe, blocks={b: pool.blocks[b].sha256 for b in sorted({*ids, *tied})})
 
 
 def chain_layout(recipe: Recipe, pool) -> list[str | SeamSpec]:
     """The chain as block ids with a :class:`SeamSpec` at every seam, embedding to head."""
-    anchor = pool.model(recipe.anchor)["blocks"]
+    anchor = pool.model(recipe.anchor).blocks
     items: list[str | SeamSpec] = [anchor[0]]
     for k, s in enumerate(recipe.slices):
         if (seam := recipe.seam_at(k)) is not None:
@@ -422,7 +423,7 @@ def chain_layout(recipe: Recipe, pool) -> list[str | SeamSpec]:
         items.extend(slice_block_ids(pool, s))
     if (seam := recipe.seam_at(len(recipe.slices))) is not None:
         items.append(seam)
-    items.extend(b for b in anchor if pool.blocks[b]["kind"] == "head")
+    items.extend(b for b in anchor if pool.blocks[b].kind == "head")
     return items
 
 

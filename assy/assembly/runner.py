@@ -14,8 +14,6 @@ from assy.assembly.adapter import ElasticAdapter, load_adapter
 from assy.assembly.recipe import Recipe, chain_layout, load_recipe, validate_recipe, width
 from assy.errors import UsageError
 from blockpool import Pool, RunOptions, RunSession, open_runner
-from blockpool.errors import ManifestError
-from blockpool.manifest import resolve_inside
 
 __all__ = ["Assembly", "describe_assembly", "load_assembly", "open_assembly"]
 
@@ -70,10 +68,9 @@ def load_assembly(pool: Pool, root: str | Path) -> Assembly:
             if seam.before == len(recipe.slices)
             else recipe.slices[seam.before].source
         )
-        try:
-            path = resolve_inside(root, seam.adapter)
-        except ManifestError:  # its message speaks of a pool; say what happened here
-            raise UsageError(f"seams[{i}]: adapter path {seam.adapter!r} leaves {root}") from None
+        path = (root / seam.adapter).resolve()
+        if Path(seam.adapter).is_absolute() or not path.is_relative_to(root.resolve()):
+            raise UsageError(f"seams[{i}]: adapter path {seam.adapter!r} leaves {root}")
         adapters[seam.before] = load_adapter(
             path,
             sha256=seam.sha256,
@@ -122,7 +119,7 @@ def describe_assembly(pool: Pool, root: str | Path) -> dict[str, Any]:
                 "variant": s.variant,
                 "layers": list(s.layers),
                 "blocks": len(ids),
-                "bytes": sum(pool.blocks[b]["bytes"] for b in ids),
+                "bytes": sum(pool.blocks[b].bytes for b in ids),
             }
         )
     seams = []
@@ -144,8 +141,8 @@ def describe_assembly(pool: Pool, root: str | Path) -> dict[str, Any]:
                 "rms_gain": fitted.get("rms_gain"),
             }
         )
-    ends = [b for b in pool.model(recipe.anchor)["blocks"] if pool.blocks[b]["kind"] != "layer"]
-    block_bytes = sum(x["bytes"] for x in slices) + sum(pool.blocks[b]["bytes"] for b in ends)
+    ends = [b for b in pool.model(recipe.anchor).blocks if pool.blocks[b].kind != "layer"]
+    block_bytes = sum(x["bytes"] for x in slices) + sum(pool.blocks[b].bytes for b in ends)
     return {
         "assembly": str(assembly.root),
         "anchor": recipe.anchor,

@@ -33,7 +33,7 @@ __all__ = [
 
 def default_cache_dir() -> Path:
     """``states/`` under assy's cache directory (``$ASSY_CACHE_DIR``, else ``~/.cache/assy``)."""
-    from blockpool.sources import cache_dir
+    from blockpool import cache_dir
 
     return cache_dir() / "states"
 
@@ -98,7 +98,7 @@ class StateCache:
 
 
 def _layer_ids(pool: Pool, model: str) -> list[str]:
-    return [b for b in pool.model(model)["blocks"] if pool.blocks[b]["kind"] == "layer"]
+    return [b for b in pool.model(model).blocks if pool.blocks[b].kind == "layer"]
 
 
 def own_states(
@@ -129,7 +129,7 @@ def own_states(
     """
     cache = cache or StateCache()
     layers = _layer_ids(pool, model)
-    embed = pool.model(model)["blocks"][0]
+    embed = pool.model(model).blocks[0]
     causal = pool.family(model).causal
     inputs = hashlib.sha256(ids.numpy().tobytes()).hexdigest()
     if mask is not None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from blockpool.session import peak_rss_bytes
+from blockpool import peak_rss_bytes
 
 __all__ = ["choice_loss", "hidden_loss", "kl_loss", "train_assembly", "train_loop"]
 
@@ -195,7 +195,7 @@ def _hidden_stop(pool, items: list, exit_position: int, offset: int) -> tuple[in
         k < offset
         and exit_position + 1 + k < len(items)
         and isinstance(items[exit_position + 1 + k], str)
-        and pool.blocks[items[exit_position + 1 + k]]["kind"] == "layer"
+        and pool.blocks[items[exit_position + 1 + k]].kind == "layer"
     ):
         k += 1
     return exit_position + 1 + k, k
@@ -257,9 +257,7 @@ def train_assembly(
 
         target_name = f"{recipe.anchor} own state at depth {depth}"
     elif objective == "kl":
-        n_layers = sum(
-            pool.blocks[b]["kind"] == "layer" for b in pool.model(recipe.anchor)["blocks"]
-        )
+        n_layers = sum(pool.blocks[b].kind == "layer" for b in pool.model(recipe.anchor).blocks)
         final = own_states(
             pool, recipe.anchor, windows.ids, None, [n_layers], options=options, cache=cache
         )[n_layers]

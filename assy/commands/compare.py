@@ -38,8 +38,12 @@ def _print_summary(result: dict) -> None:
 @click.command("compare")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--models", help="Comma-separated model names (default: every model).")
-@click.option("--task", help="Calibration prompts from a multiple-choice task (e.g. piqa).")
-@click.option("--data", type=click.Path(path_type=Path), help="Text file (one per line) or .jsonl.")
+@click.option("--task", help="Compare on a multiple-choice task's prompts (e.g. piqa).")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Compare on your texts: a text file (one per line) or .jsonl.",
+)
 @click.option("--samples", default=256, show_default=True, help="Calibration examples.")
 @click.option("--max-tokens", default=128, show_default=True, help="Tokens per example.")
 @click.option("--weight", default=0.5, show_default=True, help="w: CKA weight of compatibility.")
@@ -50,7 +54,13 @@ def _print_summary(result: dict) -> None:
     show_default=True,
     help="Per-feature transform before CKA.",
 )
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last"]),
+    default="mean",
+    show_default=True,
+    help="How token states become one vector per text.",
+)
 @click.option(
     "--skip-first",
     default=1,
@@ -68,12 +78,12 @@ def compare_cmd(pool, models, task, data, samples, out, as_json, run, **settings
     Writes compare.json and matrices.safetensors (CKA, KL, compatibility over all layer
     blocks, a -> b), one heatmap PNG per model pair, and the activation cache under --out.
     """
-    from assy.capture import calibration_texts
-    from assy.compare import CompareOptions, compare_pool
+    from assy.comparator import CompareOptions, compare_pool
+    from assy.comparator.capture import calibration_texts
 
     capture = {k: settings.pop(k) for k in ("max_tokens", "top")}
     texts = calibration_texts(task=task, data=data, samples=samples)
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
     label = f"task {task}" if task else f"file {data}"
     result = compare_pool(
         pool,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import compute_options, user_errors
+from assy.commands.common import compute_options, user_errors, wait_option
 
 __all__ = ["finetune_cmd"]
 
@@ -31,6 +31,7 @@ __all__ = ["finetune_cmd"]
 @click.option("--targets", default="q_proj,v_proj", show_default=True, help="Modules LoRA wraps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--restart", is_flag=True, help="Discard a checkpoint of an interrupted run.")
+@wait_option
 @compute_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
@@ -47,6 +48,7 @@ def finetune_cmd(
     targets,
     seed,
     restart,
+    wait,
     device,
     threads,
     as_json,
@@ -78,6 +80,7 @@ def finetune_cmd(
         options,
         run=RunOptions(device=device, threads=threads),
         restart=restart,
+        wait=wait,
         log=lambda m: click.echo(m, err=True),
     )
     if as_json:

@@ -168,7 +168,7 @@ def stitch_cmd(
 def show_assembly(pool, root: Path, as_json: bool) -> None:
     """Print an assembly's slices, seams (adapter sizes, fit results), bytes and training."""
     from assy.assembly import describe_assembly
-    from assy.commands.common import human_bytes
+    from blockpool import format_size
 
     info = describe_assembly(pool, root)
     if as_json:
@@ -176,13 +176,13 @@ def show_assembly(pool, root: Path, as_json: bool) -> None:
         return
     click.echo(
         f"assembly {info['assembly']} (anchor {info['anchor']}, {info['layers']} layers, blocks "
-        f"{human_bytes(info['block_bytes'])} + adapters {human_bytes(info['adapter_bytes'])})"
+        f"{format_size(info['block_bytes'])} + adapters {format_size(info['adapter_bytes'])})"
     )
     click.echo(f"{'slice':<7}{'model':<28}{'layers':>8}{'bytes':>12}")
     for s in info["slices"]:
         name = s["model"] if not s["variant"] else f"{s['model']} [{s['variant']}]"
         span = f"{s['layers'][0]}-{s['layers'][1]}"
-        click.echo(f"{s['index']:<7}{name:<28}{span:>8}{human_bytes(s['bytes']):>12}")
+        click.echo(f"{s['index']:<7}{name:<28}{span:>8}{format_size(s['bytes']):>12}")
     click.echo(f"{'seam':<7}{'kind':<16}{'width':>12}{'params':>11}{'bytes':>11}  fit")
     for s in info["seams"]:
         kind = s["kind"] + ("+xattn" if s["cross_attention"] else "")
@@ -195,7 +195,7 @@ def show_assembly(pool, root: Path, as_json: bool) -> None:
             )
         click.echo(
             f"{s['before']:<7}{kind:<16}{width:>12}{s['parameters']:>11,}"
-            f"{human_bytes(s['bytes']):>11}  {fit}"
+            f"{format_size(s['bytes']):>11}  {fit}"
         )
     data, windows = info["data"] or {}, info["windows"] or {}
     where = data.get("path") or f"task {data.get('task')} ({data.get('split')})"

@@ -202,21 +202,25 @@ class PoolModule(ChainModule):
         super().__init__(BlockRunner(pool, model, dtype=dtype, device=device))
 
 
-def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[str, Any]:
+def write_merged_model(
+    pool, model: str, module: PoolModule, name: str, *, wait: bool = False
+) -> dict[str, Any]:
     """Write a (merged, unloaded) :class:`PoolModule` of ``model`` as pool model ``name``.
 
-    Every block records its parent and its sparsity (zeros over its linear weights).
+    Every block records its parent and its sparsity (zeros over its linear weights). The
+    name goes through :func:`blockpool.check_model_name` and must be new in the pool; the
+    pool is locked while it is written (``wait``: wait for another writer).
 
     Returns:
         The pool manifest, as written.
     """
     from assy.lego.sequential import prunable_linears
-    from blockpool.variants import write_variant_model
+    from blockpool import write_variant_model
 
     def transform(bid: str, tensors: dict[str, torch.Tensor]):
         state = module.block_state(bid)
         new = {k: state[k].detach().to(tensors[k].dtype).contiguous() for k in tensors}
-        if pool.blocks[bid]["kind"] != "layer":
+        if pool.blocks[bid].kind != "layer":
             return new, {}
         linears = prunable_linears(module.layers[module.layer_ids.index(bid)])
         weights = [new[f"{n}.weight"] for n in linears]
@@ -224,4 +228,4 @@ def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[
         zeros = sum(int((w == 0).sum()) for w in weights)
         return new, {"sparsity": zeros / total if total else 0.0}
 
-    return write_variant_model(pool, model, transform, name=name)
+    return write_variant_model(pool, model, transform, name=name, wait=wait)

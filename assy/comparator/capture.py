@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,12 +26,12 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from tqdm import tqdm
 
 from assy.data import load_task, read_text
-from assy.errors import UsageError
-from blockpool import BlockCall, BlockRunner, ChainRunner, Pool
+from assy.errors import UsageError, arg
+from blockpool import BlockCall, BlockRunner, ChainRunner, Pool, atomic_write_bytes
 
 __all__ = [
     "POOLINGS",
@@ -91,7 +90,7 @@ def pool_tokens(
     if (count == 0).any():
         raise UsageError(
             f"an example has no token left after skipping the first {skip_first}; "
-            "drop very short texts or lower --skip-first"
+            f"drop very short texts or lower {arg('skip_first')}"
         )
     return (hidden * mask.unsqueeze(-1)).sum(1) / count
 
@@ -111,9 +110,9 @@ def calibration_texts(
         UsageError: neither or both sources, too few samples, or a bad file.
     """
     if (task is None) == (data is None):
-        raise UsageError("give exactly one calibration source: --task TASK or --data FILE")
+        raise UsageError(f"give exactly one source of texts: {arg('task')} or {arg('data')}")
     if samples < 4:
-        raise UsageError(f"--samples must be at least 4 (unbiased CKA), got {samples}")
+        raise UsageError(f"{arg('samples')} must be at least 4 (unbiased CKA), got {samples}")
     if task is not None:
         return [ex.context for ex in load_task(task, limit=samples)]
     path = Path(data)
@@ -159,8 +158,8 @@ def _check_lengths(model: str, batches: Sequence[tuple], skip_first: int) -> Non
         for i, length in zip(chunk, mask.sum(1).tolist(), strict=True):
             if length <= skip_first:
                 raise UsageError(
-                    f"{model}: text {i} has {length} token(s), none left after --skip-first "
-                    f"{skip_first}; drop very short texts or lower --skip-first"
+                    f"{model}: text {i} has {length} token(s), none left after {arg('skip_first')} "
+                    f"{skip_first}; drop very short texts or lower {arg('skip_first')}"
                 )
 
 
@@ -197,7 +196,8 @@ def capture_model(
         raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if max_tokens < 1 or batch_size < 1 or skip_first < 0:
         raise UsageError(
-            "max_tokens and batch_size must be >= 1 and skip_first >= 0, "
+            f"{arg('max_tokens')} and {arg('batch_size')} must be >= 1 and "
+            f"{arg('skip_first')} >= 0, "
             f"got {max_tokens}, {batch_size}, {skip_first}"
         )
     runner = runner if runner is not None else BlockRunner(pool, model)
@@ -235,7 +235,7 @@ def _pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int) -
 
 
 def _cache_key(pool: Pool, model: str, texts: Sequence[str], settings: dict[str, Any]) -> str:
-    sums = [pool.blocks[b]["sha256"] for b in pool.model(model)["blocks"]]
+    sums = [pool.blocks[b].sha256 for b in pool.model(model).blocks]
     data = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     blob = json.dumps([_FORMAT, model, sums, data, len(texts), settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -281,9 +281,8 @@ def cached_capture(
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "model": model, "blocks": json.dumps(acts.block_ids)}
     meta |= {"samples": str(len(texts)), **{k: str(v) for k, v in settings.items()}}
-    tmp = path.with_suffix(".tmp")
-    save_file({"inputs": acts.inputs, "outputs": acts.outputs}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    tensors = {"inputs": acts.inputs, "outputs": acts.outputs}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return acts, path, False
 
 

@@ -6,9 +6,8 @@ block at full precision). Measured per token, ``||y_q - y|| / ||y||`` over the l
 dimension, then averaged over tokens, so that the attention-sink tokens (whose hidden
 states are orders of magnitude larger, e.g. position 0 of SmolLM2) do not dominate.
 
-Calibration: ``samples`` windows of ``seq_len`` consecutive tokens of a text (the first
-token of each window replaced by BOS/CLS where the tokenizer has one), all of equal
-length so no padding or masks are involved. Pass 1 runs the model once over all windows
+Calibration: ``N`` windows of ``T`` consecutive tokens of a text, all of equal length so
+no padding or masks are involved (``assy.calibration.calibration_windows`` cuts them). Pass 1 runs the model once over all windows
 and stores each block's input activations (bfloat16) in a safetensors file under a cache
 directory, keyed by the model's block sums, the data key and the window count and
 length. Pass 2 replays each block alone on those inputs (recomputing its full-precision
@@ -29,46 +28,17 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from blockpool.chain import BlockCall
-from blockpool.errors import UsageError
 from blockpool.manifest import atomic_write_bytes
 from blockpool.pool import Pool
-from blockpool.quantize import quantized_block, variant_bytes
-from blockpool.quantizer import dequantize_block, fake_quantize_block, normalize_precision
+from blockpool.quant.formats import dequantize_block, fake_quantize_block, normalize_precision
+from blockpool.quant.write import quantized_block, variant_bytes
 from blockpool.runner import BlockRunner
 
-__all__ = ["calibration_ids", "capture_inputs", "measure_blocks", "relative_change"]
+__all__ = ["capture_inputs", "measure_blocks", "relative_change"]
 
 MAX_OUT_ELEMENTS = 1 << 26  # per block and variant: output elements compared (LM heads)
 _CHUNK_ELEMENTS = 1 << 25  # output elements per forward call
 Progress = Callable[[str, int, int], None]
-
-
-def calibration_ids(tokenizer: Any, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
-    """Cut ``text`` into up to ``samples`` windows of ``seq_len`` tokens.
-
-    Returns:
-        ``[N, seq_len]`` int64 token ids, ``N <= samples``.
-
-    Raises:
-        UsageError: bad sizes, or a text shorter than one window.
-    """
-    if samples < 1 or seq_len < 2:
-        raise UsageError(
-            f"calibration needs samples >= 1 and seq_len >= 2, got {samples}, {seq_len}"
-        )
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    body = seq_len - (start is not None)
-    n = min(samples, len(ids) // body)
-    if n == 0:
-        raise UsageError(
-            f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "give a longer text or a smaller --calib-seq-len"
-        )
-    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    if start is not None:
-        windows = torch.cat([torch.full((n, 1), start, dtype=torch.long), windows], 1)
-    return windows
 
 
 def relative_change(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, int]:
@@ -89,7 +59,7 @@ def relative_change(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, int]:
 
 
 def _cache_key(pool: Pool, model: str, data_key: str, ids: torch.Tensor) -> str:
-    sums = [pool.blocks[b]["sha256"] for b in pool.model(model)["blocks"]]
+    sums = [pool.blocks[b].sha256 for b in pool.model(model).blocks]
     token = json.dumps([sums, data_key, list(ids.shape)])
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
@@ -179,8 +149,8 @@ def _measure_block(
     from blockpool.families import get_family
 
     entry = pool.blocks[bid]
-    conv1d = get_family(entry["family"]).conv1d
-    config = pool.config(entry["model"])
+    conv1d = get_family(entry.family).conv1d
+    config = pool.config(entry.model)
     own, full = pool.load_tensors(bid, tied=False), pool.load_tensors(bid)
     result: dict[str, dict[str, float | int]] = {}
     variants: dict[str, nn.Module] = {}
@@ -188,7 +158,7 @@ def _measure_block(
     for p in precisions:
         stored, updates = quantized_block(pool, bid, own, p)
         result[p] = {"bytes": variant_bytes(pool, bid, stored, updates), "loss": 0.0}
-        if p != entry["precision"] or entry.get("quant"):
+        if p != entry.precision or entry.quant:
             state = dequantize_block(stored, updates["entry"]["quant"], torch.float32)
             state.update(fake_quantize_block(tied, p, conv1d=conv1d))
             variants[p] = replay.build(pool, bid, state, config)
@@ -227,7 +197,7 @@ def measure_blocks(
     Args:
         pool: the source pool.
         model: the model's name.
-        ids: ``[N, T]`` calibration windows (:func:`calibration_ids`).
+        ids: ``[N, T]`` calibration windows (all of one length, so no padding is involved).
         precisions: the candidate precisions.
         data_key: identifies the calibration data (task name or file sum) in cache keys.
         blocks: the blocks to measure (default: all of the model's).
@@ -242,7 +212,7 @@ def measure_blocks(
         costs nothing to measure: its loss is 0.
     """
     precisions = [normalize_precision(p) for p in precisions]
-    blocks = list(blocks) if blocks is not None else pool.model(model)["blocks"]
+    blocks = list(blocks) if blocks is not None else pool.model(model).blocks
     key = _cache_key(pool, model, data_key, ids)
     path = cache_dir / f"{model}-{key}-sensitivity.json" if cache_dir else None
     done: dict[str, dict] = json.loads(path.read_text()) if path and path.is_file() else {}
