@@ -259,6 +259,45 @@ CASES = {
         + ("--as", "p", "--batch-size", "0"),
         ["--batch-size"],
     ),
+    # stitch: refused before any state is computed, no assembly directory left
+    "stitch samples zero": (
+        ("stitch", "{pool}", "--anchor", "m", "--replace", "0-0", "--insert", "")
+        + ("--data", "{text}", "--samples", "0", "--out", "{new}"),
+        ["--samples"],
+    ),
+    "stitch unknown model": (
+        ("stitch", "{pool}", "--anchor", "m", "--replace", "0-0", "--insert", "nope:0-0")
+        + ("--data", "{text}", "--out", "{new}"),
+        ["nope"],
+    ),
+    "stitch layers out of range": (
+        ("stitch", "{pool}", "--anchor", "m", "--replace", "0-40", "--insert", "")
+        + ("--data", "{text}", "--out", "{new}"),
+        ["0-40"],
+    ),
+    "stitch replace without insert": (
+        ("stitch", "{pool}", "--anchor", "m", "--replace", "0-0", "--data", "{text}")
+        + ("--out", "{new}"),
+        ["--insert"],
+    ),
+    "stitch out is a file": (
+        ("stitch", "{pool}", "--anchor", "m", "--replace", "0-0", "--insert", "")
+        + ("--data", "{text}", "--out", "{file}"),
+        ["afile"],
+    ),
+    # finetune: names checked before training
+    "finetune bad name": (
+        ("finetune", "{pool}", "--model", "m", "--data", "{text}", "--as", "a/b"),
+        ["--as 'a/b'"],
+    ),
+    "finetune taken name": (
+        ("finetune", "{pool}", "--model", "m", "--data", "{text}", "--as", "g"),
+        ["--as", "g"],
+    ),
+    "finetune unknown model": (
+        ("finetune", "{pool}", "--model", "nope", "--data", "{text}", "--as", "x"),
+        ["nope"],
+    ),
     # demo: refused before it builds anything
     "demo limit zero": (("demo", "--limit", "0", "--out", "{new}"), ["--limit"]),
     "demo out is a file": (("demo", "--out", "{file}"), ["--out", "not a directory"]),
@@ -399,6 +438,8 @@ WRITERS = {
     "prune": ("prune", "{target}", "--model", "m", "--method", "magnitude", "--sparsity", "0.5")
     + ("--as", "m50"),
     "verify-pool --rehash": ("verify-pool", "{target}", "--rehash"),
+    "finetune": ("finetune", "{target}", "--model", "m", "--data", "{text}", "--as", "m2")
+    + ("--steps", "1", "--seq-len", "32", "--batch-size", "1"),
     "compare": (
         "compare",
         "{target}",
