@@ -463,7 +463,13 @@ class ChainRunner:
             if getattr(self._configs[seg.model], "_attn_implementation", "sdpa") == "eager":
                 per_layer += batch * heads * length * keys * 2  # scores and their softmax
             largest = max(largest, per_layer)
-        vocab = max(getattr(c, "vocab_size", 0) or 0 for c in self._configs.values())
+        # logits come from the head's model only (an assembly may run layers of a model
+        # with a far larger vocabulary: Gemma3's 262,144 in a SmolLM2 chain of 49,152)
+        last = self.items[-1]
+        if isinstance(last, str) and self.pool.blocks[last].kind == "head":
+            vocab = getattr(self._configs[self.pool.blocks[last].model], "vocab_size", 0) or 0
+        else:
+            vocab = max(getattr(c, "vocab_size", 0) or 0 for c in self._configs.values())
         return (largest + 2 * logit_rows * vocab) * size
 
     def cache_bytes(self, batch: int, tokens: int) -> int:

@@ -440,6 +440,18 @@ def test_an_assembly_under_a_budget_gives_the_same_logits(asm_pool, tmp_path):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_an_assemblys_logits_are_sized_by_its_heads_vocabulary(asm_pool, tmp_path):
+    """A budget reserves logits for the head's vocabulary, not the largest in the chain
+    (Gemma3's 262,144 layers in a SmolLM2 assembly of 49,152 asked for 5x the room)."""
+    pool = Pool(asm_pool / "pool")
+    recipe = plan_replacements(pool, "wide", [((1, 2), "gemma3:0-2")])
+    stitch(pool, recipe, _data(asm_pool), tmp_path / "asm", FAST)
+    runner = ChainRunner(pool, load_assembly(pool, tmp_path / "asm").chain)
+    runner._configs["gemma3"].vocab_size = 100 * V  # a foreign middle with a huge vocabulary
+    logits = runner.working_bytes(1, 8, 0, 8) - runner.working_bytes(1, 8, 0, 0)
+    assert logits == 2 * 8 * V * 4
+
+
 # --------------------------------------------------------------------------- bad input
 
 
