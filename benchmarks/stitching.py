@@ -131,8 +131,7 @@ def _pool(work: Path):
 def _shuffled(pool, model: str, layers: range, name: str):
     """A variant of ``model`` whose ``layers`` have every tensor's entries permuted (seeded):
     the weights' values and statistics kept, their learned arrangement destroyed."""
-    from blockpool import Pool
-    from blockpool.variants import write_variant_model
+    from blockpool import Pool, write_variant_model
 
     if name in pool.models:
         return pool
@@ -533,13 +532,13 @@ class Bench:
                 self.fit_options(),
             )
         assembly = load_assembly(self.pool, out)
-        # room for the largest call below: assy eval's 2 windows of 512 tokens in one batch
-        need = min_budget(self.pool, assembly.chain, batch=2, tokens=512)
-        budget = max(150_000_000, need)
+        # the budget covers weights and the working memory of a call (blockpool.offload):
+        # every call below is 1 x 128 tokens; 60 MB over the floor holds a few layers at once
+        budget = min_budget(self.pool, assembly.chain, batch=1, tokens=128) + 60_000_000
 
         def logits():
             ids = torch.tensor(
-                [self.pool.tokenizer(ANCHOR)(self.heldout.read_text()).input_ids[:256]]
+                [self.pool.tokenizer(ANCHOR)(self.heldout.read_text()).input_ids[:128]]
             )
             with open_runner(self.pool, assembly.chain, replace(self.options, budget=None)) as run:
                 free = run.runner(ids)
@@ -574,12 +573,21 @@ class Bench:
                     str(self.heldout),
                     "--max-tokens",
                     "1024",
+                    "--window",
+                    "128",
+                    "--batch-size",
+                    "1",
                     "--threads",
                     str(self.args.threads),
                     "--json",
                     *extra,
                 ]
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                # Linux keeps a process's peak RSS across exec, taken from the process that
+                # spawned it: a child of this (large) process reports at least this one's
+                # size. A shell in between, which forks the command rather than exec-ing it,
+                # hands the command a fresh, small peak.
+                fresh = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
+                done = subprocess.run(fresh, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-400:]}")
                 r = json.loads(done.stdout.strip().splitlines()[-1])
