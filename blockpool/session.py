@@ -105,7 +105,9 @@ class RunOptions:
     """How to run blocks (not what to run).
 
     Attributes:
-        budget: most resident weight bytes (through the swapper); ``None``: all resident.
+        budget: bytes the run may hold beyond the warm floor: resident and in-flight
+            weights and the working memory of each call (DESIGN.md's budget contract,
+            kept by the swapper); ``None``: every block resident, no budget.
         policy: the swapper's policy (:data:`blockpool.swapper.POLICIES`).
         dtype: compute dtype name: ``fp32``, ``bf16`` or ``fp16``.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.

@@ -131,6 +131,9 @@ def run_forked(args: list[str], log: Path, patch, *, start: int | None = None) -
     if pid == 0:  # the child: never returns into pytest
         code = 99
         try:
+            # as a fresh `assy` process starts, whatever the test session did to SIGINT
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
