@@ -268,11 +268,28 @@ class ChainRunner:
         return self._specs[self.pool.blocks[bid].model]
 
     def build(self, bid: str) -> nn.Module:
-        """The block's module, built once at the runner's dtype on its device, then kept."""
+        """The block's module, built once at the runner's dtype on its device, then kept.
+
+        A tied weight (an LM head that is its embedding's table) whose block is already
+        built is shared with it, not loaded a second time.
+        """
         if bid not in self._built:
-            module = self.pool.build_module(bid, dtype=self.dtype, config=self.config_of(bid))
+            module = self.pool.build_module(
+                bid, dtype=self.dtype, config=self.config_of(bid), shared=self._tied_built(bid)
+            )
             self._built[bid] = module.to(self.device)
         return self._built[bid]
+
+    def _tied_built(self, bid: str) -> dict[str, torch.Tensor] | None:
+        """Block ``bid``'s tied aliases from the built blocks they live in; ``None`` if any
+        of those blocks is not built yet (or there are none)."""
+        shared = {}
+        for local, ref in self.pool.blocks[bid].tied.items():
+            src, _, name = ref.partition(":")
+            if src not in self._built:
+                return None
+            shared[local] = self._built[src].get_parameter(name)
+        return shared or None
 
     # --- observers --------------------------------------------------------------------
     def observe(self, fn: Callable[[BlockCall], None]) -> _Handle:

@@ -244,18 +244,20 @@ class Pool:
         dtype: torch.dtype = torch.float32,
         config: Any = None,
         fresh: bool = False,
+        shared: dict[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
         Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
         embeddings and heads are the family's small wrappers. ``fresh``: see
-        :meth:`load_tensors`.
+        :meth:`load_tensors`. ``shared``: the block's tied aliases (name inside the block ->
+        tensor), already in memory at ``dtype`` in the block they live in; the module then
+        holds those very tensors (a tied LM head and its embedding: one table in memory).
         """
         module = self.empty_module(bid, config)
-        state = {
-            k: (v.to(dtype) if v.is_floating_point() else v)
-            for k, v in self.load_tensors(bid, fresh=fresh).items()
-        }
+        state = self.load_tensors(bid, fresh=fresh, tied=shared is None)
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+        state |= shared or {}
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise IntegrityError(
