@@ -52,10 +52,8 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """lm-eval's HF ``tok_encode``: default special tokens, none if the text starts with the
     prefix token's own text (it is there already)."""
     prefix = _prefix_token(tokenizer)
-    if prefix is not None:
-        prefix_text = tokenizer.decode(prefix)
-        if prefix_text and text.startswith(prefix_text):
-            return list(tokenizer.encode(text, add_special_tokens=False))
+    if prefix is not None and text.startswith(tokenizer.decode(prefix)):
+        return list(tokenizer.encode(text, add_special_tokens=False))
     return list(tokenizer.encode(text))
 
 

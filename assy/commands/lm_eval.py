@@ -1,0 +1,35 @@
+"""``assy lm-eval``: lm-evaluation-harness's own CLI with the pool model ``assy`` registered."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+__all__ = ["lm_eval_cmd"]
+
+
+@click.command(
+    "lm-eval",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lm_eval_cmd(args: tuple[str, ...]) -> None:
+    """Run lm-eval's CLI (its arguments as they are) with --model assy available.
+
+    Example: assy lm-eval --model assy --model_args pool=pool,model=smollm2-135m
+    --tasks piqa --limit 100. model_args: pool=DIR and model=NAME or assembly=DIR;
+    budget=SIZE, device=, dtype=, threads=, max_length=. Needs pip install 'assy[lm-eval]'.
+    """
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import assy.evaluation.harness  # noqa: F401  (registers --model assy)
+    except ImportError as e:
+        click.echo(
+            f"error: assy lm-eval needs lm-eval ({e}); pip install 'assy[lm-eval]'", err=True
+        )
+        sys.exit(2)
+    sys.argv = ["lm-eval", *args]
+    cli_evaluate()
