@@ -11,9 +11,9 @@ Two kinds of model:
 * a :class:`~blockpool.chain.ChainRunner` (a pool model or a chain, resident or through
   the swapper): the layers see at most ``batch_tokens`` tokens per call (longer inputs
   go in pieces through the KV cache) and run without their head; the head then scores
-  only the hidden states of the scored positions, all of a batch at once, over
-  vocabulary chunks of at most ``head_bytes`` of logits (:mod:`assy.evaluation.head`):
-  never ``[B, T, V]``, nor even ``[N, V]``. Requests that share a context run it once:
+  only the hidden states of the scored positions, in groups of at most ``head_bytes`` of
+  logits (:mod:`assy.evaluation.head`): never ``[B, T, V]``. Requests that share a
+  context run it once:
   the contexts of a batch are prefilled into a KV cache (left-padded when every segment
   uses rotary positions, which see relative positions only; else batched by equal
   length), the first continuation token of every request is scored from its context's
@@ -40,7 +40,7 @@ from blockpool.chain import ChainCache, ChainRunner, Seam
 __all__ = ["HEAD_BYTES", "BATCH_TOKENS", "Request", "Score", "model_max_length", "score"]
 
 HEAD_BYTES = 32 * 2**20
-"""Default bytes of float32 logits held at a time (positions x vocabulary chunk x 4)."""
+"""Default bytes of float32 logits computed at a time (positions x vocabulary x 4)."""
 
 BATCH_TOKENS = 1024
 """Default most tokens through the layers per forward call (activations, KV cache)."""
