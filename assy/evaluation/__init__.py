@@ -30,9 +30,12 @@ from assy.evaluation.choice import (
     sample_records,
 )
 from assy.evaluation.perplexity import (
+    PerplexityInputs,
     perplexity,
+    perplexity_inputs,
     perplexity_metrics,
-    perplexity_records,
+    perplexity_result,
+    score_windows,
     scored_bytes,
 )
 from assy.evaluation.run import evaluate_pool_model, evaluate_target, write_jsonl
@@ -43,6 +46,7 @@ Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = [
     "Model",
+    "PerplexityInputs",
     "Request",
     "Score",
     "choice_logliks",
@@ -56,10 +60,12 @@ __all__ = [
     "model_max_length",
     "multiple_choice",
     "perplexity",
+    "perplexity_inputs",
     "perplexity_metrics",
-    "perplexity_records",
+    "perplexity_result",
     "sample_records",
     "score",
+    "score_windows",
     "scored_bytes",
     "write_jsonl",
 ]

@@ -35,7 +35,9 @@ __all__ = [
     "encode_pair",
     "mc_metrics",
     "multiple_choice",
+    "pad_token",
     "sample_records",
+    "score_rows",
 ]
 
 _METRICS = ("acc", "acc_norm", "acc_bytes")
@@ -147,26 +149,32 @@ def choice_scores(
     Returns:
         ``scores[i][j]`` for choice ``j`` of example ``i``.
     """
-    requests = choice_requests(tokenizer, examples)
-    flat = [r for row in requests for r in row]
-    pad = next(
-        (int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
-    )
-    scores = score(
+    return score_rows(
         model,
-        flat,
+        choice_requests(tokenizer, examples),
+        pad_id=pad_token(tokenizer),
         batch_size=batch_size,
         max_length=max_length,
-        pad_id=pad,
         device=device,
         progress=progress,
-        desc="choices",
         head_bytes=head_bytes,
         batch_tokens=batch_tokens,
     )
+
+
+def pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """A token id to pad with (masked: its value never matters): PAD, else EOS, else 0."""
+    return next(
+        (int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0
+    )
+
+
+def score_rows(model: Any, rows: Sequence[Sequence[Request]], **kwargs: Any) -> list[list[Score]]:
+    """:func:`~assy.evaluation.scoring.score` of every request of ``rows``, by row."""
+    flat = score(model, [r for row in rows for r in row], desc="choices", **kwargs)
     out, start = [], 0
-    for row in requests:
-        out.append(scores[start : start + len(row)])
+    for row in rows:
+        out.append(flat[start : start + len(row)])
         start += len(row)
     return out
 

@@ -14,6 +14,7 @@ tokens cover, so models with different tokenizers compare in it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,9 +26,12 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
+    "PerplexityInputs",
     "perplexity",
+    "perplexity_inputs",
     "perplexity_metrics",
-    "perplexity_records",
+    "perplexity_result",
+    "score_windows",
     "scored_bytes",
     "window_requests",
 ]
@@ -119,52 +123,84 @@ def perplexity(
     Raises:
         UsageError: Bad ``max_tokens``/``window``, or a text too short to score anything.
     """
-    metrics, _ = perplexity_records(
-        model, tokenizer, text, max_tokens=max_tokens, window=window, device=device,
-        progress=progress,
-    )  # fmt: skip
-    return metrics
+    inputs = perplexity_inputs(tokenizer, text, max_tokens=max_tokens, window=window)
+    scores = score_windows(model, inputs, window=window, device=device, progress=progress)
+    return perplexity_result(inputs, scores)[0]
 
 
-def perplexity_records(
+def score_windows(
     model: Any,
-    tokenizer: PreTrainedTokenizerBase,
-    text: str,
+    inputs: PerplexityInputs,
     *,
-    max_tokens: int = 2048,
-    window: int = 512,
+    window: int,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
-    """:func:`perplexity`'s metrics and one record per window (``doc_id``, ``tokens``,
-    ``loglik``)."""
-    if max_tokens < 2 or window < 2:
-        raise UsageError(
-            f"{arg('max_tokens')} and {arg('window')} must be >= 2, got {max_tokens} and {window}"
-        )
-    ids = list(tokenizer(text).input_ids)[:max_tokens]
-    requests = window_requests(ids, window)
-    tokens = sum(len(r.continuation) for r in requests)
-    if tokens == 0:
-        raise UsageError(f"text too short: {len(ids)} token(s), need at least 2 to score one")
-    scores = score(
+) -> list[Score]:
+    """Score the windows of ``inputs`` (one at a time; a runner feeds each in pieces)."""
+    return score(
         model,
-        requests,
+        inputs.requests,
         batch_size=1,
         max_length=window,
         device=device,
         progress=progress,
         desc="perplexity",
     )
+
+
+@dataclass(frozen=True)
+class PerplexityInputs:
+    """What :func:`perplexity` scores, tokenized (the tokenizer is no longer needed).
+
+    Attributes:
+        requests: one per window of at least two tokens (:func:`window_requests`).
+        windows: windows cut, length-1 ones included.
+        nbytes: UTF-8 bytes the scored tokens cover (:func:`scored_bytes`).
+    """
+
+    requests: list[Request]
+    windows: int
+    nbytes: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens scored."""
+        return sum(len(r.continuation) for r in self.requests)
+
+
+def perplexity_inputs(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, max_tokens: int = 2048, window: int = 512
+) -> PerplexityInputs:
+    """Tokenize ``text`` into :func:`perplexity`'s windows.
+
+    Raises:
+        UsageError: Bad ``max_tokens``/``window``, or a text too short to score anything.
+    """
+    if max_tokens < 2 or window < 2:
+        raise UsageError(
+            f"{arg('max_tokens')} and {arg('window')} must be >= 2, got {max_tokens} and {window}"
+        )
+    ids = list(tokenizer(text).input_ids)[:max_tokens]
+    requests = window_requests(ids, window)
+    if not requests:
+        raise UsageError(f"text too short: {len(ids)} token(s), need at least 2 to score one")
     nbytes = scored_bytes(tokenizer, text, max_tokens=max_tokens, window=window)
+    return PerplexityInputs(requests, -(-len(ids) // window), nbytes)
+
+
+def perplexity_result(
+    inputs: PerplexityInputs, scores: list[Score]
+) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
+    """:func:`perplexity`'s metrics and one record per window (``doc_id``, ``tokens``,
+    ``loglik``) from the windows' scores."""
     metrics = {
-        **perplexity_metrics(scores, tokens, nbytes),
-        "tokens": tokens,
-        "bytes": nbytes,
-        "windows": -(-len(ids) // window),
+        **perplexity_metrics(scores, inputs.tokens, inputs.nbytes),
+        "tokens": inputs.tokens,
+        "bytes": inputs.nbytes,
+        "windows": inputs.windows,
     }
     records = [
         {"doc_id": k, "tokens": len(r.continuation), "loglik": s.loglik}
-        for k, (r, s) in enumerate(zip(requests, scores, strict=True))
+        for k, (r, s) in enumerate(zip(inputs.requests, scores, strict=True))
     ]
     return metrics, records

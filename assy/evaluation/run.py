@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -14,12 +18,18 @@ from torch import nn
 
 from assy.data import load_task, read_text
 from assy.errors import UsageError, arg
-from assy.evaluation.choice import choice_scores, mc_metrics, sample_records
-from assy.evaluation.perplexity import perplexity_records
+from assy.evaluation.choice import (
+    choice_requests,
+    mc_metrics,
+    pad_token,
+    sample_records,
+    score_rows,
+)
+from assy.evaluation.perplexity import perplexity_inputs, perplexity_result, score_windows
 from assy.evaluation.scoring import model_max_length
 from blockpool import Pool, RunOptions, open_runner
 
-__all__ = ["evaluate_pool_model", "evaluate_target", "write_jsonl"]
+__all__ = ["evaluate_pool_model", "evaluate_target", "release_memory", "write_jsonl"]
 
 
 def evaluate_pool_model(
@@ -93,7 +103,8 @@ def evaluate_target(
     Args:
         pool: the open pool.
         target: a model name of the pool, or a chain (block ids and seams).
-        tokenizer: the tokenizer of the chain's embedding; ``None``: the model's own.
+        tokenizer: the tokenizer of the chain's embedding; ``None``: the model's own (then
+            released once the inputs are tokenized, before the weights load).
         task: ``perplexity`` (needs ``data``, a text file) or a multiple-choice task or
             group of :func:`assy.data.task_names`.
         name: what the result calls the target (default: ``target`` if a name).
@@ -124,6 +135,14 @@ def evaluate_target(
         if not isinstance(target, str):
             raise UsageError("a chain needs the tokenizer of its embedding's model")
         tokenizer = pool.tokenizer(target)
+    # tokenize everything first: the tokenizer is then released before the weights load
+    # (Gemma-3's holds ~300 MB)
+    if task == "perplexity":
+        inputs = perplexity_inputs(tokenizer, text, max_tokens=max_tokens, window=window)
+    else:
+        rows, pad = choice_requests(tokenizer, examples), pad_token(tokenizer)
+    del tokenizer
+    release_memory()
     source = {"data": str(data)} if data is not None else {"split": split}
     start = time.perf_counter()
     with open_runner(pool, target, options) as run:
@@ -131,26 +150,35 @@ def evaluate_target(
         if not runner.is_causal:
             raise UsageError(f"{name or 'the chain'} is an encoder; {task} needs a causal LM")
         if task == "perplexity":
-            result, records = perplexity_records(
-                runner, tokenizer, text, max_tokens=max_tokens, window=window, progress=progress
-            )
+            scores = score_windows(runner, inputs, window=window, progress=progress)
+            result, records = perplexity_result(inputs, scores)
         else:
             length = max_length or model_max_length(runner)
-            scores = choice_scores(
+            scored = score_rows(
                 runner,
-                tokenizer,
-                examples,
+                rows,
+                pad_id=pad,
                 batch_size=options.batch_size,
                 max_length=length,
                 progress=progress,
             )
-            result = mc_metrics([[s.loglik for s in row] for row in scores], examples)
+            result = mc_metrics([[s.loglik for s in row] for row in scored], examples)
             result["max_length"] = length
-            records = sample_records(examples, scores)
+            records = sample_records(examples, scored)
     if log_samples is not None:
         write_jsonl(log_samples, records)
     head = {"model": name or (target if isinstance(target, str) else "chain"), "task": task}
     return head | source | result | {"seconds": time.perf_counter() - start} | run.report
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
+    that what was dropped (a tokenizer's tables) leaves the resident set before the
+    weights come in."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
