@@ -59,19 +59,25 @@ def setup(tmp_path_factory):
     char_tokenizer().save_pretrained(root / "hf")
     build_pool([f"tiny={root / 'hf'}"], root / "pool", dtype="fp32")
 
-    rows = _piqa_rows(N)
+    _local_piqa(root, N)
+    return root
+
+
+def _local_piqa(root: Path, n: int) -> None:
+    """``root/piqa.jsonl`` (PIQA's first ``n`` validation rows) and ``root/tasks/piqa_local.yaml``
+    (lm-eval's official PIQA config pointed at it)."""
     data = root / "piqa.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in _piqa_rows(n)))
     official = Path(lm_eval.__file__).parent / "tasks" / "piqa" / "piqa.yaml"
     text = official.read_text()
     assert "dataset_path: baber/piqa" in text and "training_split: train" in text
     text = text.replace("task: piqa", "task: piqa_local")
     text = text.replace("dataset_path: baber/piqa", "dataset_path: json")
     text = text.replace("training_split: train", "training_split: null")
-    text += f"dataset_kwargs:\n  data_files:\n    validation: {data}\n  cache_dir: {root / 'hf-datasets'}\n"
-    (root / "tasks").mkdir()
+    text += f"dataset_kwargs:\n  data_files:\n    validation: {data}\n"
+    text += f"  cache_dir: {root / 'hf-datasets'}\n"
+    (root / "tasks").mkdir(exist_ok=True)
     (root / "tasks" / "piqa_local.yaml").write_text(text)
-    return root
 
 
 def _lm_eval_cli(args: list[str], out: Path, monkeypatch) -> list[dict]:
@@ -146,3 +152,50 @@ def test_assy_eval_and_assy_lm_eval_equal_lm_eval_hf(setup, tmp_path, monkeypatc
     assert summary["acc"] == pytest.approx(sum(r["acc"] for r in hf) / N)
     assert summary["acc_norm"] == pytest.approx(sum(r["acc_norm"] for r in hf) / N)
     shutil.rmtree(tmp_path / "hf", ignore_errors=True)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_real_models_equal_lm_eval_hf(name, real_pool, tmp_path):
+    """The converted checkpoint through lm-eval's HF backend and the fp32 pool through assy:
+    same log-likelihoods (within 1e-4 nats), same acc and acc_norm on every example."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from assy.evaluation import evaluate_target
+    from blockpool import Pool, RunOptions
+    from blockpool.sources import open_source
+
+    n = 8
+    _local_piqa(tmp_path, n)
+    with open_source(name) as source:
+        hf_dir = str(source.path)
+    lm = HFLM(pretrained=hf_dir, dtype="float32", batch_size=4, device="cpu")
+    out = simple_evaluate(
+        model=lm,
+        tasks=["piqa_local"],
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+    )
+    theirs = sorted(out["samples"]["piqa_local"], key=lambda r: r["doc_id"])
+    del lm, out
+    samples = tmp_path / "assy.jsonl"
+    evaluate_target(
+        Pool(real_pool),
+        name,
+        None,
+        "piqa",
+        data=tmp_path / "piqa.jsonl",
+        options=RunOptions(batch_size=4),
+        log_samples=samples,
+        progress=False,
+    )
+    ours = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(ours) == len(theirs) == n
+    worst = 0.0
+    for mine, their in zip(ours, theirs, strict=True):
+        for a, b in zip((r[0] for r in mine["resps"]), _logliks(their), strict=True):
+            worst = max(worst, abs(a - b))
+        assert (mine["acc"], mine["acc_norm"]) == (their["acc"], their["acc_norm"])
+    assert worst < 1e-4
