@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from assy.data import heldout_text
+from assy.errors import UsageError, arg
 from assy.evaluation import evaluate_target
 from blockpool import RunOptions, peak_rss_bytes
 
@@ -81,6 +82,10 @@ def run_demo(
     """
     from blockpool import Pool, build_pool, open_runner, summarize
 
+    if limit < 1 or max_tokens < 2:  # checked before the pool is built
+        raise UsageError(f"{arg('limit')} must be >= 1 and {arg('max_tokens')} >= 2")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log(f"[1/3] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")

@@ -49,8 +49,12 @@ def generate(
     """
     if max_new_tokens < 1:
         raise UsageError(f"{arg('max_new_tokens')} must be at least 1")
+    if temperature < 0:
+        raise UsageError(f"{arg('temperature')} must be 0 (greedy) or more, got {temperature}")
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UsageError(f"{arg('prompt')} is empty (and the tokenizer adds no BOS token)")
     start = time.perf_counter()
     logits, cache = _next_logits(runner, ids, None)
     prefill = time.perf_counter() - start
@@ -96,6 +100,15 @@ def generate_from_pool(
     if not pool.family(model).causal:
         raise UsageError(f"model {model!r} is an encoder and cannot generate text")
     tokenizer = pool.tokenizer(model)
+    limit = pool.max_positions(model)  # learned positions: the whole sequence must fit
+    if limit is not None:
+        length = len(tokenizer(prompt).input_ids) + max_new_tokens
+        if length > limit:
+            raise UsageError(
+                f"the prompt plus {arg('max_new_tokens')} {max_new_tokens} make {length} tokens, "
+                f"more than the {limit} positions model {model!r} has learned; shorten "
+                f"{arg('prompt')} or lower {arg('max_new_tokens')}"
+            )
     with open_runner(pool, model, options) as run:
         result = generate(
             run.runner,

@@ -54,6 +54,7 @@ def quantize(
     calibration: CalibrationOptions = CalibrationOptions(),
     models: list[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Write ``out``, a pool whose blocks are quantized variants of ``source``'s.
 
@@ -61,15 +62,26 @@ def quantize(
     storage bits per weight at most this) or ``pool_budget`` (total block bytes) is given;
     the last two plan mixed precisions (``blockpool.quant.plan``), calibrating on
     ``calibration`` (cached under ``calibration.cache_dir``, default ``out/calibration``)
-    and write the plan to ``out/plan.json``.
+    and write the plan to ``out/plan.json``. Every argument is checked, and ``out`` is
+    locked (``wait``: wait for another writer), before calibration starts.
 
     Returns:
         ``{"plan": plan or None, "summary": blockpool.pool.summarize(out)}``.
 
     Raises:
-        UsageError: not exactly one mode, bad values, or a budget below the smallest plan.
+        UsageError: not exactly one mode, bad values, a budget below the smallest plan, or
+            ``out`` holding a different model of the same name.
     """
-    from blockpool import Pool, atomic_write_bytes, plan_precisions, quantize_pool, summarize
+    from blockpool import (
+        Pool,
+        atomic_write_bytes,
+        check_precision_choices,
+        check_variant_target,
+        plan_precisions,
+        pool_lock,
+        quantize_pool,
+        summarize,
+    )
 
     modes = [x is not None for x in (precision, target_bits, pool_budget)]
     if sum(modes) != 1:
@@ -80,39 +92,54 @@ def quantize(
         raise UsageError(
             f"{arg('target_bits')} {target_bits}: give average bits per weight in (2, 32]"
         )
+    if not 0 < calibration.screen <= 1:
+        raise UsageError(f"{arg('screen')} must be in (0, 1], got {calibration.screen}")
+    if pool_budget is not None and pool_budget <= 0:
+        raise UsageError(f"{arg('pool_budget')} must be a positive size such as 300MB")
+    out = Path(out)
+    cache = calibration.cache_dir
+    for path, name in ((out, "out"), (cache, "cache_dir")):
+        if path is not None and path.exists() and not path.is_dir():
+            raise UsageError(f"{arg(name)} {path}: exists and is not a directory")
     pool = Pool(source)
     models = models or list(pool.models)
     for m in models:
         pool.model(m)
-    if Path(out).resolve() == pool.root.resolve():
+    if out.resolve() == pool.root.resolve():
         raise UsageError(
             f"{arg('out')} {out} is the source pool; write the quantized pool elsewhere"
         )
-    plan = source = None
+    for m in models:
+        check_variant_target(pool, m, out)
+    windows = text = None
     if precision is None:
-        source = calibration_text(calibration.task, calibration.data)
+        check_precision_choices(calibration.choices)
+        text = calibration_text(calibration.task, calibration.data)
         windows = _windows(
-            pool, models, source.text, samples=calibration.samples, seq_len=calibration.seq_len
+            pool, models, text.text, samples=calibration.samples, seq_len=calibration.seq_len
         )
-        plan = plan_precisions(
-            pool,
-            windows,
-            data_key=source.key,
-            choices=calibration.choices,
-            target_bits=target_bits,
-            budget=pool_budget,
-            max_sparsity=calibration.max_sparsity,
-            screen=calibration.screen,
-            cache_dir=calibration.cache_dir or Path(out) / "calibration",
-            batch_size=calibration.batch_size,
-            device=calibration.device,
-            progress=progress,
-        )
-    quantize_pool(pool, Path(out), precision or plan.precisions, models=models, progress=progress)
-    if plan is not None:
-        atomic_write_bytes(Path(out) / "plan.json", json.dumps(plan.to_json(), indent=1).encode())
+    with pool_lock(out, wait=wait):
+        plan = None
+        if windows is not None:
+            plan = plan_precisions(
+                pool,
+                windows,
+                data_key=text.key,
+                choices=calibration.choices,
+                target_bits=target_bits,
+                budget=pool_budget,
+                max_sparsity=calibration.max_sparsity,
+                screen=calibration.screen,
+                cache_dir=cache or out / "calibration",
+                batch_size=calibration.batch_size,
+                device=calibration.device,
+                progress=progress,
+            )
+        quantize_pool(pool, out, precision or plan.precisions, models=models, progress=progress)
+        if plan is not None:
+            atomic_write_bytes(out / "plan.json", json.dumps(plan.to_json(), indent=1).encode())
     return {
         "plan": plan.to_json() if plan else None,
-        "calibration": source.label if plan else None,
+        "calibration": text.label if plan else None,
         "summary": summarize(Pool(out)),
     }

@@ -1,12 +1,12 @@
 """Time one command at two commits, interleaved and repeated: is there a regression?
 
     .venv/bin/python benchmarks/compare_commits.py --base 585be96 --repeat 3 \\
-        -- -m assy.cli eval work/pool --model smollm2-135m --task perplexity \\
-           --data work/heldout.txt --max-tokens 1024 --json
+        -- -m assy.cli eval $PWD/work/pool --model smollm2-135m --task perplexity \\
+           --text $PWD/work/heldout.txt --max-tokens 1024 --json
 
 Each commit is checked out once into a temporary git worktree; the command (arguments for
-this venv's Python) runs in a fresh process with that worktree first on ``PYTHONPATH``,
-alternating base / head ``--repeat`` times. Wall seconds and peak RSS (``ru_maxrss`` of the
+this venv's Python; give paths absolute) runs in a fresh process from that worktree (its
+code first on ``sys.path``; the run checks which code it imported), alternating base / head ``--repeat`` times. Wall seconds and peak RSS (``ru_maxrss`` of the
 child) are reported per run, with medians and the head / base ratio. The machines are
 shared: read the ratio, not the seconds.
 """
@@ -33,6 +33,16 @@ def _worktree(rev: str, where: Path) -> Path:
         check=True,
         capture_output=True,
     )
+    probe = subprocess.run(
+        [sys.executable, "-c", "import assy, blockpool; print(assy.__file__, blockpool.__file__)"],
+        cwd=path,
+        env={**os.environ, "PYTHONPATH": str(path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    if not all(Path(f).resolve().is_relative_to(path.resolve()) for f in probe.stdout.split()):
+        raise SystemExit(f"{rev}: imports code from outside its worktree: {probe.stdout}")
     return path
 
 
@@ -41,7 +51,8 @@ def _run(tree: Path, args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=err)
+        # cwd = the worktree: ``python -m`` puts the cwd first on sys.path
+        proc = subprocess.Popen([sys.executable, *args], cwd=tree, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)

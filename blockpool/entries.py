@@ -9,23 +9,42 @@ only places that know the JSON layout. Keys this version does not know are kept 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "BlockEntry",
     "Interface",
     "Manifest",
     "ModelEntry",
     "Parent",
     "block_header",
+    "config_digest",
 ]
 
 
-FORMAT_VERSION = 1
-"""The version of ``pool.json`` and block headers this code writes and reads."""
+FORMAT_VERSION = 2
+"""The version of ``pool.json`` and block headers this code writes.
+
+2: model configs are summed (``config_sha256``), built blocks record the sum of the source
+tensors they were made from (``source_sha256``), block files and tokenizer directories are
+content-addressed. A pool of version 1 still opens; it gains the new sums on its next
+write or with ``assy verify-pool --rehash``.
+"""
+
+READABLE_VERSIONS = (1, 2)
+"""The versions of ``pool.json`` this code opens."""
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """The sha256 of a model config as canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,8 @@ class BlockEntry(_Readable):
         quant: quantization state description of a quantized block.
         params: weights stored (quantized tensors counted at their dequantized size).
         pruning: how it was pruned (method, target).
+        source_sha256: sum of the source tensors it was built from (names, dtypes, shapes,
+            bytes), for a block built from a checkpoint (format 2).
         extra: manifest keys this version does not know (kept, written back).
     """
 
@@ -111,6 +132,7 @@ class BlockEntry(_Readable):
     quant: Mapping[str, Any] | None = None
     params: int | None = None
     pruning: Mapping[str, Any] | None = None
+    source_sha256: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -133,7 +155,7 @@ class BlockEntry(_Readable):
             "tied": dict(self.tied),
             "tensors": list(self.tensors),
         }
-        for key in ("quant", "params", "pruning"):
+        for key in ("quant", "params", "pruning", "source_sha256"):
             if getattr(self, key) is not None:
                 doc[key] = getattr(self, key)
         return {**doc, **self.extra}
@@ -161,6 +183,7 @@ class BlockEntry(_Readable):
             quant=doc.get("quant"),
             params=int(doc["params"]) if doc.get("params") is not None else None,
             pruning=doc.get("pruning"),
+            source_sha256=doc.get("source_sha256"),
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -178,8 +201,10 @@ class ModelEntry(_Readable):
         family: its family spec's name.
         config: its transformers config, as a dict.
         blocks: its block ids in execution order.
-        source: ``{"origin", "fingerprint"}`` of the checkpoint it was built from.
+        source: ``{"origin", "fingerprint", "sha256"}`` of the checkpoint it was built from
+            (``sha256``: one sum over its config and its blocks' ``source_sha256``).
         tokenizer: pool-relative tokenizer file -> sha256.
+        config_sha256: the sum of ``config`` (:func:`config_digest`), format 2.
         ignored: source tensors that are not weights (stale buffers), not stored.
         parent_model: the model it is a variant of, ``None`` if built from a source.
         extra: manifest keys this version does not know (kept, written back).
@@ -193,6 +218,7 @@ class ModelEntry(_Readable):
     tokenizer: Mapping[str, str] = field(default_factory=dict)
     ignored: tuple[str, ...] = ()
     parent_model: str | None = None
+    config_sha256: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -210,6 +236,8 @@ class ModelEntry(_Readable):
         }
         if self.parent_model is not None:
             doc["parent_model"] = self.parent_model
+        if self.config_sha256 is not None:
+            doc["config_sha256"] = self.config_sha256
         return {**doc, **self.extra}
 
     @classmethod
@@ -224,6 +252,7 @@ class ModelEntry(_Readable):
             tokenizer=dict(doc.get("tokenizer") or {}),
             ignored=tuple(doc.get("ignored") or ()),
             parent_model=doc.get("parent_model"),
+            config_sha256=doc.get("config_sha256"),
             extra={k: v for k, v in doc.items() if k not in known},
         )
 
@@ -265,8 +294,9 @@ def block_header(
 ) -> dict[str, str]:
     """The metadata a block file carries in its safetensors header (str -> str).
 
-    ``extra``: ``source`` (the checkpoint's fingerprint, for a built block), ``parent``
-    (the parent block's id, for a variant), ``quant``, ``params``, pruning details.
+    ``extra``: ``source_sha256`` (the sum of the source tensors, for a built block),
+    ``parent`` (the parent block's id, for a variant), ``quant``, ``params``, pruning
+    details.
     """
     return {
         "block_id": bid,

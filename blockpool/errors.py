@@ -16,6 +16,8 @@ __all__ = [
     "BlockpoolError",
     "IntegrityError",
     "ManifestError",
+    "PoolBusy",
+    "PoolWriteError",
     "SourceError",
     "UnsupportedArchitecture",
     "UsageError",
@@ -61,3 +63,12 @@ class ManifestError(BlockpoolError):
 
 class IntegrityError(BlockpoolError):
     """A block file whose bytes do not match the sum recorded in the manifest."""
+
+
+class PoolBusy(BlockpoolError):
+    """Another process holds the pool's write lock (see :func:`blockpool.lock.pool_lock`)."""
+
+
+class PoolWriteError(BlockpoolError):
+    """A file of the pool could not be written (full disk, read-only or missing location);
+    the pool's manifest, and so every model it lists, is left as it was."""

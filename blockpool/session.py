@@ -47,8 +47,11 @@ def default_threads() -> int:
     On a loaded machine OpenMP threads spin against each other and a run with as many
     threads as cores can be several times slower than one with fewer (measured on the
     2-core development machines: see the README, "Threads"). So the default is the cores
-    this process may use minus the 1-minute load average, at least 1.
+    this process may use minus the 1-minute load average, at least 1 — unless the user set
+    ``OMP_NUM_THREADS``, which is then the default.
     """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = cores or 1
     try:

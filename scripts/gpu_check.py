@@ -80,7 +80,7 @@ def main(device: str = "cuda") -> int:
             ChainRunner(pool, chain, device=device)(ids, mask),
             BlockRunner(pool, "llama")(ids, mask),
         )
-        budget = min_budget(pool, "llama")
+        budget = min_budget(pool, "llama", batch=2, tokens=12)
         with open_runner(pool, "llama", RunOptions(budget=budget, device=device)) as run:
             got = run.runner(ids, mask)
         check(

@@ -316,7 +316,7 @@ def test_chain_under_a_budget_matches_the_resident_chain(pool_dir):
     items = _two_copies(pool, "gemma3", 2)
     ids = _ids(t=9)
     expected = ChainRunner(pool, items)(ids)
-    budget = min_budget(pool, items)
+    budget = min_budget(pool, items, batch=2, tokens=9)
     with open_runner(pool, items, RunOptions(budget=budget)) as run:
         got = run.runner(ids)
     assert run.report["weights_resident_peak_bytes"] <= budget

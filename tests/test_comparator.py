@@ -329,7 +329,7 @@ def test_compare_under_a_budget_matches_resident_run(tiny_pool, tmp_path):
     from blockpool.offload import min_budget
 
     pool, texts = Pool(tiny_pool), _texts(8)
-    budget = max(min_budget(pool, m) for m in ("llama", "bert"))
+    budget = max(min_budget(pool, m, batch=8, tokens=16) for m in ("llama", "bert"))
     kw = dict(models=["llama", "bert"], progress=False)
     free = compare_pool(tiny_pool, tmp_path / "free", texts, **kw)
     tight_run = RunOptions(budget=budget, policy="lru")

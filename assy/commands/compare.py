@@ -83,7 +83,7 @@ def compare_cmd(pool, models, task, data, samples, out, as_json, run, **settings
 
     capture = {k: settings.pop(k) for k in ("max_tokens", "top")}
     texts = calibration_texts(task=task, data=data, samples=samples)
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
     label = f"task {task}" if task else f"file {data}"
     result = compare_pool(
         pool,

@@ -19,9 +19,19 @@ __all__ = ["demo_cmd"]
     show_default=True,
     help="Working directory (pool, results).",
 )
-@click.option("--limit", default=50, show_default=True, help="PIQA examples per decoder.")
 @click.option(
-    "--max-tokens", default=1024, show_default=True, help="Held-out tokens scored for perplexity."
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="PIQA examples per decoder.",
+)
+@click.option(
+    "--max-tokens",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Held-out tokens scored for perplexity.",
 )
 @compute_options
 @user_errors

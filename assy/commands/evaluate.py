@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import deprecated_alias, run_options, user_errors
+from assy.commands.common import deprecated_alias, note_unused, run_options, user_errors
 from blockpool.sizes import format_size
 
 __all__ = ["eval_cmd"]
@@ -64,6 +64,10 @@ def eval_cmd(pool: Path, model: str, task: str, as_json: bool, run, **options) -
     """
     from assy.evaluation import evaluate_pool_model
 
+    if task == "perplexity":
+        note_unused(["limit", "split", "max_length"], "they set up multiple-choice tasks")
+    else:
+        note_unused(["max_tokens", "window"], "they set up perplexity")
     result = evaluate_pool_model(pool, model, task, options=run, **options)
     if as_json:
         click.echo(json.dumps(result))

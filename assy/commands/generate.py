@@ -15,8 +15,14 @@ from blockpool.sizes import format_size
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--model", required=True, help="Model name in the pool (see assy inspect).")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy decoding.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0: greedy decoding.",
+)
 @run_options(batch_size=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors

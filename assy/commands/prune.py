@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from assy.commands.common import calibration_options, compute_options, user_errors
+from assy.commands.common import (
+    calibration_options,
+    compute_options,
+    note_unused,
+    progress_bars,
+    user_errors,
+    wait_option,
+)
 
 __all__ = ["prune_cmd"]
 
@@ -25,12 +31,31 @@ __all__ = ["prune_cmd"]
 )
 @click.option("--sparsity", required=True, help="Fraction of zeros (0.5) or n:m kept (2:4).")
 @calibration_options
-@click.option("--samples", default=32, show_default=True, help="Calibration windows.")
-@click.option("--seq-len", default=128, show_default=True, help="Tokens per calibration window.")
+@click.option(
+    "--samples",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Calibration windows.",
+)
+@click.option(
+    "--seq-len",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Tokens per calibration window.",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the window offsets.")
-@click.option("--batch-size", default=8, show_default=True, help="Windows per forward call.")
+@click.option(
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Windows per forward call.",
+)
 @click.option("--as", "new_name", required=True, help="Name of the pruned model in the pool.")
 @compute_options
+@wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def prune_cmd(
@@ -47,6 +72,7 @@ def prune_cmd(
     new_name: str,
     device: str,
     threads: int | None,
+    wait: bool,
     as_json: bool,
 ) -> None:
     """Prune the linear weights of every layer of --model and add it to POOL as --as.
@@ -55,36 +81,35 @@ def prune_cmd(
     pruned layers (Wanda, SparseGPT); embeddings, norms and the LM head stay dense.
     Calibration: --calib-task or --calib-data, default the sciq task's text.
     """
-    from tqdm import tqdm
 
     from assy.calibration import calibration_text, calibration_windows
     from assy.lego import parse_sparsity, prune_pool_model
+    from assy.lego.sequential import check_prune
     from blockpool import Pool, use_threads
 
-    threads = use_threads(threads)
     target = parse_sparsity(sparsity)
     opened = Pool(pool)
-    opened.model(model)
+    check_prune(opened, model, new_name)
+    threads = use_threads(threads)
     ids, source = None, None
     if method == "magnitude":
-        if calib_task or calib_data:
-            click.echo("note: magnitude pruning uses no calibration; --calib-* ignored", err=True)
+        names = ["calib_task", "calib_data", "samples", "seq_len", "seed", "batch_size"]
+        note_unused(names, "magnitude pruning uses no calibration")
     else:
         source = calibration_text(calib_task, calib_data)
         ids = calibration_windows(opened.tokenizer(model), source.text, samples, seq_len, seed=seed)
-    blocks = len(opened.model(model).blocks)
-    with tqdm(total=blocks, desc=new_name, unit="block", file=sys.stderr) as bar:
-        report = prune_pool_model(
-            opened,
-            model,
-            method,
-            target,
-            new_name,
-            calib_ids=ids,
-            batch_size=batch_size,
-            device=device,
-            progress=lambda _n, done, _t: bar.update(done - bar.n),
-        )
+    report = prune_pool_model(
+        opened,
+        model,
+        method,
+        target,
+        new_name,
+        calib_ids=ids,
+        batch_size=batch_size,
+        device=device,
+        progress=progress_bars(),
+        wait=wait,
+    )
     report.calibration = source.label if source else ""
     if as_json:
         click.echo(json.dumps(asdict(report) | {"device": device, "threads": threads}))

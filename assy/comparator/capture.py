@@ -196,7 +196,8 @@ def capture_model(
         raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if max_tokens < 1 or batch_size < 1 or skip_first < 0:
         raise UsageError(
-            "max_tokens and batch_size must be >= 1 and skip_first >= 0, "
+            f"{arg('max_tokens')} and {arg('batch_size')} must be >= 1 and "
+            f"{arg('skip_first')} >= 0, "
             f"got {max_tokens}, {batch_size}, {skip_first}"
         )
     runner = runner if runner is not None else BlockRunner(pool, model)

@@ -115,19 +115,35 @@ def compare_pool(
         A summary: settings, top seams, files written, cache use and timings.
     """
     options.validate()
+    if len(texts) < 4:
+        raise UsageError(
+            f"only {len(texts)} text(s) to compare ({data_label or 'texts given'}); unbiased "
+            "CKA needs at least 4"
+        )
+    if top < 0:
+        raise UsageError(f"{arg('top')} must be 0 or more, got {top}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
+    if models is not None and not list(models):
+        raise UsageError(f"{arg('models')} is empty; name models of the pool, or leave it out")
     pool = Pool(root)
-    names = list(models) if models else list(pool.models)
+    names = list(models) if models is not None else list(pool.models)
     for name in names:
         pool.model(name)  # raises UsageError naming the known models
     if len(set(names)) != len(names):
         raise UsageError(f"{arg('models')} lists a model twice: {','.join(names)}")
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    capture = {"max_tokens": max_tokens, "batch_size": run.batch_size, "progress": progress}
+    capture = {"batch_size": run.batch_size, "progress": progress}
     t0 = time.perf_counter()
     acts, cache = [], []
     for name in names:
-        a, entry = _capture(pool, name, texts, out / "activations", options, run, **capture)
+        # a model with learned positions reads at most that many tokens of each text
+        cap = min(max_tokens, pool.max_positions(name) or max_tokens)
+        a, entry = _capture(
+            pool, name, texts, out / "activations", options, run, max_tokens=cap, **capture
+        )
+        entry["max_tokens"] = cap
         acts.append(a)
         cache.append(entry)
     t1 = time.perf_counter()

@@ -36,7 +36,7 @@ from assy.evaluation.head import head_logprobs
 from assy.evaluation.scoring import HEAD_BYTES, Request, model_max_length, score
 from blockpool import Pool, RunOptions, open_runner, parse_size
 
-__all__ = ["AssyLM"]
+__all__ = ["AssyLM", "check_model_args"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def _target(pool: Pool, model: str | None, assembly: str | None) -> tuple[Any, s
     if (model is None) == (assembly is None):
         raise UsageError("model_args take model=NAME or assembly=DIR (one of them)")
     if model is not None:
+        pool.model(model)  # an unknown name is refused here, naming the pool's models
         return model, model
     try:
         from assy.assembly import load_assembly  # type: ignore[import-not-found]
@@ -55,6 +56,23 @@ def _target(pool: Pool, model: str | None, assembly: str | None) -> tuple[Any, s
         raise UsageError("assembly=DIR needs assy.assembly, which this install lacks") from None
     loaded = load_assembly(pool, Path(assembly))
     return loaded.chain, loaded.anchor
+
+
+def check_model_args(text: str | None) -> None:
+    """Refuse ``--model_args`` that :class:`AssyLM` would refuse, before lm-eval starts
+    (a missing pool, an unknown model, a bad budget): one line instead of lm-eval's log.
+
+    Raises:
+        AssyError: what :class:`AssyLM` would raise.
+    """
+    from lm_eval.utils import simple_parse_args_string
+
+    kwargs = simple_parse_args_string(text)
+    if "pool" not in kwargs:
+        raise UsageError("--model assy needs --model_args pool=DIR,model=NAME (or assembly=DIR)")
+    _target(Pool(str(kwargs["pool"])), kwargs.get("model"), kwargs.get("assembly"))
+    if isinstance(kwargs.get("budget"), str):
+        parse_size(kwargs["budget"])
 
 
 @register_model("assy")

@@ -131,6 +131,15 @@ def evaluate_target(
         text = read_text(data)
     else:
         examples = load_task(task, data_file=data, limit=limit, split=split)
+    positions = pool.max_positions(target) if isinstance(target, str) else None
+    if positions is not None:  # learned positions: inputs must not exceed them
+        lengths = {"window": window} if task == "perplexity" else {"max_length": max_length}
+        for flag, value in lengths.items():
+            if value is not None and value > positions:
+                raise UsageError(
+                    f"{arg(flag)} {value} is longer than the {positions} positions model "
+                    f"{target!r} has learned; use {arg(flag)} {positions} or less"
+                )
     if tokenizer is None:
         if not isinstance(target, str):
             raise UsageError("a chain needs the tokenizer of its embedding's model")

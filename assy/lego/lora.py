@@ -202,10 +202,14 @@ class PoolModule(ChainModule):
         super().__init__(BlockRunner(pool, model, dtype=dtype, device=device))
 
 
-def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[str, Any]:
+def write_merged_model(
+    pool, model: str, module: PoolModule, name: str, *, wait: bool = False
+) -> dict[str, Any]:
     """Write a (merged, unloaded) :class:`PoolModule` of ``model`` as pool model ``name``.
 
-    Every block records its parent and its sparsity (zeros over its linear weights).
+    Every block records its parent and its sparsity (zeros over its linear weights). The
+    name goes through :func:`blockpool.check_model_name` and must be new in the pool; the
+    pool is locked while it is written (``wait``: wait for another writer).
 
     Returns:
         The pool manifest, as written.
@@ -224,4 +228,4 @@ def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[
         zeros = sum(int((w == 0).sum()) for w in weights)
         return new, {"sparsity": zeros / total if total else 0.0}
 
-    return write_variant_model(pool, model, transform, name=name)
+    return write_variant_model(pool, model, transform, name=name, wait=wait)

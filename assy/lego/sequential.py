@@ -27,7 +27,7 @@ from transformers.pytorch_utils import Conv1D
 from assy.errors import UsageError, arg
 from assy.lego.pruning import SparsityTarget, magnitude_mask, sparsegpt_prune, wanda_mask
 
-__all__ = ["PruneReport", "prunable_linears", "prune_pool_model"]
+__all__ = ["PruneReport", "check_prune", "prunable_linears", "prune_pool_model"]
 
 _FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -237,7 +237,15 @@ class _SequentialPruner:
         return new_tensors, {"sparsity": sparsity, "metadata": meta, "entry": {"pruning": meta}}
 
 
-def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
+def check_prune(pool, model: str, new_name: str, out: Path | None = None) -> None:
+    """Check, before any calibration, that ``model`` can be pruned into ``new_name``.
+
+    Raises:
+        UsageError: an unknown model, a quantized one, a bad name or a name in use.
+    """
+    from blockpool import check_model_name, check_variant_target
+
+    check_model_name(new_name, argument="new_name", taken=pool.models)
     entry = pool.model(model)
     bad = sorted({pool.blocks[b].precision for b in entry.blocks} - set(_FLOAT_PRECISIONS))
     if bad:
@@ -249,6 +257,16 @@ def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
     if same_pool and new_name in pool.models:
         raise UsageError(
             f"pool {pool.root} already has a model {new_name!r}; choose another {arg('new_name')}"
+        )
+    check_variant_target(pool, model, out, new_name)
+
+
+def _check_positions(pool, model: str, calib_ids: torch.Tensor | None) -> None:
+    limit = pool.max_positions(model)
+    if calib_ids is not None and limit is not None and calib_ids.shape[1] > limit:
+        raise UsageError(
+            f"calibration windows of {calib_ids.shape[1]} tokens exceed the {limit} positions "
+            f"model {model!r} has learned; use {arg('seq_len')} {limit} or less"
         )
 
 
@@ -275,6 +293,7 @@ def prune_pool_model(
     out: Path | None = None,
     device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    wait: bool = False,
 ) -> PruneReport:
     """Prune every layer block of ``model`` and add the result to the pool as ``new_name``.
 
@@ -292,16 +311,19 @@ def prune_pool_model(
         out: another pool directory to write to (default: the source pool).
         device: where the layers run and are pruned (``cpu``, ``cuda:N``, ``mps``).
         progress: ``progress(name, blocks_done, blocks_total)``.
+        wait: wait for another writer of the destination pool instead of failing at once
+            (it is locked before calibration starts).
 
     Returns:
         A :class:`PruneReport`.
 
     Raises:
-        UsageError: unknown method, missing calibration, a quantized source, a taken name,
-            or calibration activations over the budget.
+        UsageError: unknown method, missing calibration, a quantized source, a bad or
+            taken name, or calibration activations over the budget.
+        PoolBusy: another process writes the destination pool.
     """
     start = time.perf_counter()
-    from blockpool import write_variant_model
+    from blockpool import Pool, pool_lock, write_variant_model
 
     if method not in ("magnitude", "wanda", "sparsegpt"):
         raise UsageError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
@@ -312,11 +334,17 @@ def prune_pool_model(
         )
     if method == "magnitude":
         calib_ids = None  # magnitude pruning looks at the weights only
-    _check_source(pool, model, new_name, out)
+    check_prune(pool, model, new_name, out)
     if calib_ids is not None:
         _check_activation_budget(calib_ids, pool.config(model).hidden_size, activation_budget_bytes)
-    pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size, device)
-    write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
+    if batch_size < 1:
+        raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
+    _check_positions(pool, model, calib_ids)
+    with pool_lock(out if out is not None else pool.root, wait=wait):
+        # again, on the manifest as it is now that no other writer can change it
+        check_prune(Pool(pool.root), model, new_name, out)
+        pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size, device)
+        write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
     report = PruneReport(new_name, method, str(target), pruner.layers)
     weights = sum(r["weights"] for r in pruner.layers)
     report.sparsity = sum(r["zeros"] for r in pruner.layers) / weights if weights else 0.0

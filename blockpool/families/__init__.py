@@ -53,6 +53,10 @@ class FamilySpec:
         cache_kwarg: the keyword under which a layer takes the KV cache; ``None``: read it
             off the installed layer class (``cache`` in transformers >= 5.24, else
             ``past_key_values``).
+        learned_positions: the config key giving the size of a learned position table
+            (``None``: rotary positions, no limit from the weights).
+        position_offset: a config key whose value + 1 is the first position used (RoBERTa
+            numbers positions after its padding index).
     """
 
     name: str
@@ -72,6 +76,18 @@ class FamilySpec:
     ignore: tuple[str, ...] = ()
     conv1d: tuple[str, ...] = ()
     cache_kwarg: str | None = None
+    learned_positions: str | None = None
+    position_offset: str | None = None
+
+    def max_positions(self, config: Any) -> int | None:
+        """The most tokens (context included) one sequence may have, where the family has
+        learned positions; ``None`` for rotary families."""
+        if self.learned_positions is None:
+            return None
+        limit = int(getattr(config, self.learned_positions))
+        if self.position_offset is not None:
+            limit -= int(getattr(config, self.position_offset) or 0) + 1
+        return limit
 
     @property
     def position(self) -> str:

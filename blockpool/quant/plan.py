@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "allocate",
     "candidates",
+    "check_precision_choices",
     "plan_precisions",
     "weight_stats",
 ]
@@ -260,13 +261,26 @@ def plan_precisions(
     """
     if (target_bits is None) == (budget is None):
         raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
-    choices = list(dict.fromkeys(normalize_precision(p) for p in choices))
+    choices = check_precision_choices(choices)
+    low = min(choices, key=lambda p: NOMINAL_BITS[p])
+    units = {model: _units(pool, model) for model in calibration}
+    stats = {m: {u: _unit_stats(pool, b) for u, b in units[m].items()} for m in calibration}
+    chosen = {
+        m: candidates(stats[m], max_sparsity=max_sparsity, screen=screen) for m in calibration
+    }
+    # exact sizes of every option, to refuse a budget below the smallest plan before
+    # calibrating (on small blocks nf4's state can make it larger than int8)
+    sizes = {
+        m: {
+            u: [_cheapest(pool, blocks, p) for p in (choices if u in chosen[m] else [low])]
+            for u, blocks in units[m].items()
+        }
+        for m in calibration
+    }
+    _allocate_all(pool, sizes, target_bits, budget)
     options: dict[str, dict[str, list[Option]]] = {}
     report: list[dict[str, Any]] = []
     for model, ids in calibration.items():
-        units = _units(pool, model)
-        stats = {u: _unit_stats(pool, blocks) for u, blocks in units.items()}
-        chosen = candidates(stats, max_sparsity=max_sparsity, screen=screen)
         measured = measure_blocks(
             pool,
             model,
@@ -274,21 +288,21 @@ def plan_precisions(
             choices,
             data_key=data_key,
             cache_dir=cache_dir,
-            blocks=[b for u in chosen for b in units[u]],
+            blocks=[b for u in chosen[model] for b in units[model][u]],
             batch_size=batch_size,
             device=device,
             progress=progress,
         )
-        options[model] = _unit_options(pool, units, chosen, measured, choices)
+        options[model] = _unit_options(units[model], chosen[model], measured, choices, sizes[model])
         report += [
             {
                 "unit": u,
                 "blocks": blocks,
-                "stats": stats[u],
-                "measured": u in chosen,
+                "stats": stats[model][u],
+                "measured": u in chosen[model],
                 "options": [o.__dict__ for o in options[model][u]],
             }
-            for u, blocks in units.items()
+            for u, blocks in units[model].items()
         ]
     picked, total_budget = _allocate_all(pool, options, target_bits, budget)
     for row in report:
@@ -297,20 +311,41 @@ def plan_precisions(
     return Plan(precisions, total_budget, sum(o.bytes for o in picked.values()), report)
 
 
+def check_precision_choices(choices: Sequence[str]) -> list[str]:
+    """The planner's precisions, normalized and deduplicated.
+
+    Raises:
+        UsageError: no precision, or one the quantizer does not know.
+    """
+    out = []
+    for p in choices:
+        try:
+            out.append(normalize_precision(p))
+        except UsageError:
+            raise UsageError(
+                f"{arg('choices')}: unknown precision {p!r}; choose from "
+                f"{', '.join(NOMINAL_BITS)} (int4 means nf4)"
+            ) from None
+    if not out:
+        raise UsageError(f"{arg('choices')} is empty; give precisions such as nf4,int8,fp16")
+    return list(dict.fromkeys(out))
+
+
 def _unit_options(
-    pool: Pool,
     units: Mapping[str, list[str]],
     chosen: list[str],
     measured: Mapping[str, Mapping[str, Mapping[str, float]]],
     choices: list[str],
+    sizes: Mapping[str, list[Option]],
 ) -> dict[str, list[Option]]:
-    """Each unit's options: measured ones for candidates, the cheapest alone otherwise."""
-    low = min(choices, key=lambda p: NOMINAL_BITS[p])
+    """Each unit's options: measured ones for candidates, the cheapest alone otherwise
+    (``sizes``: the unmeasured options of each unit, as sized before calibrating)."""
     options = {}
-    for u, blocks in units.items():
+    for u in units:
         if u not in chosen:
-            options[u] = [_cheapest(pool, blocks, low)]
+            options[u] = list(sizes[u])
             continue
+        blocks = units[u]
         options[u] = [
             Option(
                 p,

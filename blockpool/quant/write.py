@@ -19,6 +19,7 @@ from safetensors.torch import save
 from blockpool.entries import Manifest, block_header
 from blockpool.errors import UsageError, arg
 from blockpool.families import get_family
+from blockpool.lock import pool_lock
 from blockpool.pool import Pool
 from blockpool.quant.formats import (
     encode_quant,
@@ -26,7 +27,7 @@ from blockpool.quant.formats import (
     normalize_precision,
     quantize_block,
 )
-from blockpool.variants import write_variant_model
+from blockpool.variants import check_variant_target, write_variant_model
 
 __all__ = ["quantize_pool", "quantized_block", "tied_sources", "variant_bytes"]
 
@@ -84,6 +85,7 @@ def quantize_pool(
     *,
     models: list[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    wait: bool = False,
 ) -> Manifest:
     """Write ``out``: a pool whose blocks are variants of ``pool``'s at the given precisions.
 
@@ -94,27 +96,36 @@ def quantize_pool(
             takes its source block's precision whatever the mapping says).
         models: the models to write (default: all).
         progress: called as ``progress(model, blocks_done, blocks_total)``.
+        wait: wait for another writer of ``out`` to finish instead of failing at once.
 
     Returns:
-        The destination manifest.
+        The destination manifest (written once per model: a failure part-way leaves the
+        models already written, and every model ``out`` held before, intact).
 
     Raises:
-        UsageError: ``out`` is the source pool, or the mapping misses a block.
+        UsageError: ``out`` is the source pool, a model is unknown, ``out`` holds a
+            different model of the same name, or the mapping misses a block.
+        PoolBusy: another process writes ``out``.
     """
     out = Path(out)
-    if out.resolve() == pool.root.resolve():
+    if out.exists() and out.resolve() == pool.root.resolve():
         raise UsageError(
             f"{arg('out')} {out} is the source pool; write the quantized pool elsewhere"
         )
     models = models or list(pool.models)
+    if not models:
+        raise UsageError(f"pool {pool.root} holds no model to quantize")
+    for name in models:
+        check_variant_target(pool, name, out)
     assign = _resolve(pool, precisions, models)
     manifest = None
-    for name in models:
+    with pool_lock(out, wait=wait):
+        for name in models:
 
-        def transform(bid, state):
-            return quantized_block(pool, bid, state, assign[bid])
+            def transform(bid, state):
+                return quantized_block(pool, bid, state, assign[bid])
 
-        manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
+            manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
     return manifest
 
 
