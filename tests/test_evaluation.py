@@ -24,7 +24,14 @@ from assy.evaluation import (
     score,
     scored_bytes,
 )
-from blockpool import BlockRunner, ChainRunner, Pool, build_pool
+from blockpool import (
+    BlockRunner,
+    ChainRunner,
+    Pool,
+    RunOptions,
+    build_pool,
+    open_runner,
+)
 
 FAMILIES = ("llama", "gemma3", "qwen2", "gpt2")  # rotary (tied, sliding), untied, absolute
 
@@ -287,3 +294,21 @@ def test_eval_cli_refuses_unknown_tasks_and_splits(pool_dir):
         cli, ["eval", str(pool_dir), "--model", "llama", "--task", "piqa", "--split", "test"]
     )
     assert result.exit_code == 2 and "--split" in result.output
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_budgeted_run_scores_equal_resident(family, pool_dir):
+    """Within a budget (the swapper, a tied head served in pieces) the scores are the
+    resident run's."""
+    from blockpool.offload import min_budget
+
+    pool = Pool(pool_dir)
+    tok = pool.tokenizer(family)
+    rows = choice_requests(tok, EXAMPLES)
+    budget = 2 * min_budget(pool, family, batch=8, tokens=64, cache=True)
+    scores = {}
+    for label, options in (("resident", RunOptions()), ("budget", RunOptions(budget=budget))):
+        with open_runner(pool, family, options) as run:
+            scores[label] = score(run.runner, [r for row in rows for r in row], progress=False)
+    for a, b in zip(scores["resident"], scores["budget"], strict=True):
+        assert a.loglik == pytest.approx(b.loglik, abs=1e-5) and a.greedy == b.greedy
