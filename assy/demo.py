@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from assy.data import heldout_text, load_task
+from assy.data import heldout_text
 from assy.errors import UsageError, arg
-from assy.evaluate import multiple_choice, perplexity
+from assy.evaluation import evaluate_target
 from blockpool import RunOptions, peak_rss_bytes
 
 __all__ = ["BUILTIN_MODELS", "run_demo"]
@@ -32,8 +32,8 @@ _PAIRS = [
 ]
 
 
-def _sentence_similarity(runner, tokenizer) -> list[float]:
-    """Cosine similarity of mean-pooled encoder states for each sentence pair."""
+def _sentence_similarity(runner, tokenizer) -> dict[str, float]:
+    """Cosine similarity of mean-pooled encoder states for a related and an unrelated pair."""
     sims = []
     for a, b in _PAIRS:
         batch = tokenizer([a, b], return_tensors="pt", padding=True)
@@ -41,18 +41,19 @@ def _sentence_similarity(runner, tokenizer) -> list[float]:
         mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         sims.append(float(torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0)))
-    return sims
+    return {"similarity_related": sims[0], "similarity_unrelated": sims[1]}
 
 
-def _evaluate(runner, tokenizer, text: str, piqa, max_tokens: int) -> dict[str, float]:
-    if not runner.is_causal:
-        related, unrelated = _sentence_similarity(runner, tokenizer)
-        return {"similarity_related": related, "similarity_unrelated": unrelated}
-    device = runner.device
-    ppl = perplexity(runner, tokenizer, text, max_tokens=max_tokens, window=512, device=device)
-    mc = multiple_choice(runner, tokenizer, piqa, batch_size=8, device=device)
+def _evaluate_decoder(pool, name: str, text: Path, limit: int, max_tokens: int, options) -> dict:
+    """Perplexity of the held-out text and zero-shot PIQA, each through
+    :func:`assy.evaluation.evaluate_target` (the tokenizer released before the weights load)."""
+    ppl = evaluate_target(
+        pool, name, None, "perplexity", data=text, max_tokens=max_tokens, options=options
+    )
+    mc = evaluate_target(pool, name, None, "piqa", limit=limit, options=options)
     return {
         "perplexity": ppl["perplexity"],
+        "bits_per_byte": ppl["bits_per_byte"],
         "piqa_acc": mc["acc"],
         "piqa_acc_norm": mc["acc_norm"],
         "piqa_n": mc["n"],
@@ -134,13 +135,14 @@ def run_demo(
     log(f"      {info['blocks']} blocks, {info['bytes'] / 1e6:.1f} MB, {len(bad)} bad")
     text = out / "heldout.txt"
     text.write_text(heldout_text(40_000))
-    piqa = load_task("piqa", limit=limit)
     results: dict[str, Any] = {"pool": info, "models": {}}
     log(f"[2/4] evaluating each model from its blocks (PIQA limit {limit})")
     for name in BUILTIN_MODELS:
-        tokenizer = pool.tokenizer(name)
-        with open_runner(pool, name, options) as run:
-            row = _evaluate(run.runner, tokenizer, text.read_text(), piqa, max_tokens)
+        if pool.family(name).causal:
+            row = _evaluate_decoder(pool, name, text, limit, max_tokens, options)
+        else:
+            with open_runner(pool, name, options) as run:
+                row = _sentence_similarity(run.runner, pool.tokenizer(name))
         results["models"][name] = row
         log(f"      {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     results["assembly"] = _stitch_step(pool, out, text, max_tokens, options, log)

@@ -298,6 +298,31 @@ CASES = {
         ("finetune", "{pool}", "--model", "nope", "--data", "{text}", "--as", "x"),
         ["nope"],
     ),
+    # lm-eval: the model arguments are checked before lm-eval starts
+    "lm-eval no pool": (
+        (
+            "lm-eval",
+            "--model",
+            "assy",
+            "--model_args",
+            "pool={bad}/none,model=m",
+            "--tasks",
+            "piqa",
+        ),
+        ["no such pool directory"],
+    ),
+    "lm-eval unknown model": (
+        ("lm-eval", "--model", "assy", "--model_args=pool={pool},model=x", "--tasks", "piqa"),
+        ["no model 'x'"],
+    ),
+    "lm-eval no model": (
+        ("lm-eval", "--model", "assy", "--model_args", "pool={pool}", "--tasks", "piqa"),
+        ["model=NAME"],
+    ),
+    "lm-eval bad budget": (
+        ("lm-eval", "--model", "assy", "--model_args", "pool={pool},model=m,budget=lots"),
+        ["lots"],
+    ),
     # demo: refused before it builds anything
     "demo limit zero": (("demo", "--limit", "0", "--out", "{new}"), ["--limit"]),
     "demo out is a file": (("demo", "--out", "{file}"), ["--out", "not a directory"]),

