@@ -4,6 +4,7 @@ Synthetic candidates (bytes chosen by hand) for the search itself; a tiny random
 candidates read from a real manifest and a plan that validates as a recipe against it.
 """
 
+import json
 import shutil
 
 import pytest
@@ -201,3 +202,48 @@ def test_pool_candidates_and_a_valid_recipe(plan_pool):
             continue
         validate_recipe(plan.recipe, plan_pool, pinned=False)
         assert plan.bytes["total"] <= budget
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_assemble_dry_run_prints_the_plan_and_writes_nothing(plan_pool, tmp_path):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+
+    out = tmp_path / "asm"
+    args = ["assemble", str(plan_pool.root), "--budget", "1GB", "--seq-len", "32", "--dry-run"]
+    result = CliRunner().invoke(cli, [*args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["plan"]["bytes"]["total"] <= 10**9
+    assert doc["plan"]["recipe"]["anchor"] in ("llama", "gemma3")
+    assert not out.exists()
+    again = CliRunner().invoke(cli, [*args, "--json"])
+    assert json.loads(again.output) == doc  # same seed, same plan
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0 and "plan for 1.0GB" in text.output
+
+
+def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
+    from click.testing import CliRunner
+
+    from assy.assembly import load_assembly
+    from assy.cli import cli
+
+    cands = pool_candidates(plan_pool, tokens=32)
+    whole = min(c.bytes + c.layer_work + c.logit_work for c in cands if c.causal)
+    budget = str(whole - 1)  # no whole model fits: layers must go
+    data = tmp_path / "fit.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 80))
+    out = tmp_path / "asm"
+    result = CliRunner().invoke(
+        cli,
+        ["assemble", str(plan_pool.root), "--budget", budget, "--seq-len", "32"]
+        + ["--samples", "8", "--data", str(data), "--out", str(out), "--max-seams", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "recipe.yaml").is_file()
+    assembly = load_assembly(plan_pool, out)
+    assert assembly.recipe.seams  # the plan dropped or replaced layers, with adapters
