@@ -48,6 +48,7 @@ def cli() -> None:
 def _register() -> None:
     """Add the commands of ``assy.commands`` (one line each)."""
     from assy.commands import (
+        assemble,
         build_pool,
         compare,
         demo,
@@ -73,6 +74,7 @@ def _register() -> None:
         quantize.quantize_cmd,
         prune.prune_cmd,
         stitch.stitch_cmd,
+        assemble.assemble_cmd,
         finetune.finetune_cmd,
         demo.demo_cmd,
     ):

@@ -285,6 +285,27 @@ CASES = {
         + ("--data", "{text}", "--out", "{file}"),
         ["afile"],
     ),
+    # assemble: refused before anything is fitted or written
+    "assemble budget below the minimum": (
+        ("assemble", "{pool}", "--budget", "1KB", "--data", "{text}", "--out", "{new}"),
+        ["--budget", "smallest runnable assembly", "or more"],
+    ),
+    "assemble unparseable budget": (
+        ("assemble", "{pool}", "--budget", "4 gigs", "--dry-run"),
+        ["cannot read size"],
+    ),
+    "assemble negative max seams": (
+        ("assemble", "{pool}", "--budget", "1GB", "--max-seams", "-1", "--dry-run"),
+        ["--max-seams"],
+    ),
+    "assemble no data to fit": (
+        ("assemble", "{pool}", "--budget", "1GB", "--out", "{new}"),
+        ["--data", "--task"],
+    ),
+    "assemble out is a file": (
+        ("assemble", "{pool}", "--budget", "1GB", "--data", "{text}", "--out", "{file}"),
+        ["afile"],
+    ),
     # finetune: names checked before training
     "finetune bad name": (
         ("finetune", "{pool}", "--model", "m", "--data", "{text}", "--as", "a/b"),

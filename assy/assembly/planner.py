@@ -1,0 +1,639 @@
+"""The assembly planner: the best chain of pool blocks that fits a memory budget.
+
+Pure: no forward pass runs here. Its inputs are
+
+* **candidates** (:class:`Candidate`): every pool model and variant (precision, sparsity),
+  with the resident bytes of each of its blocks *as the runtime holds them* (read from the
+  pool's manifest and safetensors headers by :func:`pool_candidates`), its width and the
+  working memory of its largest layer call (:meth:`blockpool.ChainRunner.working_bytes`);
+* **compatibility** (:class:`CompatTable`): the comparator's ``w·CKA + (1 − w)·exp(−KL)``
+  of ``out(a) → in(b)`` from a cached ``assy compare`` run, or nothing;
+* a **budget** in bytes, the most seams allowed and a seed;
+
+and its output is a :class:`Plan`: a :class:`~assy.assembly.recipe.Recipe` (issue 14's
+format, sums not yet pinned) with its bytes, seams and scores.
+
+**The chain.** An anchor (a causal model or a variant of one) gives the tokenizer,
+embedding and head; between them runs an ordered chain of layer blocks of any candidate.
+Layer ``i`` of a model of ``n`` layers covers the relative depths ``[i/n, (i+1)/n)``, and
+each layer of the chain starts at or after the depth where the one before it ends (so it
+never runs a model's layers backwards or twice, and the depths it covers sum to at most 1). Consecutive
+layers of one model line (a model and its variants: same residual space) need no adapter;
+a skipped span inside a line gets a ``diagonal`` seam, a change of line an ``affine`` one.
+``max_seams`` caps those seams; 0 leaves the single models and variants, whole.
+
+**The objective** sums the compatibility of every transition into a layer, weighted by the
+share of its model's depth that layer carries (``1 / n``, so chains of models with 18 and
+30 layers are scored on one scale: a whole model scores 1), times the layer's quality
+prior ``q`` (below); the transition into the head subtracts ``(1 − compat) / n_anchor``;
+the whole is scaled by the anchor's ends' ``q``. Compatibility of a transition is, in
+order: 1 for the next layer of the same model line; the comparator's score of the two
+blocks, or of their parents' blocks when a variant was not captured; else the
+**fallback** ``γ · max(0, 1 − 2·|depth out − depth in|)`` with ``γ = 1`` inside a model
+line and ``γ = ½`` across lines (an unmeasured foreign seam is trusted half as much),
+``depth out = (i + 1) / n`` of the block left, ``depth in = j / n'`` of the block entered
+(the embedding leaves at 0, the head enters at 1). Every score says which source it came
+from.
+
+**Quality priors** ``q`` of a variant block: 1 at fp32/bf16/fp16; int8 0.964 and 4-bit
+0.888 (the seed's Table 1, 73.1/75.8 and 67.3/75.8); a pruned block ``1 − s/2`` at
+sparsity ``s``. They only rank variants against their parents; a measured proxy on local
+data is what should replace them.
+
+**Bytes** (the budget contract of DESIGN.md): the anchor's embedding and head (a tied
+pair once), every layer, every adapter (its fp32 parameters and buffers), and the
+runtime's working memory of one forward call of ``batch × tokens`` (the largest layer call
+among the models used, plus the anchor's logits). Blocks are counted as the runtime holds
+them: quantized blocks are dequantized to the compute dtype at load and pruned ones are
+stored dense, so today a variant saves bytes on disk but not in memory, and the planner
+says so rather than pretend otherwise.
+
+**Search**: exact dynamic programming over the depth-ordered DAG of layers, with Pareto
+labels ``(bytes, seams, score)`` per layer (a label is dropped only when another reaches
+the same layer with no more bytes, no more seams and no lower score), run once per anchor
+and per working-memory level. Exact, so a larger budget never gives a lower objective.
+Ties go to the larger assembly (more parameters), then to a seeded random rank of the
+blocks: the same seed gives the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from assy.assembly.recipe import Recipe, SeamSpec, Slice
+from assy.errors import UsageError, arg
+from blockpool.sizes import format_size
+
+__all__ = [
+    "CROSS_TRUST",
+    "Candidate",
+    "CompatTable",
+    "Plan",
+    "adapter_nbytes",
+    "load_compat",
+    "plan_assembly",
+    "pool_candidates",
+    "quality_prior",
+]
+
+CROSS_TRUST = 0.5  # γ of an unmeasured seam between model lines
+_QUALITY = {"fp32": 1.0, "bf16": 1.0, "fp16": 1.0, "int8": 0.964, "nf4": 0.888, "fp4": 0.888}
+_EPS = 1e-12
+
+
+def quality_prior(precision: str, sparsity: float) -> float:
+    """The quality prior ``q`` of a block (see the module docstring)."""
+    return _QUALITY.get(precision, 0.888) * (1.0 - 0.5 * min(max(sparsity, 0.0), 1.0))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A pool model (or variant) as the planner sees it.
+
+    Attributes:
+        name: its pool name; root: the original model of its line (itself if none).
+        causal: whether it can be an anchor (a causal LM).
+        width: hidden size.
+        layer_ids, layer_bytes, layer_quality: per layer block, in order.
+        ends_bytes: resident bytes of its embedding and head (a tied pair once).
+        ends_quality: ``q`` of its embedding and head (the lower).
+        layer_work: working bytes of its largest layer call (activations, attention).
+        logit_work: working bytes of its logits (as an anchor's head).
+        precision, sparsity: a summary for the plan (the most common / the mean).
+    """
+
+    name: str
+    root: str
+    causal: bool
+    width: int
+    layer_ids: tuple[str, ...]
+    layer_bytes: tuple[int, ...]
+    layer_quality: tuple[float, ...]
+    ends_bytes: int
+    ends_quality: float = 1.0
+    layer_work: int = 0
+    logit_work: int = 0
+    precision: str = "fp32"
+    sparsity: float = 0.0
+
+    @property
+    def n(self) -> int:
+        return len(self.layer_ids)
+
+    @property
+    def bytes(self) -> int:
+        return self.ends_bytes + sum(self.layer_bytes)
+
+
+class CompatTable:
+    """The comparator's compatibility ``out(a) → in(b)`` by block ids (NaN: unknown)."""
+
+    def __init__(self, blocks: Sequence[str], matrix: Any) -> None:
+        self.index = {b: i for i, b in enumerate(blocks)}
+        self.rows = [list(map(float, row)) for row in matrix]
+
+    def get(self, a: str, b: str) -> float | None:
+        i, j = self.index.get(a), self.index.get(b)
+        if i is None or j is None:
+            return None
+        value = self.rows[i][j]
+        return None if math.isnan(value) else value
+
+    def __contains__(self, bid: str) -> bool:
+        return bid in self.index
+
+
+def load_compat(path: str | Path) -> CompatTable:
+    """The compatibility matrix of an ``assy compare`` output (its directory or its
+    ``matrices.safetensors``).
+
+    Raises:
+        UsageError: no such file, or not a comparator output.
+    """
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "matrices.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{path}: no comparator output (run assy compare first)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            blocks = json.loads((f.metadata() or {})["blocks"])
+            matrix = f.get_tensor("compatibility")
+    except (SafetensorError, KeyError, ValueError, OSError) as e:
+        raise UsageError(f"{path}: not a comparator output ({e})") from None
+    return CompatTable(blocks, matrix.double().tolist())
+
+
+@lru_cache(maxsize=64)
+def adapter_nbytes(d_in: int, d_out: int, kind: str) -> int:
+    """Bytes of an elastic adapter's parameters and buffers (fp32, no cross-attention)."""
+    from assy.assembly.adapter import ElasticAdapter
+
+    adapter = ElasticAdapter(d_in, d_out, kind)
+    return sum(t.numel() * t.element_size() for t in adapter.state_dict().values())
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Step:
+    """One transition of the chain: into a layer (or the head), its score and its source."""
+
+    into: str
+    compatibility: float
+    source: str  # "own" (next layer of the line), "comparator", "parent" or "fallback"
+    seam: str | None  # None, "affine" or "diagonal"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A planned assembly.
+
+    Attributes:
+        recipe: what to assemble (sums not pinned: :func:`~assy.assembly.recipe.pin_blocks`).
+        objective: the summed, depth-weighted compatibility (see the module docstring).
+        bytes: ``weights``, ``adapters``, ``work`` and ``total`` resident bytes.
+        seams: adapters in the chain.
+        steps: every transition, embedding to head.
+        budget: the budget planned for.
+        chain: ``(candidate, layer index)`` of every layer, in order.
+    """
+
+    recipe: Recipe
+    objective: float
+    bytes: Mapping[str, int]
+    seams: int
+    steps: tuple[Step, ...]
+    budget: int
+    chain: tuple[tuple[str, int], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        from assy.assembly.recipe import recipe_to_dict
+
+        recipe = recipe_to_dict(self.recipe)
+        recipe.pop("blocks")
+        return {
+            "recipe": recipe,
+            "objective": round(self.objective, 6),
+            "bytes": dict(self.bytes),
+            "budget": self.budget,
+            "seams": self.seams,
+            "steps": [
+                {
+                    "into": s.into,
+                    "compatibility": round(s.compatibility, 6),
+                    "source": s.source,
+                    "seam": s.seam,
+                }
+                for s in self.steps
+            ],
+        }
+
+
+# --------------------------------------------------------------------------- the search
+
+
+@dataclass
+class _Label:
+    bytes: int
+    seams: int
+    score: float
+    tie: float
+    node: int
+    prev: _Label | None
+
+
+class _Search:
+    """The DAG of one anchor's search: nodes are (candidate, layer), ordered by depth."""
+
+    def __init__(
+        self,
+        cands: Sequence[Candidate],
+        anchor: Candidate,
+        compat: CompatTable | None,
+        seed: int,
+    ) -> None:
+        self.anchor = anchor
+        self.compat = compat
+        self.by_name = {c.name: c for c in cands}
+        nodes = [(c, i) for c in cands for i in range(c.n)]
+        nodes.sort(key=lambda n: (n[1] / n[0].n, n[0].name, n[1]))
+        self.nodes = nodes
+        rng = random.Random(seed)
+        self.rank = [rng.random() for _ in nodes]
+        self._memo: dict[tuple[int, int], tuple[float, str, str | None]] = {}
+
+    # compatibility of a transition --------------------------------------------------------
+    def _lookup(self, a: tuple[Candidate, int] | None, b: tuple[Candidate, int] | None):
+        """Score of ``out(a) → in(b)`` (``None``: the embedding / the head)."""
+        anchor = self.anchor
+        ca, ia = a if a is not None else (anchor, -1)
+        cb, ib = b if b is not None else (anchor, anchor.n)
+        same = ca.root == cb.root
+        if same and ib == ia + 1:
+            return 1.0, "own", None
+        seam = "diagonal" if same else "affine"
+        if a is not None and b is not None and self.compat is not None:
+            value = self.compat.get(ca.layer_ids[ia], cb.layer_ids[ib])
+            if value is not None:
+                return value, "comparator", seam
+            parents = (self._parent_id(ca, ia), self._parent_id(cb, ib))
+            if None not in parents:
+                value = self.compat.get(*parents)
+                if value is not None:
+                    return value, "parent", seam
+        out_depth = (ia + 1) / ca.n if a is not None else 0.0
+        in_depth = ib / cb.n if b is not None else 1.0
+        gamma = 1.0 if same else CROSS_TRUST
+        return gamma * max(0.0, 1.0 - 2.0 * abs(out_depth - in_depth)), "fallback", seam
+
+    def _parent_id(self, c: Candidate, i: int) -> str | None:
+        root = self.by_name.get(c.root)
+        return root.layer_ids[i] if root is not None and root.n == c.n else None
+
+    def step(self, a: int, b: int) -> tuple[float, str, str | None]:
+        """Transition from node ``a`` to node ``b`` (-1: the embedding / the head)."""
+        key = (a, b)
+        if key not in self._memo:
+            self._memo[key] = self._lookup(
+                self.nodes[a] if a >= 0 else None, self.nodes[b] if b >= 0 else None
+            )
+        return self._memo[key]
+
+    def seam_bytes(self, a: int, b: int, kind: str | None) -> int:
+        if kind is None:
+            return 0
+        wa = self.nodes[a][0].width if a >= 0 else self.anchor.width
+        wb = self.nodes[b][0].width if b >= 0 else self.anchor.width
+        return adapter_nbytes(wa, wb, kind)
+
+    def follows(self, a: int, b: int) -> bool:
+        """Whether node ``b`` may run after node ``a``: its depth interval starts where
+        ``a``'s ends or later (so the layers' depth shares sum to at most 1)."""
+        (ca, ia), (cb, ib) = self.nodes[a], self.nodes[b]
+        return ib / cb.n >= (ia + 1) / ca.n - _EPS
+
+    def gain(self, b: int, compat: float) -> float:
+        c, i = self.nodes[b]
+        return compat * c.layer_quality[i] / c.n
+
+    # the DP -------------------------------------------------------------------------------
+    def run(self, allowed: set[str], room: int, max_seams: int) -> _Label | None:
+        """The best complete chain using candidates in ``allowed`` within ``room`` bytes
+        (beside the anchor's ends and the working memory)."""
+        fronts: list[list[_Label]] = [[] for _ in self.nodes]
+        best: _Label | None = None
+        for b, (cb, ib) in enumerate(self.nodes):
+            if cb.name not in allowed:
+                continue
+            size = cb.layer_bytes[ib]
+            compat, _, seam = self.step(-1, b)
+            labels = [
+                _Label(
+                    size + self.seam_bytes(-1, b, seam),
+                    int(seam is not None),
+                    self.gain(b, compat),
+                    self.rank[b],
+                    b,
+                    None,
+                )
+            ]
+            for a in range(b):
+                if not fronts[a] or not self.follows(a, b):
+                    continue
+                compat, _, seam = self.step(a, b)
+                extra = size + self.seam_bytes(a, b, seam)
+                g = self.gain(b, compat)
+                k = int(seam is not None)
+                for lab in fronts[a]:
+                    labels.append(
+                        _Label(
+                            lab.bytes + extra,
+                            lab.seams + k,
+                            lab.score + g,
+                            lab.tie + self.rank[b],
+                            b,
+                            lab,
+                        )
+                    )
+            fronts[b] = _pareto([x for x in labels if x.bytes <= room and x.seams <= max_seams])
+            # close the chain at the head
+            compat, _, seam = self.step(b, -1)
+            extra = self.seam_bytes(b, -1, seam)
+            k = int(seam is not None)
+            penalty = (1.0 - compat) / self.anchor.n
+            for lab in fronts[b]:
+                if lab.bytes + extra > room or lab.seams + k > max_seams:
+                    continue
+                done = _Label(
+                    lab.bytes + extra, lab.seams + k, lab.score - penalty, lab.tie, -1, lab
+                )
+                if best is None or _better(done, best):
+                    best = done
+        return best
+
+
+def _better(x: _Label, y: _Label) -> bool:
+    if abs(x.score - y.score) > _EPS:
+        return x.score > y.score
+    if x.bytes != y.bytes:
+        return x.bytes > y.bytes  # a tie: the larger assembly (more parameters)
+    return x.tie > y.tie
+
+
+def _pareto(labels: list[_Label]) -> list[_Label]:
+    """Labels no other label dominates: one with no more bytes, no more seams and a higher
+    score (or the same score, bytes and seams and a higher tie rank). Equal scores at
+    different bytes both stay: a tie goes to the larger assembly."""
+    labels.sort(key=lambda x: (x.bytes, x.seams, -x.score, -x.tie))
+    kept: list[_Label] = []
+    for x in labels:
+        if any(
+            y.seams <= x.seams
+            and (
+                y.score > x.score + _EPS
+                or (abs(y.score - x.score) <= _EPS and (y.bytes, y.seams) == (x.bytes, x.seams))
+            )
+            for y in kept
+        ):  # y has no more bytes (sorted)
+            continue
+        kept.append(x)
+    return kept
+
+
+def _minimum(search: _Search, allowed: set[str], max_seams: int) -> int | None:
+    """Fewest layer + adapter bytes of any complete chain with at most ``max_seams`` seams."""
+    inf = math.inf
+    cost = [[inf] * (max_seams + 1) for _ in search.nodes]
+    best = inf
+    for b, (cb, ib) in enumerate(search.nodes):
+        if cb.name not in allowed:
+            continue
+        size = cb.layer_bytes[ib]
+        _, _, seam = search.step(-1, b)
+        k = int(seam is not None)
+        if k <= max_seams:
+            cost[b][k] = size + search.seam_bytes(-1, b, seam)
+        for a in range(b):
+            if min(cost[a]) == inf or not search.follows(a, b):
+                continue
+            _, _, seam = search.step(a, b)
+            k = int(seam is not None)
+            extra = size + search.seam_bytes(a, b, seam)
+            for s in range(max_seams + 1 - k):
+                if cost[a][s] + extra < cost[b][s + k]:
+                    cost[b][s + k] = cost[a][s] + extra
+        _, _, seam = search.step(b, -1)
+        k = int(seam is not None)
+        extra = search.seam_bytes(b, -1, seam)
+        for s in range(max_seams + 1 - k):
+            best = min(best, cost[b][s] + extra)
+    return None if best == inf else int(best)
+
+
+def _work_levels(cands: Sequence[Candidate]) -> list[int]:
+    return sorted({c.layer_work for c in cands})
+
+
+def plan_assembly(
+    candidates: Sequence[Candidate],
+    budget: int,
+    *,
+    compat: CompatTable | None = None,
+    max_seams: int = 4,
+    seed: int = 0,
+    anchors: Sequence[str] | None = None,
+) -> Plan:
+    """The best assembly of ``candidates`` whose resident bytes fit ``budget``.
+
+    Args:
+        candidates: pool models and variants (:func:`pool_candidates`).
+        budget: bytes: weights + adapters + working memory must fit.
+        compat: the comparator's scores; ``None``: the fallback everywhere.
+        max_seams: most adapters in the chain; 0: the best whole single model or variant.
+        seed: breaks ties between equally scored chains (same seed, same plan).
+        anchors: the models that may give embedding and head (default: every causal one).
+
+    Raises:
+        UsageError: no causal candidate, a negative ``max_seams``, or a budget below the
+            smallest runnable assembly (the message names it).
+    """
+    if max_seams < 0:
+        raise UsageError(f"{arg('max_seams')} must be 0 or more, got {max_seams}")
+    pool_anchors = [c for c in candidates if c.causal and c.n]
+    if anchors is not None:
+        pool_anchors = [c for c in pool_anchors if c.name in set(anchors)]
+    if not pool_anchors:
+        raise UsageError(
+            "no decoder to anchor an assembly: the pool needs a causal language model "
+            "(its tokenizer, embedding and head)"
+        )
+    layers = [c for c in candidates if c.n]
+    best: tuple[_Label, _Search, int, int] | None = None
+    floor: int | None = None
+    for anchor in sorted(pool_anchors, key=lambda c: c.name):
+        pool_for = layers if max_seams else [anchor]
+        search = _Search(pool_for, anchor, compat, seed)
+        for level in _work_levels(pool_for):
+            allowed = {c.name for c in pool_for if c.layer_work <= level}
+            fixed = anchor.ends_bytes + level + anchor.logit_work
+            need = _minimum(search, allowed, max_seams)
+            if need is not None and (floor is None or fixed + need < floor):
+                floor = fixed + need
+            if need is None or fixed + need > budget:
+                continue
+            label = search.run(allowed, budget - fixed, max_seams)
+            if label is None:
+                continue
+            label.score *= anchor.ends_quality
+            if best is None or _better(label, best[0]):
+                best = (label, search, fixed, level)
+    if best is None:
+        if floor is None:
+            raise UsageError(
+                f"no assembly can be made with {arg('max_seams')} {max_seams} from this pool"
+            )
+        raise UsageError(
+            f"{arg('budget')} {format_size(budget)} is below the smallest runnable assembly "
+            f"of this pool ({format_size(floor)}: weights, adapters and one forward call's "
+            f"working memory); use {arg('budget')} {format_size(floor)} or more"
+        )
+    label, search, fixed, level = best
+    return _to_plan(label, search, level, budget)
+
+
+def _to_plan(label: _Label, search: _Search, level: int, budget: int) -> Plan:
+    path: list[int] = []
+    node: _Label | None = label.prev
+    while node is not None:
+        path.append(node.node)
+        node = node.prev
+    path.reverse()
+    anchor = search.anchor
+    steps: list[Step] = []
+    adapters = 0
+    seams: list[SeamSpec] = []
+    slices: list[Slice] = []
+    previous = -1
+    for b in [*path, -1]:
+        compat, source, seam = search.step(previous, b)
+        into = search.nodes[b][0].layer_ids[search.nodes[b][1]] if b >= 0 else "head"
+        steps.append(Step(into, compat, source, seam))
+        adapters += search.seam_bytes(previous, b, seam)
+        if b >= 0:
+            c, i = search.nodes[b]
+            last = slices[-1] if slices else None
+            joins = (
+                last is not None
+                and seam is None
+                and last.source == c.name
+                and last.layers[1] == i - 1
+            )
+            if joins:
+                slices[-1] = Slice(last.model, (last.layers[0], i), last.variant)
+            else:
+                if seam is not None:
+                    seams.append(SeamSpec(len(slices), seam))
+                slices.append(Slice(c.root, (i, i), c.name if c.name != c.root else None))
+        elif seam is not None:
+            seams.append(SeamSpec(len(slices), seam))
+        previous = b
+    weights = anchor.ends_bytes + sum(
+        search.nodes[b][0].layer_bytes[search.nodes[b][1]] for b in path
+    )
+    work = level + anchor.logit_work
+    recipe = Recipe(anchor.name, tuple(slices), tuple(seams))
+    return Plan(
+        recipe=recipe,
+        objective=label.score,
+        bytes={
+            "weights": weights,
+            "adapters": adapters,
+            "work": work,
+            "total": weights + adapters + work,
+        },
+        seams=len(seams),
+        steps=tuple(steps),
+        budget=budget,
+        chain=tuple((search.nodes[b][0].name, search.nodes[b][1]) for b in path),
+    )
+
+
+# --------------------------------------------------------------------------- from a pool
+
+
+def pool_candidates(
+    pool, *, dtype: str = "fp32", batch: int = 1, tokens: int = 512
+) -> list[Candidate]:
+    """Every model of ``pool`` as a :class:`Candidate`: block bytes as the runtime holds
+    them at ``dtype`` (headers read, nothing loaded) and the working memory of a
+    ``batch × tokens`` forward call."""
+    from assy.assembly.recipe import lineage
+    from blockpool import BlockRunner, block_nbytes
+
+    torch_dtype = _torch_dtype(dtype)
+    out = []
+    for name in sorted(pool.models):
+        model = pool.model(name)
+        ids = list(model.blocks)
+        kinds = {b: pool.blocks[b].kind for b in ids}
+        layer_ids = tuple(b for b in ids if kinds[b] == "layer")
+        ends = [b for b in ids if kinds[b] != "layer"]
+        ends_bytes = 0
+        for b in ends:
+            tied = tuple(
+                n for n, ref in pool.blocks[b].tied.items() if ref.partition(":")[0] in ends
+            )
+            ends_bytes += block_nbytes(pool, b, torch_dtype, skip=tied)
+        entries = [pool.blocks[b] for b in ids]
+        runner = BlockRunner(pool, name, dtype=torch_dtype)
+        layer_work = runner.working_bytes(batch, tokens, 0, 0)
+        causal = bool(pool.family(name).causal) and any(k == "head" for k in kinds.values())
+        logit_work = runner.working_bytes(batch, tokens, 0, batch * tokens) - layer_work
+        precisions = [e.precision for e in entries if e.kind == "layer"] or ["fp32"]
+        out.append(
+            Candidate(
+                name=name,
+                root=lineage(pool, name)[-1],
+                causal=causal,
+                width=int(entries[0].hidden_size),
+                layer_ids=layer_ids,
+                layer_bytes=tuple(block_nbytes(pool, b, torch_dtype) for b in layer_ids),
+                layer_quality=tuple(
+                    quality_prior(pool.blocks[b].precision, pool.blocks[b].sparsity)
+                    for b in layer_ids
+                ),
+                ends_bytes=ends_bytes,
+                ends_quality=min(
+                    (
+                        quality_prior(pool.blocks[b].precision, pool.blocks[b].sparsity)
+                        for b in ends
+                    ),
+                    default=1.0,
+                ),
+                layer_work=layer_work,
+                logit_work=logit_work if causal else 0,
+                precision=max(set(precisions), key=precisions.count),
+                sparsity=sum(pool.blocks[b].sparsity for b in layer_ids) / max(len(layer_ids), 1),
+            )
+        )
+    return out
+
+
+def _torch_dtype(name: str):
+    from blockpool import RunOptions
+
+    options = RunOptions(dtype=name)
+    options.validate()
+    return options.torch_dtype

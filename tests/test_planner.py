@@ -1,0 +1,249 @@
+"""The assembly planner: candidates, bytes, budget -> recipe (pure, no forward pass).
+
+Synthetic candidates (bytes chosen by hand) for the search itself; a tiny random pool for
+candidates read from a real manifest and a plan that validates as a recipe against it.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from tiny_models import char_tokenizer
+
+from assy.assembly.planner import (
+    Candidate,
+    CompatTable,
+    adapter_nbytes,
+    plan_assembly,
+    pool_candidates,
+    quality_prior,
+)
+from assy.assembly.recipe import validate_recipe
+from assy.errors import UsageError
+from blockpool import Pool, build_pool
+
+
+def cand(name, n, size=100, *, root=None, ends=50, width=8, causal=True, q=1.0, work=10):
+    return Candidate(
+        name=name,
+        root=root or name,
+        causal=causal,
+        width=width,
+        layer_ids=tuple(f"{name}/layer/{i}" for i in range(n)),
+        layer_bytes=(size,) * n,
+        layer_quality=(q,) * n,
+        ends_bytes=ends,
+        layer_work=work,
+        logit_work=5,
+    )
+
+
+def _pool_of_two():
+    big = cand("big", 6, 100)
+    small = cand("small", 4, 40, width=6)
+    half = cand("big-int4", 6, 30, root="big", q=quality_prior("nf4", 0.0))
+    return [big, small, half]
+
+
+def _table(cands, seed=0):
+    """A random compatibility table over every layer block (own seams at 1)."""
+    ids = [b for c in cands for b in c.layer_ids]
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(len(ids), len(ids), generator=g, dtype=torch.float64)
+    return CompatTable(ids, m.tolist())
+
+
+def test_plan_fits_the_budget_and_is_a_recipe():
+    cands = _pool_of_two()
+    for budget in (300, 400, 500, 700, 1000):
+        plan = plan_assembly(cands, budget, compat=_table(cands), max_seams=3)
+        assert plan.bytes["total"] <= budget
+        assert plan.bytes["total"] == sum(plan.bytes[k] for k in ("weights", "adapters", "work"))
+        assert plan.seams <= 3 and plan.seams == len(plan.recipe.seams)
+        # slices cover exactly the chain, in order
+        layers = [
+            (s.source, i) for s in plan.recipe.slices for i in range(s.layers[0], s.layers[1] + 1)
+        ]
+        assert layers == list(plan.chain)
+
+
+def test_whole_anchor_when_it_fits():
+    cands = _pool_of_two()
+    plan = plan_assembly(cands, 10_000, compat=_table(cands))
+    assert plan.recipe.anchor == "big"
+    assert [(s.model, s.layers, s.variant) for s in plan.recipe.slices] == [("big", (0, 5), None)]
+    assert plan.seams == 0
+    assert plan.objective == pytest.approx(1.0)
+    assert all(s.source == "own" for s in plan.steps)
+
+
+def test_more_budget_never_lowers_the_objective():
+    cands = _pool_of_two()
+    table = _table(cands, seed=3)
+    previous = -float("inf")
+    for budget in range(150, 1000, 25):
+        try:
+            plan = plan_assembly(cands, budget, compat=table, max_seams=4)
+        except UsageError:
+            assert previous == -float("inf")  # only below the minimum
+            continue
+        assert plan.objective >= previous - 1e-12
+        previous = plan.objective
+
+
+def test_max_seams_zero_is_the_best_single_model_that_fits():
+    cands = _pool_of_two()
+    # big (6 x 100 + 50 + 15) does not fit 400; its int4 variant (6 x 30 + 65) does and its
+    # prior beats... nothing: small (4 x 40 + 65) fits too, q = 1 > 0.888
+    plan = plan_assembly(cands, 400, compat=_table(cands), max_seams=0)
+    assert plan.seams == 0 and len(plan.recipe.slices) == 1
+    assert plan.recipe.anchor == "small"
+    assert plan.recipe.slices[0].layers == (0, 3)
+    plan = plan_assembly(cands, 10_000, max_seams=0)
+    assert plan.recipe.anchor == "big"
+    # only the variant fits: it is chosen, as a variant of its line
+    plan = plan_assembly([cands[0], cands[2]], 300, max_seams=0)
+    assert plan.recipe.anchor == "big-int4"
+    assert plan.recipe.slices[0].variant == "big-int4" and plan.recipe.slices[0].model == "big"
+
+
+def test_too_small_budget_names_the_minimum():
+    cands = _pool_of_two()
+    # smallest: the anchor small's ends + work and either its first layer with a diagonal
+    # seam to its head or its 4 layers whole
+    seam = adapter_nbytes(6, 6, "diagonal")
+    floor = 50 + 10 + 5 + min(40 + seam, 4 * 40)
+    plan = plan_assembly(cands, floor, max_seams=1)
+    assert plan.bytes["total"] == floor
+    with pytest.raises(UsageError, match=rf"below the smallest runnable assembly .*\({floor}B"):
+        plan_assembly(cands, floor - 1, max_seams=1)
+    with pytest.raises(UsageError, match="smallest runnable assembly"):
+        plan_assembly(cands, 200, max_seams=0)  # small whole needs 225
+
+
+def test_same_seed_same_plan_and_seams_where_lines_change():
+    cands = _pool_of_two()
+    table = _table(cands, seed=1)
+    plans = [plan_assembly(cands, 600, compat=table, max_seams=4, seed=7) for _ in range(2)]
+    assert plans[0] == plans[1]
+    recipe = plans[0].recipe
+    roots = [recipe.anchor.split("-")[0]] + [s.model for s in recipe.slices] + ["big"]
+    for seam in recipe.seams:
+        assert seam.kind in ("affine", "diagonal")
+        if seam.kind == "affine":
+            assert roots[seam.before] != roots[seam.before + 1]
+
+
+def test_no_decoder_and_bad_max_seams():
+    enc = cand("enc", 4, causal=False)
+    with pytest.raises(UsageError, match="no decoder"):
+        plan_assembly([enc], 10_000)
+    with pytest.raises(UsageError, match="max.seams"):
+        plan_assembly(_pool_of_two(), 10_000, max_seams=-1)
+
+
+def test_comparator_scores_steer_the_seam():
+    a, b = cand("a", 4, 1000), cand("b", 4, 500, causal=False)
+    ids = [*a.layer_ids, *b.layer_ids]
+    m = torch.zeros(8, 8, dtype=torch.float64)
+    m[1, 6] = 0.9  # a/layer/1 -> b/layer/2 fits well
+    m[6, 7] = 1.0
+    m[7, 7] = 0.0
+    plan = plan_assembly([a, b], 10_000, compat=CompatTable(ids, m.tolist()), max_seams=2)
+    assert plan.recipe.anchor == "a"  # b cannot anchor
+    # with every layer resident nothing beats the whole anchor
+    assert plan.recipe.slices[0].layers == (0, 3)
+    # under a budget below a whole (4 x 1000 + 65): a 0-1 then b 2-3 (0.9 into b/2, b's own seam,
+    # an unmeasured seam back into a's head: 0.5) scores 0.5 + 0.225 + 0.25 - 0.125 = 0.85;
+    # a 0-2 with its last layer dropped scores 0.75 - 0.125 (fallback 0.5 to the head)
+    budget = 2 * 1000 + 2 * 500 + 65 + 2 * adapter_nbytes(8, 8, "affine")
+    assert budget < a.bytes + 15
+    plan = plan_assembly([a, b], budget, compat=CompatTable(ids, m.tolist()), max_seams=2)
+    assert plan.bytes["total"] <= budget
+    assert [(s.model, s.layers) for s in plan.recipe.slices] == [("a", (0, 1)), ("b", (2, 3))]
+    assert [(s.before, s.kind) for s in plan.recipe.seams] == [(1, "affine"), (2, "affine")]
+    assert plan.objective == pytest.approx(0.85)
+    assert [s.source for s in plan.steps] == ["own", "own", "comparator", "own", "fallback"]
+    # one seam allowed: the cross-model chain is out of reach
+    plan = plan_assembly([a, b], budget, compat=CompatTable(ids, m.tolist()), max_seams=1)
+    assert {s.model for s in plan.recipe.slices} == {"a"}
+
+
+# --------------------------------------------------------------------------- a real manifest
+
+
+@pytest.fixture(scope="module")
+def plan_pool(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan")
+    sources = []
+    for family in ("llama", "gemma3", "bert"):
+        src = root / family
+        shutil.copytree(tiny_dirs[family], src)
+        char_tokenizer().save_pretrained(src)
+        sources.append(f"{family}={src}")
+    build_pool(sources, root / "pool", dtype="fp32")
+    return Pool(root / "pool")
+
+
+def test_pool_candidates_and_a_valid_recipe(plan_pool):
+    cands = {c.name: c for c in pool_candidates(plan_pool, tokens=64)}
+    assert set(cands) == {"llama", "gemma3", "bert"}
+    assert not cands["bert"].causal and cands["llama"].causal
+    assert cands["llama"].layer_work > 0 and cands["llama"].logit_work > 0
+    whole = plan_assembly(list(cands.values()), 10**9, max_seams=0)
+    validate_recipe(whole.recipe, plan_pool, pinned=False)
+    total = sum(c.bytes for c in cands.values())
+    for budget in (total // 4, total // 2, total):
+        try:
+            plan = plan_assembly(list(cands.values()), budget, max_seams=3)
+        except UsageError as e:
+            assert "smallest runnable assembly" in str(e)
+            continue
+        validate_recipe(plan.recipe, plan_pool, pinned=False)
+        assert plan.bytes["total"] <= budget
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_assemble_dry_run_prints_the_plan_and_writes_nothing(plan_pool, tmp_path):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+
+    out = tmp_path / "asm"
+    args = ["assemble", str(plan_pool.root), "--budget", "1GB", "--seq-len", "32", "--dry-run"]
+    result = CliRunner().invoke(cli, [*args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["plan"]["bytes"]["total"] <= 10**9
+    assert doc["plan"]["recipe"]["anchor"] in ("llama", "gemma3")
+    assert not out.exists()
+    again = CliRunner().invoke(cli, [*args, "--json"])
+    assert json.loads(again.output) == doc  # same seed, same plan
+    text = CliRunner().invoke(cli, args)
+    assert text.exit_code == 0 and "plan for 1.0GB" in text.output
+
+
+def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
+    from click.testing import CliRunner
+
+    from assy.assembly import load_assembly
+    from assy.cli import cli
+
+    cands = pool_candidates(plan_pool, tokens=32)
+    whole = min(c.bytes + c.layer_work + c.logit_work for c in cands if c.causal)
+    budget = str(whole - 1)  # no whole model fits: layers must go
+    data = tmp_path / "fit.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 80))
+    out = tmp_path / "asm"
+    result = CliRunner().invoke(
+        cli,
+        ["assemble", str(plan_pool.root), "--budget", budget, "--seq-len", "32"]
+        + ["--samples", "8", "--data", str(data), "--out", str(out), "--max-seams", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    assert (out / "recipe.yaml").is_file()
+    assembly = load_assembly(plan_pool, out)
+    assert assembly.recipe.seams  # the plan dropped or replaced layers, with adapters
