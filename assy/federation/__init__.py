@@ -1,0 +1,1 @@
+"""Federated rounds on Flower (DESIGN.md "Federation")."""
