@@ -1,0 +1,112 @@
+"""A client's peak memory, measured by running one client round alone in a fresh process.
+
+A Ray worker runs many clients one after the other and keeps what it allocated, so its
+peak says nothing about one client's need. Here one round runs in a new interpreter and
+reports its peak resident set (``ru_maxrss``) and its resident set just before the round
+(after the imports): the difference is what the round itself needs (weights, adapter,
+optimizer state, activations and gradients).
+
+Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from assy.errors import UsageError
+from assy.federation.config import FederationConfig
+
+__all__ = ["measure_client_memory"]
+
+
+def _rss_now() -> int:
+    """Current resident set size of this process, bytes (Linux; else the peak so far)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        from assy.evaluate import peak_rss_bytes
+
+        return peak_rss_bytes()
+
+
+def measure_client_memory(
+    cfg: FederationConfig, kind: str = "train", budget: int | None = None, timeout: float = 900
+) -> dict[str, Any]:
+    """Run one client round (partition 0) alone in a fresh process and measure it.
+
+    Args:
+        cfg: the run.
+        kind: ``train`` (a fedit/local round: LoRA training of the anchor) or ``score``
+            (forward-only scoring of the anchor through the swapper within ``budget``).
+        budget: resident weight bytes for ``score`` (``None``: all resident).
+        timeout: seconds before the measurement is given up.
+
+    Returns:
+        ``{"kind", "peak_rss_bytes", "baseline_rss_bytes", "need_bytes", "seconds"}``.
+
+    Raises:
+        UsageError: the round failed (its last error line is quoted).
+    """
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    args = [sys.executable, "-m", "assy.federation.memory", json.dumps(cfg.to_record()), kind]
+    args += [str(budget)] if budget is not None else []
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"measuring a client's {kind} memory took over {timeout:.0f} s") from None
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
+        raise UsageError(f"measuring a client's {kind} memory failed: {lines[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> None:
+    import time
+    import warnings
+
+    import torch
+
+    warnings.simplefilter("ignore")  # stderr is only read on failure
+    torch.set_num_threads(1)
+    from assy.federation import task
+    from blockpool import Pool
+
+    cfg = FederationConfig.from_record(json.loads(argv[1]))
+    kind, budget = argv[2], int(argv[3]) if len(argv) > 3 else None
+    pool = Pool(cfg.pool)
+    anchor = task.anchor_model(pool, cfg.anchor)
+    for bid in pool.model(anchor)["blocks"]:
+        pool.empty_module(bid)  # import the model's classes: code is not the round's need
+    examples = task.federated_data(cfg).clients[0]
+    baseline = _rss_now()
+    start = time.perf_counter()
+    if kind == "train":
+        task.fedit_round(cfg, 0, task.initial_adapter(pool, anchor, cfg), 1)
+    elif kind == "score":
+        task.score_under_budget(pool, anchor, examples, budget)
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    from assy.evaluate import peak_rss_bytes
+
+    peak = peak_rss_bytes()
+    result = {
+        "kind": kind,
+        "budget": budget,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "need_bytes": max(0, peak - baseline),
+        "seconds": time.perf_counter() - start,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _main(sys.argv)
