@@ -231,13 +231,14 @@ def demo_cmd(out: Path, limit: int, max_tokens: int) -> None:
 
 def _register() -> None:
     """Add the feature commands of ``assy.commands`` (one line each)."""
-    from assy.commands import compare, generate, prune, quantize
+    from assy.commands import compare, federate, generate, prune, quantize
 
     for command in (
         compare.compare_cmd,
         generate.generate_cmd,
         quantize.quantize_cmd,
         prune.prune_cmd,
+        federate.federate_cmd,
     ):
         cli.add_command(command)
 

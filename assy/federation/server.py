@@ -1,0 +1,459 @@
+"""The server's rounds on a Flower grid: discover, sample, send, screen, aggregate, save.
+
+:func:`run_server` is what the ServerApp's ``main`` calls, on the simulation and on the
+deployment engine alike. The work that needs no Flower lives in :mod:`~.task`,
+:mod:`~.strategy`, :mod:`~.state` and :mod:`~.tiers`; this module turns it into messages.
+
+Flower facts it is built on (flwr 1.42): replies come back from whoever answered within
+the round's timeout; a failed client answers with an error message, a slow one not at all,
+and its work is not cancelled: it keeps its worker busy. So a client whose reply is missing
+stays *pending*, is not sampled again until its late reply shows up, and the round goes on
+with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from assy.errors import UsageError
+from assy.federation import task
+from assy.federation.config import FederationConfig
+from assy.federation.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    arrays_record,
+    config_record,
+    payload_bytes,
+    record_tensors,
+)
+from assy.federation.state import ServerState
+from assy.federation.strategy import (
+    Rejection,
+    Update,
+    aggregate_adapters,
+    sample_clients,
+    screen_updates,
+)
+from assy.federation.tiers import Tier, assign_tiers, load_tiers
+from blockpool.sizes import format_size
+
+__all__ = [
+    "ASSY_NEEDS_PLANNER",
+    "ROUNDS",
+    "Population",
+    "discover",
+    "plan_population",
+    "run_round",
+    "run_server",
+]
+
+ASSY_NEEDS_PLANNER = (
+    "--method assy needs the assembly planner of `assy assemble`, which is not available "
+    "yet; use --method fedit or --method local"
+)
+DISCOVERY_TIMEOUT = 900.0
+Log = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------- population
+
+
+@dataclass
+class Population:
+    """Who takes part: partitions, their nodes, tiers and data sizes.
+
+    Attributes:
+        node_of: partition id -> Flower node id (found at start, never stored).
+        tiers: the device tiers.
+        tier_of: partition id -> index into ``tiers``.
+        sizes: partition id -> its number of examples.
+        eligible: partitions whose tier can hold the method's measured memory need.
+    """
+
+    node_of: dict[int, int]
+    tiers: list[Tier]
+    tier_of: list[int]
+    sizes: list[int]
+    eligible: list[int]
+
+    def by_tier(self, partitions) -> dict[str, int]:
+        counts = {t.name: 0 for t in self.tiers}
+        for p in partitions:
+            counts[self.tiers[self.tier_of[p]].name] += 1
+        return counts
+
+
+def discover(grid: Grid, num_clients: int, log: Log, timeout: float = DISCOVERY_TIMEOUT):
+    """Map each ``partition-id`` to its node: every node answers a query from its node config.
+
+    Waits for ``num_clients`` nodes to connect. This first exchange also absorbs the
+    engine's start (Ray's ~12 s in simulation), so the first round is not cut by a timeout.
+
+    Returns:
+        partition id -> node id, for the nodes that answered.
+    """
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < num_clients:
+        if time.monotonic() > deadline:
+            raise UsageError(
+                f"only {len(nodes)} of {num_clients} clients connected in {timeout:.0f} s"
+            )
+        time.sleep(0.2)
+    query = RecordDict({CONFIG: ConfigRecord({"ask": "partition-id"})})
+    messages = [Message(query, node, MessageType.QUERY) for node in nodes]
+    node_of: dict[int, int] = {}
+    for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
+        if reply.has_content():
+            node_of[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+    unknown = sorted(set(range(num_clients)) - set(node_of))
+    if unknown:
+        log(f"warning: {len(unknown)} client(s) did not answer the discovery: {unknown[:10]}")
+    if not node_of:
+        raise UsageError("no client answered; check that the SuperNodes run assy's ClientApp")
+    return node_of
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class _Evaluator:
+    """The server's copy of the anchor with LoRA, to score a global adapter on the test."""
+
+    def __init__(self, pool, anchor: str, cfg: FederationConfig, test) -> None:
+        self.model = task.lora_model(pool, anchor, cfg)
+        self.tokenizer = pool.tokenizer(anchor)
+        self.test = test
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        task.load_adapter_state(self.model, state)
+        return task.accuracy(self.model, self.tokenizer, self.test)
+
+
+def _metric(reply: Message, key: str) -> float | None:
+    value = reply.content[METRICS].get(key) if METRICS in reply.content else None
+    return float(value) if isinstance(value, int | float) else None
+
+
+class FeditRounds:
+    """FedIT: sampled clients train the global LoRA of the anchor; FedAvg of the screened."""
+
+    def __init__(self, cfg, pool, anchor, data, state: ServerState) -> None:
+        self.cfg, self.anchor = cfg, anchor
+        self.evaluate = _Evaluator(pool, anchor, cfg, data.test)
+        self.global_state = dict(state.global_state) or task.initial_adapter(pool, anchor, cfg)
+        size = sum(v.numel() * v.element_size() + len(k) for k, v in self.global_state.items())
+        self.max_bytes = 2 * size + 65536  # room for keys and metrics, not for a second model
+
+    def content(self, round_: int) -> RecordDict:
+        return RecordDict(
+            {CONFIG: config_record(self.cfg, round_), ARRAYS: arrays_record(self.global_state)}
+        )
+
+    def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
+        updates, rejected = [], []
+        for p, reply in sorted(replies.items()):
+            try:
+                state = record_tensors(reply.content[ARRAYS])
+                count = _metric(reply, "num-examples")
+                n = int(count) if count is not None and count == int(count) else -1
+                updates.append(Update(p, state, n, payload_bytes(reply), self.anchor))
+            except (KeyError, TypeError, ValueError) as e:
+                rejected.append(Rejection(p, f"malformed payload: {e}"))
+        sizes = dict(enumerate(pop.sizes))
+        kept, screened = screen_updates(
+            self.global_state, updates, max_bytes=self.max_bytes, max_examples=sizes
+        )
+        self.global_state, how = aggregate_adapters(self.global_state, kept)
+        return {
+            "accepted": [u.client for u in kept],
+            "rejected": [vars(r) for r in sorted(rejected + screened, key=lambda r: r.client)],
+            "aggregation": how,
+            **self.evaluate(self.global_state),
+        }
+
+    def finish(self, out: Path) -> Path:
+        """Write the final global adapter (peft format) and its recipe under ``out/final``."""
+        task.load_adapter_state(self.evaluate.model, self.global_state)
+        return _write_final(out, self.cfg, self.anchor, self.evaluate.model)
+
+
+class LocalRounds:
+    """Each client trains its own adapter alone; nothing is aggregated (the baseline)."""
+
+    def __init__(self, cfg, pool, anchor, data, state: ServerState) -> None:
+        self.cfg, self.anchor = cfg, anchor
+        self.global_state: dict[str, torch.Tensor] = {}
+        self._initial = lambda: _Evaluator(pool, anchor, cfg, data.test)(
+            task.initial_adapter(pool, anchor, cfg)
+        )
+
+    def evaluate(self, _state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        return self._initial()
+
+    def content(self, round_: int) -> RecordDict:
+        return RecordDict({CONFIG: config_record(self.cfg, round_)})
+
+    def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
+        scored = {p: r for p, r in replies.items() if _metric(r, "acc") is not None}
+        return {
+            "accepted": sorted(scored),
+            "rejected": [],
+            "aggregation": "none",
+            **{
+                k: _mean([_metric(r, k) for r in scored.values()]) for k in ("acc", "acc_norm", "n")
+            },
+        }
+
+    def finish(self, out: Path) -> Path:
+        return _write_final(out, self.cfg, self.anchor, None)
+
+
+ROUNDS = {"fedit": FeditRounds, "local": LocalRounds}
+"""Method name -> its server side. ``assy`` joins here once the planner exists: its
+selection rounds send candidate assemblies and aggregate :class:`~.strategy.Vote`s with
+:func:`~.strategy.aggregate_votes`; its adapter rounds reuse :class:`FeditRounds`'
+screening and :func:`~.strategy.aggregate_adapters` (HeteAgg where masks differ)."""
+
+
+def _write_final(out: Path, cfg: FederationConfig, anchor: str, model) -> Path:
+    """``out/final``: ``recipe.json`` (pool, anchor, method) and the adapter, swapped in whole."""
+    final, tmp = out / "final", out / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    recipe = {"method": cfg.method, "pool": str(Path(cfg.pool).resolve()), "anchor": anchor}
+    if model is not None:
+        model.save_pretrained(tmp / "adapter")
+        recipe["adapter"] = "adapter"
+    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+# --------------------------------------------------------------------------- rounds
+
+
+def _error_reason(reply: Message) -> str:
+    """The client's own exception message out of Flower's error reason."""
+    reason = reply.error.reason or f"error code {reply.error.code}"
+    if "Message:" in reason:
+        reason = reason.rsplit("Message:", 1)[1]
+    return " ".join(reason.strip(" '>\n").split())[:300]
+
+
+def _ideal_makespan(durations: list[float], slots: int | None) -> float:
+    """How long the clients' own compute takes on ``slots`` workers taking them in order
+    (``None``: one worker each). The rest of a round's wall time is the engine's."""
+    if not durations:
+        return 0.0
+    if slots is None:
+        return max(durations)
+    busy = [0.0] * max(1, slots)
+    for d in durations:
+        busy[busy.index(min(busy))] += d
+    return max(busy)
+
+
+def _free_pending(grid: Grid, pending: dict[int, str], log: Log) -> None:
+    """Clients whose late reply has come in are free again; the late reply is dropped."""
+    if not pending:
+        return
+    ids = {m: p for p, m in pending.items()}
+    for late in grid.pull_messages(list(ids)):
+        p = ids[late.metadata.reply_to_message_id]
+        log(f"  client {p}: late reply arrived and was dropped; it can be sampled again")
+        del pending[p]
+
+
+def run_round(
+    grid: Grid,
+    method,
+    pop: Population,
+    cfg: FederationConfig,
+    round_: int,
+    pending: dict[int, str],
+    log: Log,
+    slots: int | None = None,
+) -> dict[str, Any]:
+    """Sample, send, collect whoever answers in time, aggregate: one round's record."""
+    start = time.perf_counter()
+    _free_pending(grid, pending, log)
+    available = [p for p in pop.eligible if p in pop.node_of and p not in pending]
+    picked = sample_clients(available, cfg.per_round, cfg.seed, round_)
+    content = method.content(round_)
+    down = payload_bytes(Message(content, 0, MessageType.TRAIN)) * len(picked)
+    sent = {
+        p: Message(content, pop.node_of[p], MessageType.TRAIN, group_id=str(round_)) for p in picked
+    }
+    comm_start = time.perf_counter()
+    replies = grid.send_and_receive(list(sent.values()), timeout=cfg.round_timeout or None)
+    comm = time.perf_counter() - comm_start
+    by_node = {r.metadata.src_node_id: r for r in replies}
+    ok, failed, missing = {}, [], []
+    for p, msg in sent.items():
+        reply = by_node.get(pop.node_of[p])
+        if reply is None:
+            missing.append(p)
+            pending[p] = msg.metadata.message_id
+        elif reply.has_error():
+            failed.append({"client": p, "reason": _error_reason(reply)})
+        else:
+            ok[p] = reply
+    seconds = [s for r in ok.values() if (s := _metric(r, "client-seconds")) is not None]
+    fields = method.aggregate(ok, pop)
+    engine = max(0.0, comm - _ideal_makespan(seconds, slots))
+    return {
+        "round": round_,
+        "method": cfg.method,
+        "sampled": picked,
+        "participants": pop.by_tier(ok),
+        "failed": failed,
+        "missing": missing,
+        "accepted": fields["accepted"],
+        "rejected": fields["rejected"],
+        "aggregation": fields["aggregation"],
+        "accuracy": fields.get("acc"),
+        "acc_norm": fields.get("acc_norm"),
+        "n_test": fields.get("n"),
+        "train_loss": _mean([_metric(r, "loss_last") for r in ok.values()]),
+        "bytes_down": down,
+        "bytes_up": sum(payload_bytes(r) for r in ok.values()),
+        "client_seconds": sum(seconds),
+        "comm_seconds": comm,
+        "engine_seconds": engine,
+        "engine_share": engine / comm if comm > 0 else 0.0,
+        "wall_seconds": time.perf_counter() - start,
+    }
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _memory_need(cfg: FederationConfig, tiers: list[Tier], state: ServerState, log: Log) -> int:
+    """The method's measured per-client need (bytes), measured once and kept in the state."""
+    if "need_bytes" not in state.facts:
+        need = 0
+        if any(t.budget is not None for t in tiers):
+            from assy.federation.memory import measure_client_memory
+
+            log("measuring one client's training memory in a fresh process ...")
+            measured = measure_client_memory(cfg, "train")
+            need = measured["need_bytes"]
+            state.facts["memory"] = measured
+        state.facts["need_bytes"] = need
+    return int(state.facts["need_bytes"])
+
+
+def plan_population(cfg, pool, data, state: ServerState, log: Log) -> Population:
+    """Tiers, each client's tier, its data size, and who can take part: the method's
+    memory need is measured once (in a fresh process) and kept in ``state.facts``."""
+    tiers = load_tiers(cfg.tiers, list(task.model_bytes(pool).values()))
+    tier_of = assign_tiers(cfg.clients, tiers, cfg.seed)
+    need = _memory_need(cfg, tiers, state, log)
+    fits = [t.budget is None or t.budget >= need for t in tiers]
+    eligible = [p for p in range(cfg.clients) if fits[tier_of[p]]]
+    state.facts["tiers"] = [
+        {"name": t.name, "share": t.share, "budget": t.budget, "takes_part": f}
+        for t, f in zip(tiers, fits, strict=True)
+    ]
+    if not eligible:
+        largest = max(tiers, key=lambda t: t.budget or 0)
+        raise UsageError(
+            f"no client can take part: {cfg.method} needs {format_size(need)} per client "
+            f"(measured), the largest tier {largest.describe()} holds less; "
+            "use --tiers none or a tiers file with more memory"
+        )
+    sizes = [len(c) for c in data.clients]
+    return Population({}, tiers, tier_of, sizes, eligible)
+
+
+def _progress_line(record: dict[str, Any], rounds: int) -> str:
+    acc = record["accuracy"]
+    parts = ", ".join(f"{t} {n}" for t, n in record["participants"].items() if n)
+    line = (
+        f"round {record['round']}/{rounds}: accuracy {'-' if acc is None else f'{acc:.4f}'}, "
+        f"{len(record['accepted'])} aggregated ({parts or 'none'}), "
+        f"up {record['bytes_up']} B, down {record['bytes_down']} B, {record['wall_seconds']:.1f} s"
+    )
+    problems = len(record["failed"]) + len(record["missing"]) + len(record["rejected"])
+    if problems:
+        line += (
+            f"; {len(record['failed'])} failed, {len(record['missing'])} missing, "
+            f"{len(record['rejected'])} rejected"
+        )
+    for r in record["rejected"]:
+        line += f"\n  rejected client {r['client']}: {r['reason']}"
+    for f in record["failed"]:
+        line += f"\n  failed client {f['client']}: {f['reason']}"
+    return line
+
+
+def _round_zero(method, state: ServerState) -> dict[str, Any]:
+    """Round 0: the held-out accuracy before any training (the shared baseline)."""
+    scores = method.evaluate(method.global_state)
+    return {
+        "round": 0, "method": state.config["method"], "sampled": [], "participants": {},
+        "failed": [], "missing": [], "accepted": [], "rejected": [], "aggregation": "none",
+        "accuracy": scores["acc"], "acc_norm": scores["acc_norm"], "n_test": scores["n"],
+        "train_loss": None, "bytes_down": 0, "bytes_up": 0, "client_seconds": 0.0,
+        "comm_seconds": 0.0, "engine_seconds": 0.0, "engine_share": 0.0, "wall_seconds": 0.0,
+    }  # fmt: skip
+
+
+def run_server(
+    grid: Grid, cfg: FederationConfig, log: Log = print, slots: int | None = None
+) -> ServerState:
+    """Run (or resume) the federation of ``cfg`` on ``grid`` up to ``cfg.rounds``.
+
+    Args:
+        grid: Flower's grid (simulation or deployment).
+        cfg: the run.
+        log: where progress lines go.
+        slots: parallel ClientApp workers (simulation: Ray actors), for the engine's share.
+
+    Returns:
+        The final state (also on disk under ``cfg.out``).
+    """
+    from assy.federation.plots import plot_run
+    from blockpool import Pool
+
+    if cfg.method not in ROUNDS:
+        raise UsageError(ASSY_NEEDS_PLANNER)
+    state = ServerState.open(cfg)
+    pool = Pool(cfg.pool)
+    anchor = task.anchor_model(pool, cfg.anchor)
+    data = task.federated_data(cfg)
+    pop = plan_population(cfg, pool, data, state, log)
+    method = ROUNDS[cfg.method](cfg, pool, anchor, data, state)
+    if state.round == 0 and not state.history:
+        state.commit(_round_zero(method, state), method.global_state)
+    elif state.round:
+        log(f"resuming {cfg.out} after round {state.round}")
+    tier_names = [t.name for t in pop.tiers]
+    pop.node_of = discover(grid, cfg.clients, log)
+    pending: dict[int, str] = {}
+    for round_ in range(state.round + 1, cfg.rounds + 1):
+        record = run_round(grid, method, pop, cfg, round_, pending, log, slots)
+        state.commit(record, method.global_state)
+        plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
+        log(_progress_line(record, cfg.rounds))
+    plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
+    final = method.finish(Path(cfg.out))
+    log(f"done: {state.round} rounds -> {cfg.out}/rounds.jsonl, {final}")
+    return state
