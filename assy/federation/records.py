@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from assy.federation.config import FederationConfig
 
@@ -18,6 +18,7 @@ __all__ = [
     "ROUND",
     "arrays_record",
     "config_record",
+    "content_bytes",
     "payload_bytes",
     "record_tensors",
     "run_settings",
@@ -62,8 +63,13 @@ def record_tensors(record: Any) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-def payload_bytes(msg: Message) -> int:
+def content_bytes(content: RecordDict) -> int:
     """Bytes of a message's content as Flower counts them (records' data and keys)."""
+    return sum(record.count_bytes() for record in content.values())
+
+
+def payload_bytes(msg: Message) -> int:
+    """:func:`content_bytes` of a message (0 for an error reply)."""
     if msg.has_error() or not msg.has_content():
         return 0
-    return sum(record.count_bytes() for record in msg.content.values())
+    return content_bytes(msg.content)

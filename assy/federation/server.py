@@ -34,6 +34,7 @@ from assy.federation.records import (
     METRICS,
     arrays_record,
     config_record,
+    content_bytes,
     payload_bytes,
     record_tensors,
 )
@@ -292,7 +293,7 @@ def run_round(
     available = [p for p in pop.eligible if p in pop.node_of and p not in pending]
     picked = sample_clients(available, cfg.per_round, cfg.seed, round_)
     content = method.content(round_)
-    down = payload_bytes(Message(content, 0, MessageType.TRAIN)) * len(picked)
+    down = content_bytes(content) * len(picked)
     sent = {
         p: Message(content, pop.node_of[p], MessageType.TRAIN, group_id=str(round_)) for p in picked
     }

@@ -30,6 +30,7 @@ __all__ = [
     "accuracy",
     "adapter_state",
     "anchor_model",
+    "choice_loss",
     "federated_data",
     "fedit_round",
     "initial_adapter",
@@ -237,6 +238,26 @@ def train_adapter(
         "trainable_params": float(trainable),
         "frozen_params": float(sum(p.numel() for p in model.parameters()) - trainable),
     }
+
+
+@torch.no_grad()
+def choice_loss(
+    model: torch.nn.Module,
+    tokenizer,
+    examples: Sequence[MCExample],
+    max_length: int = 256,
+    batch_size: int = 8,
+) -> float:
+    """Mean NLL (nats per token) of the correct choices given their contexts."""
+    encoded = _encode(tokenizer, examples, max_length)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    total = tokens = 0.0
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        n = sum(n_cont for _, n_cont in batch)
+        total += float(_batch_loss(model, batch, pad)) * n
+        tokens += n
+    return total / tokens
 
 
 def accuracy(
