@@ -20,7 +20,13 @@ __all__ = ["app", "hello", "make_client_app", "train"]
 
 
 def hello(msg: Message, context: Context) -> Message:
-    """Discovery: tell the server which partition this node holds."""
+    """Discovery: tell the server which partition this node holds.
+
+    Also the worker's warm-up: it imports the training code here, so that the seconds
+    peft's import takes are not charged to the first round (nor cut by its timeout).
+    """
+    from assy.federation import task  # noqa: F401
+
     pid = int(context.node_config["partition-id"])
     count = int(context.node_config.get("num-partitions", 0))
     metrics = MetricRecord({"partition-id": pid, "num-partitions": count})

@@ -45,6 +45,7 @@ from assy.federation.strategy import (
     aggregate_adapters,
     sample_clients,
     screen_updates,
+    state_digest,
 )
 from assy.federation.tiers import Tier, assign_tiers, load_tiers
 from blockpool.sizes import format_size
@@ -180,6 +181,7 @@ class FeditRounds:
             "accepted": [u.client for u in kept],
             "rejected": [vars(r) for r in sorted(rejected + screened, key=lambda r: r.client)],
             "aggregation": how,
+            "global_sha256": state_digest(self.global_state),
             **self.evaluate(self.global_state),
         }
 
@@ -324,6 +326,7 @@ def run_round(
         "accepted": fields["accepted"],
         "rejected": fields["rejected"],
         "aggregation": fields["aggregation"],
+        "global_sha256": fields.get("global_sha256"),
         "accuracy": fields.get("acc"),
         "acc_norm": fields.get("acc_norm"),
         "n_test": fields.get("n"),
@@ -408,13 +411,25 @@ def _progress_line(record: dict[str, Any], rounds: int) -> str:
 def _round_zero(method, state: ServerState) -> dict[str, Any]:
     """Round 0: the held-out accuracy before any training (the shared baseline)."""
     scores = method.evaluate(method.global_state)
+    empty = dict.fromkeys(("sampled", "failed", "missing", "accepted", "rejected"), [])
+    timing = dict.fromkeys(("client_seconds", "comm_seconds", "engine_seconds"), 0.0)
     return {
-        "round": 0, "method": state.config["method"], "sampled": [], "participants": {},
-        "failed": [], "missing": [], "accepted": [], "rejected": [], "aggregation": "none",
-        "accuracy": scores["acc"], "acc_norm": scores["acc_norm"], "n_test": scores["n"],
-        "train_loss": None, "bytes_down": 0, "bytes_up": 0, "client_seconds": 0.0,
-        "comm_seconds": 0.0, "engine_seconds": 0.0, "engine_share": 0.0, "wall_seconds": 0.0,
-    }  # fmt: skip
+        "round": 0,
+        "method": state.config["method"],
+        **empty,
+        "participants": {},
+        "aggregation": "none",
+        "global_sha256": state_digest(method.global_state) if method.global_state else None,
+        "accuracy": scores["acc"],
+        "acc_norm": scores["acc_norm"],
+        "n_test": scores["n"],
+        "train_loss": None,
+        "bytes_down": 0,
+        "bytes_up": 0,
+        **timing,
+        "engine_share": 0.0,
+        "wall_seconds": 0.0,
+    }
 
 
 def run_server(

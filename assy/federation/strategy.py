@@ -12,6 +12,7 @@ AssyLLM (seed 003): clients upload block selections, the server aggregates them.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ __all__ = [
     "sample_clients",
     "screen_updates",
     "screen_votes",
+    "state_digest",
     "update_norm",
 ]
 
@@ -87,6 +89,16 @@ def _non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
         if bad:
             return f"non-finite: {bad} NaN/inf value(s) in {name}"
     return None
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of a state's names, dtypes, shapes and bytes (to compare runs bit for bit)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def update_norm(global_state: Mapping[str, torch.Tensor], state: Mapping) -> float:
