@@ -14,7 +14,15 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from assy.federation.quiet import quiet_libraries
-from assy.federation.records import ARRAYS, METRICS, NODE_KEYS, arrays_record, run_settings
+from assy.federation.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NODE_KEYS,
+    WARM_UP,
+    arrays_record,
+    run_settings,
+)
 
 __all__ = ["app", "hello", "make_client_app", "train"]
 
@@ -22,10 +30,13 @@ __all__ = ["app", "hello", "make_client_app", "train"]
 def hello(msg: Message, context: Context) -> Message:
     """Discovery: tell the server which partition this node holds.
 
-    Also the worker's warm-up: it imports the training code here, so that the seconds
-    peft's import takes are not charged to the first round (nor cut by its timeout).
+    In simulation also the worker's warm-up (``warm-up`` set): it imports the training
+    code here, so that the seconds peft's import takes are not charged to the first round
+    (nor cut by its timeout). A deployment starts a fresh process per message: no warm-up.
     """
-    from assy.federation import task  # noqa: F401
+    config = msg.content.get(CONFIG)
+    if config is not None and config.get(WARM_UP):
+        from assy.federation import task  # noqa: F401
 
     pid = int(context.node_config["partition-id"])
     count = int(context.node_config.get("num-partitions", 0))

@@ -134,23 +134,26 @@ def run_deployment(cfg: FederationConfig, target: SuperLinkTarget, log: Log = pr
     on that host; each SuperNode host needs assy installed (and its pool/data, see
     ``--node-config``).
     """
-    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
-    if not Path(flwr).exists():
+    beside = Path(sys.executable).with_name("flwr")  # the flwr of this environment first
+    flwr = str(beside) if beside.exists() else shutil.which("flwr")
+    if flwr is None:
         raise UsageError("the deployment engine needs Flower's `flwr` command on PATH")
     out = Path(cfg.out).resolve()
     app = write_flower_app(cfg, out / ".flwr-app")
     home = out / ".flwr-cli"
     _write_connection(home, target)
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
-    done = subprocess.run(
+    package_root = str(Path(__file__).resolve().parents[2])  # flwr run imports the apps
+    path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", PYTHONPATH=path)
+    with subprocess.Popen(
         [flwr, "run", str(app), "assy", "--stream"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    for line in done.stdout.splitlines():
-        if line.strip():
-            log(line)
-    if done.returncode != 0:
-        raise UsageError(f"flwr run failed (exit {done.returncode}); see the lines above")
+    ) as proc:  # fmt: skip
+        for line in proc.stdout or ():
+            if line.strip():
+                log(line.rstrip())
+    if proc.returncode != 0:
+        raise UsageError(f"flwr run failed (exit {proc.returncode}); see the lines above")
 
 
 def run_federation(

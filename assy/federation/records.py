@@ -16,6 +16,7 @@ __all__ = [
     "METRICS",
     "NODE_KEYS",
     "ROUND",
+    "WARM_UP",
     "arrays_record",
     "config_record",
     "content_bytes",
@@ -31,6 +32,8 @@ ARRAYS = "arrays"
 METRICS = "metrics"
 """MetricRecord: a client's numbers (``num-examples``, losses, times, accuracy)."""
 ROUND = "round"
+WARM_UP = "warm-up"
+"""Discovery's ConfigRecord key: import the training code now (simulation workers persist)."""
 NODE_KEYS = ("pool", "data", "client-dir")
 """SuperNode ``--node-config`` keys that override a run setting on that host (paths)."""
 

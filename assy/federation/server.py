@@ -32,6 +32,7 @@ from assy.federation.records import (
     ARRAYS,
     CONFIG,
     METRICS,
+    WARM_UP,
     arrays_record,
     config_record,
     content_bytes,
@@ -96,11 +97,14 @@ class Population:
         return counts
 
 
-def discover(grid: Grid, num_clients: int, log: Log, timeout: float = DISCOVERY_TIMEOUT):
+def discover(
+    grid: Grid, num_clients: int, log: Log, warm_up: bool, timeout: float = DISCOVERY_TIMEOUT
+) -> dict[int, int]:
     """Map each ``partition-id`` to its node: every node answers a query from its node config.
 
     Waits for ``num_clients`` nodes to connect. This first exchange also absorbs the
-    engine's start (Ray's ~12 s in simulation), so the first round is not cut by a timeout.
+    engine's start (Ray's ~12 s in simulation) and, with ``warm_up``, the workers' imports,
+    so that the first round is not cut by a timeout.
 
     Returns:
         partition id -> node id, for the nodes that answered.
@@ -112,7 +116,7 @@ def discover(grid: Grid, num_clients: int, log: Log, timeout: float = DISCOVERY_
                 f"only {len(nodes)} of {num_clients} clients connected in {timeout:.0f} s"
             )
         time.sleep(0.2)
-    query = RecordDict({CONFIG: ConfigRecord({"ask": "partition-id"})})
+    query = RecordDict({CONFIG: ConfigRecord({"ask": "partition-id", WARM_UP: warm_up})})
     messages = [Message(query, node, MessageType.QUERY) for node in nodes]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
@@ -462,7 +466,7 @@ def run_server(
     elif state.round:
         log(f"resuming {cfg.out} after round {state.round}")
     tier_names = [t.name for t in pop.tiers]
-    pop.node_of = discover(grid, cfg.clients, log)
+    pop.node_of = discover(grid, cfg.clients, log, warm_up=cfg.engine == "simulation")
     pending: dict[int, str] = {}
     for round_ in range(state.round + 1, cfg.rounds + 1):
         record = run_round(grid, method, pop, cfg, round_, pending, log, slots)
