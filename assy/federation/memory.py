@@ -1,16 +1,17 @@
 """A client's peak memory, measured by running one client round alone in a fresh process.
 
 A Ray worker runs many clients one after the other and keeps what it allocated, so its
-peak says nothing about one client's need. Here one round runs in a new interpreter and
-reports its peak resident set (``ru_maxrss``) and its resident set just before the round
-(after the imports): the difference is what the round itself needs (weights, adapter,
-optimizer state, activations and gradients).
+peak says nothing about one client's need. Here one round runs in a new interpreter: after
+the imports its resident high-water mark is reset (Linux ``/proc/self/clear_refs``), and
+the peak during the round minus the resident set just before it is what the round itself
+needs (weights, adapter, optimizer state, activations and gradients).
 
 Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,15 +25,22 @@ from assy.federation.config import FederationConfig
 __all__ = ["measure_client_memory"]
 
 
-def _rss_now() -> int:
-    """Current resident set size of this process, bytes (Linux; else the peak so far)."""
+def _status_bytes(key: str) -> int | None:
+    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in bytes (Linux; else None)."""
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        from assy.evaluate import peak_rss_bytes
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
-        return peak_rss_bytes()
+
+def _reset_peak() -> None:
+    """Restart the kernel's resident high-water mark (``VmHWM``) from the current RSS, so
+    that the peak measured is the round's, not the imports' (Linux ``clear_refs`` 5)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure_client_memory(
@@ -76,6 +84,7 @@ def _main(argv: list[str]) -> None:
 
     warnings.simplefilter("ignore")  # stderr is only read on failure
     torch.set_num_threads(1)
+    from assy.evaluate import peak_rss_bytes
     from assy.federation import task
     from blockpool import Pool
 
@@ -86,7 +95,8 @@ def _main(argv: list[str]) -> None:
     for bid in pool.model(anchor)["blocks"]:
         pool.empty_module(bid)  # import the model's classes: code is not the round's need
     examples = task.federated_data(cfg).clients[0]
-    baseline = _rss_now()
+    _reset_peak()
+    baseline = _status_bytes("VmRSS") or peak_rss_bytes()
     start = time.perf_counter()
     if kind == "train":
         task.fedit_round(cfg, 0, task.initial_adapter(pool, anchor, cfg), 1)
@@ -94,9 +104,7 @@ def _main(argv: list[str]) -> None:
         task.score_under_budget(pool, anchor, examples, budget)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
-    from assy.evaluate import peak_rss_bytes
-
-    peak = peak_rss_bytes()
+    peak = _status_bytes("VmHWM") or peak_rss_bytes()
     result = {
         "kind": kind,
         "budget": budget,
