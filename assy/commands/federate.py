@@ -66,8 +66,10 @@ def federate_cmd(pool, out, data, cpus, superlink, root_certificates, insecure, 
     """
     from assy.federation.config import FederationConfig
     from assy.federation.engine import SuperLinkTarget, check_run, run_federation
+    from assy.federation.progress import RoundProgress
 
     cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
     click.echo(check_run(cfg, click.echo))
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
-    run_federation(cfg, click.echo, target=target, cpus=cpus)
+    with RoundProgress(cfg.rounds) as progress:
+        run_federation(cfg, progress.log, target=target, cpus=cpus, on_round=progress.round_done)

@@ -16,9 +16,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
@@ -29,7 +30,11 @@ __all__ = ["SuperLinkTarget", "run_deployment", "run_federation", "run_simulatio
 
 
 def run_simulation(
-    cfg: FederationConfig, log: Log = print, client_mods: Sequence = (), cpus: int | None = None
+    cfg: FederationConfig,
+    log: Log = print,
+    client_mods: Sequence = (),
+    cpus: int | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> None:
     """Run ``cfg`` on Flower's simulation engine (Ray) in this process.
 
@@ -39,6 +44,7 @@ def run_simulation(
         client_mods: Flower mods wrapped around every ClientApp call (tests inject faults
             and capture messages with them).
         cpus: CPUs Ray may use, one per concurrent virtual client (default: all).
+        on_round: called with each finished round's record.
     """
     quiet_flower()
     os.environ.setdefault("FLWR_HOME", str(Path(cfg.out).resolve() / ".flwr"))
@@ -54,7 +60,7 @@ def run_simulation(
                       "log_to_driver": False},
     }  # fmt: skip
     flower_run_simulation(
-        server_app=make_server_app(cfg, log=log, slots=min(cpus, cfg.clients)),
+        server_app=make_server_app(cfg, log, min(cpus, cfg.clients), on_round),
         client_app=make_client_app(client_mods),
         num_supernodes=cfg.clients,
         backend_config=backend,
@@ -163,6 +169,7 @@ def run_federation(
     target: SuperLinkTarget | None = None,
     client_mods: Sequence = (),
     cpus: int | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
     """Run ``cfg`` on its engine; returns the output directory.
 
@@ -173,7 +180,7 @@ def run_federation(
     if cfg.method not in ROUNDS:
         raise UsageError(ASSY_NEEDS_PLANNER)
     if cfg.engine == "simulation":
-        run_simulation(cfg, log, client_mods, cpus)
+        run_simulation(cfg, log, client_mods, cpus, on_round)
     else:
         if target is None:
             raise UsageError("--engine deployment needs --superlink HOST:PORT")

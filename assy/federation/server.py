@@ -437,7 +437,11 @@ def _round_zero(method, state: ServerState) -> dict[str, Any]:
 
 
 def run_server(
-    grid: Grid, cfg: FederationConfig, log: Log = print, slots: int | None = None
+    grid: Grid,
+    cfg: FederationConfig,
+    log: Log = print,
+    slots: int | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServerState:
     """Run (or resume) the federation of ``cfg`` on ``grid`` up to ``cfg.rounds``.
 
@@ -446,6 +450,7 @@ def run_server(
         cfg: the run.
         log: where progress lines go.
         slots: parallel ClientApp workers (simulation: Ray actors), for the engine's share.
+        on_round: called with each finished round's record (e.g. a progress bar).
 
     Returns:
         The final state (also on disk under ``cfg.out``).
@@ -473,6 +478,8 @@ def run_server(
         state.commit(record, method.global_state)
         plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
         log(_progress_line(record, cfg.rounds))
+        if on_round is not None:
+            on_round(record)
     plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
     final = method.finish(Path(cfg.out))
     log(f"done: {state.round} rounds -> {cfg.out}/rounds.jsonl, {final}")

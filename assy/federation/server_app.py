@@ -7,6 +7,9 @@ its run config; on the simulation engine :func:`make_server_app` hands them over
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,16 +21,20 @@ __all__ = ["app", "make_server_app"]
 
 
 def make_server_app(
-    cfg: FederationConfig | None = None, log: Log = print, slots: int | None = None
+    cfg: FederationConfig | None = None,
+    log: Log = print,
+    slots: int | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> ServerApp:
-    """A ServerApp for ``cfg`` (``None``: read it from ``context.run_config``)."""
+    """A ServerApp for ``cfg`` (``None``: read it from ``context.run_config``); ``log``,
+    ``slots`` and ``on_round`` as for :func:`~.server.run_server`."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
         quiet_libraries()
         settings = cfg or FederationConfig.from_record(context.run_config)
-        run_server(grid, settings, log=lambda line: log(line), slots=slots)
+        run_server(grid, settings, log=log, slots=slots, on_round=on_round)
 
     return server
 
