@@ -23,8 +23,9 @@ from typing import Any
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
+from assy.federation.methods import ASSY_NEEDS_PLANNER, ROUNDS
 from assy.federation.quiet import quiet_flower
-from assy.federation.server import ASSY_NEEDS_PLANNER, ROUNDS, Log, plan_population
+from assy.federation.server import Log, plan_population
 
 __all__ = ["SuperLinkTarget", "run_deployment", "run_federation", "run_simulation"]
 
