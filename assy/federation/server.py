@@ -96,8 +96,15 @@ def discover(
     messages = [Message(query, node, MessageType.QUERY) for node in nodes]
     node_of: dict[int, int] = {}
     for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.monotonic())):
-        if reply.has_content():
-            node_of[int(reply.content[METRICS]["partition-id"])] = reply.metadata.src_node_id
+        if not reply.has_content():
+            continue
+        said = reply.content[METRICS]
+        if int(said["num-partitions"]) not in (0, num_clients):
+            raise UsageError(
+                f"a client's node config says num-partitions={int(said['num-partitions'])}, "
+                f"the run has --clients {num_clients}; make them agree"
+            )
+        node_of[int(said["partition-id"])] = reply.metadata.src_node_id
     unknown = sorted(set(range(num_clients)) - set(node_of))
     if unknown:
         log(f"warning: {len(unknown)} client(s) did not answer the discovery: {unknown[:10]}")
