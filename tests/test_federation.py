@@ -436,3 +436,24 @@ def test_federate_refuses_when_no_tier_holds_the_training_memory(tiny_fed, tmp_p
     assert "no client can take part: fedit needs" in result.output
     assert "(measured), the largest tier watch (100%, 1.0MB) holds less" in result.output
     assert not out.exists()
+
+
+def test_local_rounds_report_the_mean_of_the_clients_own_scores(tiny_fed, tmp_path):
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    from assy.federation.methods import LocalRounds
+    from assy.federation.records import METRICS
+
+    cfg = _cfg(tiny_fed, tmp_path, method="local")
+    method = LocalRounds(cfg, None, "llama", None, ServerState.open(cfg))
+    asked = _message(method.content(1))
+    replies = {
+        p: Message(
+            RecordDict({METRICS: MetricRecord({"acc": a, "acc_norm": a, "n": 10.0})}),
+            reply_to=asked,
+        )  # fmt: skip
+        for p, a in ((0, 0.25), (3, 0.75))
+    }
+    fields = method.aggregate(replies, None)
+    assert fields["acc"] == 0.5 and fields["accepted"] == [0, 3]
+    assert "arrays" not in method.content(1)  # nothing of a model goes down, nothing comes up
