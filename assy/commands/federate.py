@@ -58,7 +58,9 @@ __all__ = ["federate_cmd"]
 @click.option("--insecure", is_flag=True, help="Deployment: no TLS (tests only).")
 @user_errors
 def federate_cmd(pool, out, data, cpus, superlink, root_certificates, insecure, **settings) -> None:
-    """Federate POOL's models on --task with --method: FedIT (LoRA + FedAvg), local, assy.
+    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg) or local.
+
+    --method assy needs the assembly planner of `assy assemble` (not yet available).
 
     Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
     final adapter under OUT/final; the server's state is saved after every round, so a
