@@ -130,6 +130,7 @@ def test_two_rounds_on_a_superlink_with_tls_and_three_authenticated_supernodes(t
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flower-superexec on PATH
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",  # no process of the test reaches the network
     )
     link_port, node_ports = _free_port(), [_free_port() for _ in range(NODES)]
     procs: list[subprocess.Popen] = []

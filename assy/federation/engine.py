@@ -151,7 +151,8 @@ def run_deployment(cfg: FederationConfig, target: SuperLinkTarget, log: Log = pr
     _write_connection(home, target)
     package_root = str(Path(__file__).resolve().parents[2])  # flwr run imports the apps
     path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", PYTHONPATH=path)
+    env = dict(os.environ, FLWR_HOME=str(home), PYTHONPATH=path)
+    env |= {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     with subprocess.Popen(
         [flwr, "run", str(app), "assy", "--stream"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -39,6 +39,7 @@ def quiet_libraries() -> None:
 def quiet_flower() -> None:
     """Environment and log filters for Flower and Ray; call before they start (idempotent)."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")  # no call home from offline hosts
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     quiet_libraries()
