@@ -23,6 +23,7 @@ from typing import Any
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
+from assy.federation.memory import CLIENT_MALLOC_ENV
 from assy.federation.methods import ASSY_NEEDS_PLANNER, ROUNDS
 from assy.federation.quiet import quiet_flower
 from assy.federation.server import Log, plan_population
@@ -49,6 +50,8 @@ def run_simulation(
     """
     quiet_flower()
     os.environ.setdefault("FLWR_HOME", str(Path(cfg.out).resolve() / ".flwr"))
+    for key, value in CLIENT_MALLOC_ENV.items():  # Ray's workers start with this environment
+        os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from assy.federation.client_app import make_client_app
