@@ -184,6 +184,10 @@ def run_federation(
     """
     if cfg.method not in ROUNDS:
         raise UsageError(ASSY_NEEDS_PLANNER)
+    done = _finished_rounds(cfg)
+    if done >= cfg.rounds:
+        log(f"nothing to do: {cfg.out} already holds {done} rounds (ask for more with --rounds)")
+        return Path(cfg.out)
     if cfg.engine == "simulation":
         run_simulation(cfg, log, client_mods, cpus, on_round)
     else:
@@ -191,6 +195,13 @@ def run_federation(
             raise UsageError("--engine deployment needs --superlink HOST:PORT")
         run_deployment(cfg, target, log)
     return Path(cfg.out)
+
+
+def _finished_rounds(cfg: FederationConfig) -> int:
+    """Rounds the state in ``cfg.out`` holds (0 without one); raises on other settings."""
+    from assy.federation.state import ServerState
+
+    return ServerState.open(cfg).round if (Path(cfg.out) / "state").is_dir() else 0
 
 
 def check_run(cfg: FederationConfig, log: Log = print) -> str:
