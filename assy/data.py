@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
 
 __all__ = [
     "heldout_text",
@@ -281,7 +281,7 @@ def load_task(
     if name not in TASKS:
         raise UsageError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
-        raise UsageError(f"limit must be a positive number of examples, got {limit}")
+        raise UsageError(f"{arg('limit')} must be a positive number of examples, got {limit}")
     if data_file is not None:
         return _load_jsonl(Path(data_file), name, limit)
     return _load_arrow(name, limit)

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from assy.data import heldout_text, load_task
-from assy.evaluate import multiple_choice, peak_rss_bytes, perplexity
+from assy.errors import UsageError, arg
+from assy.evaluate import multiple_choice, perplexity
+from blockpool import RunOptions, peak_rss_bytes
 
 __all__ = ["BUILTIN_MODELS", "run_demo"]
 
@@ -33,11 +35,26 @@ def _sentence_similarity(runner, tokenizer) -> list[float]:
     sims = []
     for a, b in _PAIRS:
         batch = tokenizer([a, b], return_tensors="pt", padding=True)
-        hidden = runner.forward(batch.input_ids, batch.attention_mask).hidden
+        hidden = runner.forward(batch.input_ids, batch.attention_mask).hidden.cpu()
         mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         sims.append(float(torch.nn.functional.cosine_similarity(pooled[0], pooled[1], dim=0)))
     return sims
+
+
+def _evaluate(runner, tokenizer, text: str, piqa, max_tokens: int) -> dict[str, float]:
+    if not runner.is_causal:
+        related, unrelated = _sentence_similarity(runner, tokenizer)
+        return {"similarity_related": related, "similarity_unrelated": unrelated}
+    device = runner.device
+    ppl = perplexity(runner, tokenizer, text, max_tokens=max_tokens, window=512, device=device)
+    mc = multiple_choice(runner, tokenizer, piqa, batch_size=8, device=device)
+    return {
+        "perplexity": ppl["perplexity"],
+        "piqa_acc": mc["acc"],
+        "piqa_acc_norm": mc["acc_norm"],
+        "piqa_n": mc["n"],
+    }
 
 
 def run_demo(
@@ -46,6 +63,7 @@ def run_demo(
     limit: int = 50,
     max_tokens: int = 1024,
     dtype: str = "fp16",
+    options: RunOptions = RunOptions(),
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build the real pool under ``out/pool`` and evaluate each model from its blocks.
@@ -55,14 +73,18 @@ def run_demo(
         limit: PIQA examples per decoder.
         max_tokens: tokens of held-out text scored for perplexity (windows of 512).
         dtype: storage precision of the pool.
+        options: how the models run (device, threads).
         log: where progress lines go.
 
     Returns:
         The results written to ``out/demo.json``.
     """
-    from blockpool import BlockRunner, Pool, build_pool
-    from blockpool.pool import summarize
+    from blockpool import Pool, build_pool, open_runner, summarize
 
+    if limit < 1 or max_tokens < 2:  # checked before the pool is built
+        raise UsageError(f"{arg('limit')} must be >= 1 and {arg('max_tokens')} >= 2")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     log(f"[1/3] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
@@ -77,19 +99,9 @@ def run_demo(
     results: dict[str, Any] = {"pool": info, "models": {}}
     log(f"[2/3] evaluating each model from its blocks (PIQA limit {limit})")
     for name in BUILTIN_MODELS:
-        runner, tokenizer = BlockRunner(pool, name), pool.tokenizer(name)
-        if runner.is_causal:
-            ppl = perplexity(runner, tokenizer, text.read_text(), max_tokens=max_tokens, window=512)
-            mc = multiple_choice(runner, tokenizer, piqa, batch_size=8)
-            row = {
-                "perplexity": ppl["perplexity"],
-                "piqa_acc": mc["acc"],
-                "piqa_acc_norm": mc["acc_norm"],
-                "piqa_n": mc["n"],
-            }
-        else:
-            related, unrelated = _sentence_similarity(runner, tokenizer)
-            row = {"similarity_related": related, "similarity_unrelated": unrelated}
+        tokenizer = pool.tokenizer(name)
+        with open_runner(pool, name, options) as run:
+            row = _evaluate(run.runner, tokenizer, text.read_text(), piqa, max_tokens)
         results["models"][name] = row
         log(f"      {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
     results["seconds"] = time.perf_counter() - start

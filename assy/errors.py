@@ -6,6 +6,6 @@ that the dependency stays one-way (``assy`` -> ``blockpool``).
 """
 
 from blockpool.errors import BlockpoolError as AssyError
-from blockpool.errors import UsageError
+from blockpool.errors import UsageError, arg
 
-__all__ = ["AssyError", "UsageError"]
+__all__ = ["AssyError", "UsageError", "arg"]

@@ -26,7 +26,8 @@ import torch
 from tqdm import tqdm
 
 from assy.data import MCExample, load_task, read_text
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner, peak_rss_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -119,7 +120,9 @@ def perplexity(
         UsageError: Bad ``max_tokens``/``window``, or a text too short to score anything.
     """
     if max_tokens < 2 or window < 2:
-        raise UsageError(f"max_tokens and window must be >= 2, got {max_tokens} and {window}")
+        raise UsageError(
+            f"{arg('max_tokens')} and {arg('window')} must be >= 2, got {max_tokens} and {window}"
+        )
     ids = list(tokenizer(text).input_ids)[:max_tokens]
     windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     total, scored = 0.0, 0
@@ -375,26 +378,16 @@ def multiple_choice(
     return mc_metrics(logliks, examples)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux ``ru_maxrss`` is KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def evaluate_pool_model(
     root: Path,
     model: str,
     task: str,
     *,
-    text: Path | None = None,
     data: Path | None = None,
     limit: int | None = None,
     max_tokens: int = 2048,
     window: int = 512,
-    batch_size: int = 8,
-    budget: int | None = None,
-    policy: str = "prefetch+preswap",
+    options: RunOptions = RunOptions(),
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate one model of a pool, run from its blocks, on a task.
@@ -402,47 +395,61 @@ def evaluate_pool_model(
     Args:
         root: the pool directory.
         model: the model's name in the pool.
-        task: ``perplexity`` (needs ``text``) or a multiple-choice task of :data:`TASKS`.
-        text, data, limit, max_tokens, window, batch_size: as for :func:`perplexity` and
-            :func:`multiple_choice` (``data`` replaces the shipped validation split).
-        budget: resident weight bytes allowed (through the swapper); ``None``: all resident.
-        policy: the swapper's policy (:data:`blockpool.swapper.POLICIES`).
+        task: ``perplexity`` (needs ``data``, a text file) or a multiple-choice task of
+            :data:`TASKS`.
+        data: the text file scored for perplexity; for a multiple-choice task, a JSONL
+            file that replaces the shipped validation split.
+        limit, max_tokens, window: as for :func:`perplexity` and :func:`multiple_choice`.
+        options: how to run (budget, swap policy, device, dtype, batch size, threads).
 
     Returns:
-        The metrics, plus ``model``, ``task``, ``peak_rss_bytes`` and, under a budget, the
-        swapper's counters (``weights_resident_peak_bytes``, ``bytes_read``, ``stall_seconds``,
-        ``hits``, ``misses``, ``io_hidden_fraction``, ...).
+        The metrics, plus ``model``, ``task``, ``seconds`` and the run's report
+        (:class:`blockpool.session.RunSession`: device, threads, ``peak_rss_bytes`` and,
+        under a budget, the swapper's counters ``weights_resident_peak_bytes``,
+        ``bytes_read``, ``stall_seconds``, ``hits``, ``misses``, ``io_hidden_fraction``, ...).
     """
     from blockpool import Pool
-    from blockpool.offload import budgeted_runner
 
     pool = Pool(root)
     if not pool.family(model).causal:
         raise UsageError(
             f"model {model!r} is an encoder ({pool.model(model)['family']}); {task} needs a causal LM"
         )
+    positions = pool.max_positions(model)  # learned positions: inputs must not exceed them
     if task == "perplexity":
-        if text is None:
-            raise UsageError("--task perplexity needs --text FILE")
-        body = read_text(text)
+        if data is None:
+            raise UsageError(f"{arg('task')} perplexity needs {arg('data')} (a text file)")
+        if positions is not None and window > positions:
+            raise UsageError(
+                f"{arg('window')} {window} is longer than the {positions} positions model "
+                f"{model!r} has learned; use {arg('window')} {positions} or less"
+            )
+        body = read_text(data)
     else:
         examples = load_task(task, data_file=data, limit=limit)
     tokenizer = pool.tokenizer(model)
-    runner, swapper = budgeted_runner(pool, model, budget=budget, policy=policy)
     start = time.perf_counter()
-    try:
+    with open_runner(pool, model, options) as run:
+        device = run.runner.device
         if task == "perplexity":
             result = perplexity(
-                runner, tokenizer, body, max_tokens=max_tokens, window=window, progress=progress
+                run.runner,
+                tokenizer,
+                body,
+                max_tokens=max_tokens,
+                window=window,
+                device=device,
+                progress=progress,
             )
         else:
             result = multiple_choice(
-                runner, tokenizer, examples, batch_size=batch_size, progress=progress
+                run.runner,
+                tokenizer,
+                examples,
+                batch_size=options.batch_size,
+                max_length=min(1024, positions or 1024),  # longer inputs: cut from the left
+                device=device,
+                progress=progress,
             )
-    finally:
-        if swapper is not None:
-            swapper.close()
     result = {"model": model, "task": task, **result, "seconds": time.perf_counter() - start}
-    if swapper is not None:
-        result |= {"budget_bytes": budget, "swap_policy": policy, **swapper.stats.as_dict()}
-    return result | {"peak_rss_bytes": peak_rss_bytes()}
+    return result | run.report

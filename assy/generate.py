@@ -8,9 +8,19 @@ from typing import Any
 
 import torch
 
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
+from blockpool import RunOptions, open_runner
 
 __all__ = ["generate", "generate_from_pool"]
+
+
+def _next_logits(runner: Any, ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    """The next token's float32 logits ``[V]`` (on the CPU) and the extended cache; the head
+    runs at the last position only."""
+    last = torch.zeros_like(ids, dtype=torch.bool)
+    last[:, -1] = True
+    out = runner.forward(ids, past_key_values=cache, use_cache=True, logits_at=last)
+    return out.logits[-1].float().cpu(), out.past_key_values
 
 
 @torch.inference_mode()
@@ -38,16 +48,19 @@ def generate(
         ``decode_seconds`` and ``decode_tokens_per_second``.
     """
     if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
+        raise UsageError(f"{arg('max_new_tokens')} must be at least 1")
+    if temperature < 0:
+        raise UsageError(f"{arg('temperature')} must be 0 (greedy) or more, got {temperature}")
     generator = torch.Generator().manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise UsageError(f"{arg('prompt')} is empty (and the tokenizer adds no BOS token)")
     start = time.perf_counter()
-    out = runner.forward(ids, use_cache=True)
+    logits, cache = _next_logits(runner, ids, None)
     prefill = time.perf_counter() - start
     new: list[int] = []
     start = time.perf_counter()
     while True:
-        logits = out.logits[0, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator))
@@ -58,8 +71,7 @@ def generate(
         new.append(token)
         if len(new) >= max_new_tokens:
             break
-        step = torch.tensor([[token]])
-        out = runner.forward(step, past_key_values=out.past_key_values, use_cache=True)
+        logits, cache = _next_logits(runner, torch.tensor([[token]]), cache)
     decode = time.perf_counter() - start
     return {
         "text": tokenizer.decode(new, skip_special_tokens=True),
@@ -78,30 +90,31 @@ def generate_from_pool(
     *,
     max_new_tokens: int = 32,
     temperature: float = 0.0,
-    budget: int | None = None,
-    policy: str = "prefetch+preswap",
+    options: RunOptions = RunOptions(),
 ) -> dict[str, Any]:
-    """Open a pool and :func:`generate` with one of its models, optionally under a budget."""
-    from assy.evaluate import peak_rss_bytes
+    """Open a pool and :func:`generate` with one of its models, as ``options`` say (budget,
+    device, threads); the result carries the run's report (see :func:`open_runner`)."""
     from blockpool import Pool
-    from blockpool.offload import budgeted_runner
 
     pool = Pool(root)
     if not pool.family(model).causal:
         raise UsageError(f"model {model!r} is an encoder and cannot generate text")
-    runner, swapper = budgeted_runner(pool, model, budget=budget, policy=policy)
-    try:
+    tokenizer = pool.tokenizer(model)
+    limit = pool.max_positions(model)  # learned positions: the whole sequence must fit
+    if limit is not None:
+        length = len(tokenizer(prompt).input_ids) + max_new_tokens
+        if length > limit:
+            raise UsageError(
+                f"the prompt plus {arg('max_new_tokens')} {max_new_tokens} make {length} tokens, "
+                f"more than the {limit} positions model {model!r} has learned; shorten "
+                f"{arg('prompt')} or lower {arg('max_new_tokens')}"
+            )
+    with open_runner(pool, model, options) as run:
         result = generate(
-            runner,
-            pool.tokenizer(model),
+            run.runner,
+            tokenizer,
             prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
         )
-    finally:
-        if swapper is not None:
-            swapper.close()
-    result = {"model": model, **result}
-    if swapper is not None:
-        result |= {"budget_bytes": budget, "swap_policy": policy, **swapper.stats.as_dict()}
-    return result | {"peak_rss_bytes": peak_rss_bytes()}
+    return {"model": model, **result} | run.report

@@ -5,7 +5,7 @@ Reproduce (about 3 minutes each on a 2-core machine, plus a pool build if ``--po
     .venv/bin/python benchmarks/comparator.py --pool work/pool32 --out results/comparator.json
     .venv/bin/python benchmarks/comparator.py --threads 1 --skip-e2e --out results/comparator-1t.json
 
-Claims checked (issue 5): :func:`assy.comparator.linear_cka` accumulates feature-space
+Claims checked (issue 5): :func:`assy.comparator.metrics.linear_cka` accumulates feature-space
 statistics over minibatches, so its memory is flat in the number of examples ``n``, and at
 ``n = 8k`` (``d = 576`` vs ``640``, SmolLM2 vs Gemma3 widths) it is at least 10× faster
 than the Gram-matrix form of the same unbiased estimator.
@@ -23,7 +23,7 @@ What runs. Every measurement is a fresh child process (this script re-invoked wi
   elementwise sums and matrix-vector products (no ``n³`` product), the usual efficient
   implementation. The Gram form is skipped where its two ``n × n`` matrices would not fit
   in half the machine's memory.
-* ``e2e``: ``assy.compare.compare_pool`` on the real pool (every model), ``--samples`` PIQA
+* ``e2e``: ``assy.comparator.pipeline.compare_pool`` on the real pool (every model), ``--samples`` PIQA
   prompts, ``--max-tokens`` tokens, into a fresh directory: once with an empty activation
   cache (capture + compare + heatmaps) and once more reusing it.
 """
@@ -98,7 +98,7 @@ METHODS = {
 def _child_cka(p: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from assy.comparator import linear_cka
+    from assy.comparator.metrics import linear_cka
 
     if p["threads"]:
         torch.set_num_threads(p["threads"])
@@ -133,8 +133,8 @@ def _child_cka(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _child_e2e(p: dict[str, Any]) -> dict[str, Any]:
-    from assy.capture import calibration_texts
-    from assy.compare import compare_pool
+    from assy.comparator.capture import calibration_texts
+    from assy.comparator.pipeline import compare_pool
 
     texts = calibration_texts(task="piqa", samples=p["samples"])
     runs = []

@@ -70,13 +70,13 @@ def _args() -> argparse.Namespace:
 
 
 def _calibration_text() -> tuple[str, str]:
-    from assy.lego import calibration_text
+    from assy.calibration import calibration_text
 
     if DOLLY.is_file():
         rows = json.loads(DOLLY.read_text())
         parts = [f"{r['instruction']}\n{r['context']}\n{r['response']}".strip() for r in rows]
         return "\n\n".join(parts[:2000]), f"dolly-15k client 0 ({DOLLY.name})"
-    return calibration_text(task="arc_easy"), "ARC-Easy validation questions"
+    return calibration_text(task="arc_easy").text, "ARC-Easy validation questions"
 
 
 def _dedupe_rows(model):
@@ -229,7 +229,7 @@ def _csr_block(pool, bid: str) -> torch.nn.Module:
     key = (str(pool.root), bid)  # every variant's model is named "pruned" in its own pool
     if key not in _CSR_CACHE:
         module = pool.build_module(bid)
-        _CSR_CACHE[key] = _to_csr(module) if pool.blocks[bid]["kind"] == "layer" else module
+        _CSR_CACHE[key] = _to_csr(module) if pool.blocks[bid].kind == "layer" else module
     return _CSR_CACHE[key]
 
 
@@ -302,13 +302,13 @@ def _log(msg: str) -> None:
 
 
 def _run_model(args, model, work, text, examples, calib) -> tuple[list[dict], dict]:
-    from assy.lego import calibration_ids
+    from assy.calibration import calibration_windows
     from blockpool import Pool, build_pool
 
     pool_dir = work / model / "pool"
     build_pool([model], pool_dir, dtype="fp32")
     pool = Pool(pool_dir)
-    ids = calibration_ids(pool.tokenizer(model), calib, args.samples, args.seq_len)
+    ids = calibration_windows(pool.tokenizer(model), calib, args.samples, args.seq_len)
     row = {"model": model, "method": "dense", "sparsity": 0.0, "achieved": 0.0, "prune_s": 0.0}
     row.update(_evaluate(pool, model, text, examples, args.ppl_tokens))
     rows, kept = [row], {0.0: (pool, model)}

@@ -55,7 +55,7 @@ def build_pools(out: Path, samples: int) -> dict[str, float]:
     """Write the five pools under ``out/pools``; returns seconds per pool."""
     from assy.quantization import CalibrationOptions, quantize
     from blockpool import Pool, build_pool
-    from blockpool.quantize import quantize_pool
+    from blockpool.quant.write import quantize_pool
 
     seconds = {}
     t = time.perf_counter()
@@ -193,7 +193,7 @@ def load_path_timing(pools: Path, repeats: int = 15) -> dict[str, dict[str, floa
     from safetensors.torch import load_file
 
     from blockpool import Pool
-    from blockpool.quantizer import bnb_linear
+    from blockpool.quant.formats import bnb_linear
 
     bid = "smollm2-135m/layer/3"
     results = {}
@@ -201,7 +201,7 @@ def load_path_timing(pools: Path, repeats: int = 15) -> dict[str, dict[str, floa
         pool = Pool(pools / precision)
         stored = load_file(pool.path(bid))  # as stored: int8 CB + SCB, or packed 4-bit
         plain = pool.load_tensors(bid)
-        names = pool.blocks[bid]["quant"]["tensors"]  # "mlp.up_proj.weight", ...
+        names = pool.blocks[bid].quant["tensors"]  # "mlp.up_proj.weight", ...
         dense = {n: plain[n].float() for n in names}
         bnb = {}
         for n in names:

@@ -1,22 +1,32 @@
-"""Swapper benchmark: a model larger than its budget, policy by policy, against accelerate.
+"""Swapper benchmark: does a budgeted run keep its budget, and how close to the disk is it?
 
-Reproduce (about 10 minutes on a 2-core CPU machine):
+Reproduce (the default matrix takes a few hours on a 2-core CPU machine; ``--repeat 1
+--fractions 0.25,0.5`` about an hour):
 
     .venv/bin/python benchmarks/swapper.py --out results/swapper.json
 
-For SmolLM2-135M and Gemma-3-270M (an fp32 pool, so pool bytes = bytes in memory), runs
-prefill (batch 4 x 256 tokens) and decode (greedy, a KV cache) at budgets of 100 / 50 / 25%
-of the model's pool bytes with the policies on-demand, lru, prefetch and prefetch+preswap,
-and accelerate's disk offload (``device_map`` + ``max_memory`` + ``offload_folder``) at
-the same budgets as the anchor, all in the same run. Block files are dropped from the page
-cache (``posix_fadvise(DONTNEED)``) before every timed pass, so reads are real I/O.
+For SmolLM2-135M and Gemma-3-270M in an fp32 pool (pool bytes = bytes in memory, tied
+weights counted once), at budgets of 25 / 35 / 50% of those bytes, two workloads:
+``prefill`` (one sequence of ``--prefill-tokens`` 2048, logits at its last position) and
+``decode`` (a 16-token prompt, then ``--decode-tokens`` 16 greedy tokens with a KV cache).
+Methods: the swapper's policies and accelerate's disk offload (``device_map="auto"``,
+``max_memory={"cpu": budget}``, ``offload_folder``), plus each model resident (ours and
+transformers') for the compute bound and the unbudgeted memory.
 
-The ideal bound of a pass is max(compute-only time, read-only time), where compute-only is
-a pass with every block resident and warm, and read-only is the time to read (and verify,
-deserialize) the bytes that must be read per pass in steady state: the model's bytes less
-the budget, once per forward call of the pass (decode makes one per token). Each policy's ratio to that bound is reported. Last, peak RSS of ``assy eval
---task perplexity`` with and without ``--budget`` (35% of the model's bytes) is measured
-with ``/usr/bin/time -v`` in fresh processes.
+Every case runs in a fresh process. Its *warm floor* is measured first, as DESIGN.md's
+budget contract defines it: torch, transformers and assy imported and one tiny forward of a
+random model of the same family run. Then the page cache is dropped before every forward
+call (the weight files of that method: pool blocks or accelerate's offload files), so
+every re-read is real I/O, and the workload is timed. Reported per case: wall seconds,
+peak RSS over the floor (``VmHWM`` after ``clear_refs``), bytes read from storage
+(``/proc/self/io``), and the swapper's counters. Cases are interleaved (every method of a
+(model, workload, budget) in a rotated order per repetition) and medians are reported.
+
+The bound of a case is max(resident compute time, bytes that must be read / the disk's
+sequential read bandwidth): the disk's bandwidth is measured with ``dd`` after dropping
+caches; the bytes that must be read are the model once plus, for each later forward call,
+what does not fit in the budget (model bytes - budget). A baseline that cannot run a case
+(accelerate placing everything on disk) is reported as such, not timed.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,263 +44,371 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from _common import drop_page_cache
-
-from blockpool import Pool, build_pool
-from blockpool.offload import block_nbytes, budgeted_runner
-from blockpool.sizes import format_size
-from blockpool.swapper import POLICIES
-
-MODELS = ("smollm2-135m", "gemma3-270m")
-FRACTIONS = (1.0, 0.5, 0.25)
+ROOT = Path(__file__).resolve().parents[1]
+POLICIES = ("prefetch+preswap", "prefetch", "lru", "on-demand")
 
 
-def pool_files(pool: Pool, model: str) -> list[Path]:
-    return [pool.path(b) for b in pool.model(model)["blocks"]]
+# --------------------------------------------------------------------------- worker
 
 
-def prefill_pass(runner, ids: torch.Tensor) -> None:
-    runner(ids)
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
-def decode_pass(runner, prompt: torch.Tensor, new_tokens: int) -> None:
-    out = runner.forward(prompt, use_cache=True)
-    for _ in range(new_tokens):
-        token = out.logits[:, -1:].argmax(-1)
-        out = runner.forward(token, past_key_values=out.past_key_values, use_cache=True)
+def _read_bytes() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+    return 0
 
 
-def timed(fn, files: list[Path], repeat: int) -> float:
-    """Mean seconds of ``fn`` over ``repeat`` passes, each from a cold page cache."""
-    total = 0.0
-    for _ in range(repeat):
-        drop_page_cache(files)
-        start = time.perf_counter()
-        fn()
-        total += time.perf_counter() - start
-    return total / repeat
+def _tiny_config(config_dict: dict[str, Any]):
+    """A random model of the same family, tiny: what the warm floor runs once."""
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in config_dict.items() if k != "assy_converted_from"}
+    small = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "vocab_size": 512,
+    }
+    cfg.update({k: v for k, v in small.items() if k in cfg})
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = cfg["layer_types"][:1]
+    return AutoConfig.for_model(**cfg)
 
 
-def read_all_seconds(pool: Pool, model: str) -> float:
-    """Cold read + verify + deserialize + cast of every block once (no compute)."""
-    files = pool_files(pool, model)
-    drop_page_cache(files)
+def _drop(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _workload(forward, kind: str, args, drop) -> float:
+    """Time the workload; ``forward(ids, cache, last_only)`` -> (logits [*, V], cache)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
     start = time.perf_counter()
-    for b in pool.model(model)["blocks"]:
-        pool.build_module(b, fresh=True)
+    if kind == "prefill":
+        ids = torch.randint(100, 20000, (1, args.prefill_tokens), generator=g)
+        drop()
+        forward(ids, None, True)
+    else:
+        ids = torch.randint(100, 20000, (1, 16), generator=g)
+        drop()
+        logits, cache = forward(ids, None, True)
+        for _ in range(args.decode_tokens):
+            token = logits[-1:].argmax(-1).view(1, 1)
+            drop()
+            logits, cache = forward(token, cache, True)
     return time.perf_counter() - start
 
 
-def accelerate_runner(path: Path, budget: int, offload: Path):
-    """transformers + accelerate disk offload within ``budget`` CPU bytes."""
-    from transformers import AutoModelForCausalLM
+def worker(case: dict[str, Any]) -> dict[str, Any]:
+    """Run one case in this (fresh) process and return its measurements."""
+    import torch
 
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=torch.float32,
-        device_map="auto",
-        max_memory={"cpu": budget},
-        offload_folder=str(offload),
-        offload_state_dict=True,
-    ).eval()
+    torch.set_num_threads(case["threads"])
+    import transformers
 
-    class Runner:
-        def __call__(self, ids):
-            with torch.inference_mode():
-                return model(input_ids=ids).logits
+    import assy  # noqa: F401 - part of the warm floor
+    from blockpool import Pool, RunOptions, open_runner
 
-        def forward(self, ids, past_key_values=None, use_cache=False):
-            with torch.inference_mode():
-                return model(input_ids=ids, past_key_values=past_key_values, use_cache=use_cache)
+    pool = Pool(case["pool"])
+    model = case["model"]
+    tiny = transformers.AutoModelForCausalLM.from_config(
+        _tiny_config(dict(pool.model(model).config))
+    )
+    with torch.inference_mode():
+        tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
+    del tiny
+    floor = _status("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")
+    read0 = _read_bytes()
+    args = argparse.Namespace(**case)
+    method, budget = case["method"], case["budget"]
+    result: dict[str, Any] = {"floor_rss_bytes": floor}
+    files = [pool.path(b) for b in pool.model(model).blocks]
+    if method in ("accelerate", "transformers"):
+        from blockpool.sources import open_source
 
-    return Runner(), sorted(offload.rglob("*.dat"))
-
-
-def forwards_per_pass(workload: str) -> int:
-    """Forward calls in one pass: 1 for prefill, prompt + one per new token for decode."""
-    return int(workload.split()[1]) + 1 if workload.startswith("decode") else 1
-
-
-def bench_model(pool: Pool, name: str, args, workloads: dict) -> list[dict[str, Any]]:
-    total = sum(block_nbytes(pool, b, torch.float32) for b in pool.model(name)["blocks"])
-    files = pool_files(pool, name)
-    resident, _ = budgeted_runner(pool, name, budget=None)
-    rows = []
-    read_all = read_all_seconds(pool, name)
-    for wl, fn in workloads.items():
-        fn(resident)  # build every block, warm up
-        compute = timed(lambda fn=fn: fn(resident), [], args.repeat)
-        for frac in FRACTIONS:
-            budget = int(total * frac)
-            # every forward of the pass must re-read what does not fit (steady state)
-            read_bound = read_all * max(0.0, 1.0 - frac) * forwards_per_pass(wl)
-            bound = max(compute, read_bound)
-            for policy in POLICIES + ("accelerate",):
-                row = {
-                    "model": name,
-                    "workload": wl,
-                    "budget_fraction": frac,
-                    "budget_bytes": budget,
-                    "policy": policy,
-                    "compute_seconds": compute,
-                    "read_bound_seconds": read_bound,
-                    "bound_seconds": bound,
+        with (
+            open_source(model, progress=False) as src,
+            tempfile.TemporaryDirectory(dir=case["work"]) as tmp,
+        ):
+            kw: dict[str, Any] = {"dtype": torch.float32}
+            if method == "accelerate":
+                kw |= {"device_map": "auto", "max_memory": {"cpu": budget}}
+                kw |= {"offload_folder": tmp, "offload_state_dict": True}
+            hf = transformers.AutoModelForCausalLM.from_pretrained(src.path, **kw).eval()
+            placement = set(getattr(hf, "hf_device_map", {"": "cpu"}).values())
+            if method == "accelerate" and "cpu" not in placement:
+                return result | {
+                    "status": "cannot run",
+                    "error_msg": f"accelerate placed every module on {sorted(placement)} "
+                    "(it cannot fit the tied embedding and head within the budget)",
                 }
-                try:
-                    row |= run_policy(pool, name, policy, budget, fn, files, args)
-                    row["ratio_to_bound"] = row["seconds"] / bound
-                    row["status"] = "ok"
-                except Exception as e:  # noqa: BLE001 - recorded in the result, the run goes on
-                    row |= {"status": "error", "error_msg": f"{type(e).__name__}: {e}"}
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                rows.append(row)
+            # what accelerate reads weights from: its offload files and the checkpoint itself
+            dats = sorted(Path(tmp).rglob("*.dat")) + sorted(Path(src.path).glob("*.safetensors"))
+            result["placement"] = sorted(str(p) for p in placement)
+
+            def forward(ids, cache, last_only):
+                with torch.inference_mode():
+                    out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                return out.logits[:, -1], out.past_key_values
+
+            Path("/proc/self/clear_refs").write_text("5")
+            read0 = _read_bytes()
+            result["seconds"] = _workload(forward, case["workload"], args, lambda: _drop(dats))
+    else:
+        options = RunOptions(
+            budget=None if method == "resident" else budget,
+            policy="prefetch+preswap" if method == "resident" else method,
+            threads=case["threads"],
+        )
+        with open_runner(pool, model, options) as run:
+            runner = run.runner
+
+            def forward(ids, cache, last_only):
+                at = torch.zeros_like(ids, dtype=torch.bool)
+                at[:, -1] = True
+                out = runner.forward(ids, past_key_values=cache, use_cache=True, logits_at=at)
+                return out.logits, out.past_key_values
+
+            if method == "resident":  # the compute bound: warm, nothing read
+                _workload(forward, case["workload"], args, lambda: None)
+                Path("/proc/self/clear_refs").write_text("5")
+                read0 = _read_bytes()
+                result["seconds"] = _workload(forward, case["workload"], args, lambda: None)
+            else:
+                result["seconds"] = _workload(forward, case["workload"], args, lambda: _drop(files))
+        result |= {k: v for k, v in run.report.items() if k != "peak_rss_bytes"}
+    result["peak_over_floor_bytes"] = _status("VmHWM:") - floor
+    result["storage_read_bytes"] = _read_bytes() - read0
+    return result | {"status": "ok"}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def disk_bandwidth(work: Path, tries: int = 3) -> float:
+    """Sequential read bandwidth (bytes/s) of the disk under ``work``: the best of ``tries``
+    dd reads of a 1 GiB file after dropping it from the page cache (the best: a bound)."""
+    path = work / "dd.bin"
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={path}", "bs=4M", "count=256", "oflag=direct"],
+        check=True,
+        capture_output=True,
+    )
+    best = 0.0
+    for _ in range(tries):
+        _drop([path])
+        proc = subprocess.run(
+            ["dd", f"if={path}", "of=/dev/null", "bs=4M"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        match = re.search(r"(\d+) bytes .* copied, ([\d.]+) s", proc.stderr)
+        best = max(best, int(match.group(1)) / float(match.group(2)))
+    path.unlink()
+    return best
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(case)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        return {"status": "error", "error_msg": proc.stderr.strip().splitlines()[-1][:300]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get("status") == "ok" and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(
+    runs: list[dict], model_bytes: dict[str, int], bandwidth: float, args
+) -> list[dict[str, Any]]:
+    """Medians per case, with the bound, the ratio to accelerate and the budget check."""
+    rows = []
+    keys = sorted({(r["model"], r["workload"], r["fraction"], r["method"]) for r in runs})
+    compute = {
+        (r["model"], r["workload"]): _median(
+            [
+                x
+                for x in runs
+                if (x["model"], x["workload"], x["method"])
+                == (r["model"], r["workload"], "resident")
+            ],
+            "seconds",
+        )
+        for r in runs
+    }
+    for model, workload, fraction, method in keys:
+        group = [
+            r
+            for r in runs
+            if (r["model"], r["workload"], r["fraction"], r["method"])
+            == (model, workload, fraction, method)
+        ]
+        size = model_bytes[model]
+        budget = int(fraction * size) if fraction else None
+        calls = 1 if workload == "prefill" else 1 + args.decode_tokens
+        must_read = size + (calls - 1) * max(0, size - (budget or size))
+        bound = max(compute.get((model, workload)) or 0.0, must_read / bandwidth)
+        row: dict[str, Any] = {
+            "model": model,
+            "workload": workload,
+            "fraction": fraction,
+            "budget_bytes": budget,
+            "method": method,
+            "runs": len(group),
+            "status": "ok" if all(r["status"] == "ok" for r in group) else group[0]["status"],
+            "error_msg": next((r.get("error_msg") for r in group if r["status"] != "ok"), None),
+            "seconds": _median(group, "seconds"),
+            "peak_over_floor_bytes": _median(group, "peak_over_floor_bytes"),
+            "storage_read_bytes": _median(group, "storage_read_bytes"),
+            "io_hidden_fraction": _median(group, "io_hidden_fraction"),
+            "weights_resident_peak_bytes": _median(group, "weights_resident_peak_bytes"),
+            "bound_seconds": bound,
+        }
+        if row["seconds"] is not None:
+            row["ratio_to_bound"] = row["seconds"] / bound if bound else None
+        if budget and row["peak_over_floor_bytes"] is not None:
+            allowed = budget + max(0.1 * budget, 32e6)
+            row["within_budget"] = row["peak_over_floor_bytes"] <= allowed
+        rows.append(row)
+    for row in rows:  # speed-up over accelerate at the same budget
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["method"] == "accelerate"
+                and r["status"] == "ok"
+                and (r["model"], r["workload"], r["fraction"])
+                == (row["model"], row["workload"], row["fraction"])
+            ),
+            None,
+        )
+        if ref and row["seconds"]:
+            row["speedup_vs_accelerate"] = ref["seconds"] / row["seconds"]
     return rows
 
 
-def run_policy(pool, name, policy, budget, fn, files, args) -> dict[str, Any]:
-    if policy == "accelerate":
-        from blockpool.sources import open_source
+def markdown(rows: list[dict], bandwidth: float) -> str:
+    from blockpool.sizes import format_size
 
-        with open_source(name) as src, tempfile.TemporaryDirectory(dir=args.work) as tmp:
-            runner, dats = accelerate_runner(src.path, budget, Path(tmp))
-            fn(runner)  # warm-up pass
-            return {"seconds": timed(lambda: fn(runner), dats + files, args.repeat)}
-    runner, swapper = budgeted_runner(pool, name, budget=budget, policy=policy)
-    with swapper:
-        fn(runner)  # warm-up pass: fills the cache as a steady state would
-        swapper.reset_stats()
-        seconds = timed(lambda: fn(runner), files, args.repeat)
-        return {"seconds": seconds, **swapper.stats.as_dict()}
-
-
-def rss_check(pool_dir: Path, name: str, total: int, text: Path) -> dict[str, Any]:
-    """Peak RSS of assy eval --task perplexity, unbudgeted vs a 35% budget."""
-    budget = int(0.35 * total)
-    result = {"model": name, "model_bytes": total, "budget_bytes": budget}
-    for label, extra in (("unbudgeted", []), ("budget_35", ["--budget", str(budget)])):
-        cmd = [
-            "/usr/bin/time",
-            "-v",
-            sys.executable,
-            "-m",
-            "assy.cli",
-            "eval",
-            str(pool_dir),
-            "--model",
-            name,
-            "--task",
-            "perplexity",
-            "--text",
-            str(text),
-            "--max-tokens",
-            "1024",
-            "--window",
-            "256",
-            "--json",
-            *extra,
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
-        result[f"{label}_peak_rss_bytes"] = kib * 1024
-        result[f"{label}_perplexity"] = json.loads(proc.stdout.strip().splitlines()[-1])[
-            "perplexity"
-        ]
-    drop = result["unbudgeted_peak_rss_bytes"] - result["budget_35_peak_rss_bytes"]
-    result["rss_drop_bytes"] = drop
-    result["required_drop_bytes"] = (total - budget) // 2
-    result["met"] = drop >= result["required_drop_bytes"]
-    return result
-
-
-def markdown(rows: list[dict], rss: list[dict]) -> str:
     lines = [
-        "| model | workload | budget | policy | s/pass | tok/s | bound s | ratio | hidden I/O | read |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"Disk sequential read bandwidth (dd, cold): {bandwidth / 1e6:.0f} MB/s.",
+        "",
+        "| model | workload | budget | method | s | bound s | ratio | × accelerate | "
+        "peak RSS − floor | within | hidden I/O | read |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        budget = (
+            f"{r['fraction']:.0%} ({format_size(r['budget_bytes'])})" if r["fraction"] else "none"
+        )
         if r["status"] != "ok":
             lines.append(
-                f"| {r['model']} | {r['workload']} | {r['budget_fraction']:.0%} | "
-                f"{r['policy']} | error: {r['error_msg'][:60]} | | | | | |"
+                f"| {r['model']} | {r['workload']} | {budget} | {r['method']} | "
+                f"{r['status']}: {(r['error_msg'] or '')[:90]} | | | | | | | |"
             )
             continue
-        hidden = f"{r['io_hidden_fraction']:.0%}" if "io_hidden_fraction" in r else ""
-        read = format_size(r["bytes_read"]) if r.get("bytes_read") else ""
+
+        def fmt(key, spec, r=r):
+            return format(r[key], spec) if r.get(key) is not None else ""
+
+        within = {True: "yes", False: "**no**"}.get(r.get("within_budget"), "")
         lines.append(
-            f"| {r['model']} | {r['workload']} | {r['budget_fraction']:.0%} | {r['policy']} | "
-            f"{r['seconds']:.2f} | {r['tokens'] / r['seconds']:.1f} | {r['bound_seconds']:.2f} | "
-            f"{r['ratio_to_bound']:.2f} | {hidden} | {read} |"
-        )
-    lines += [
-        "",
-        "| model | model bytes | budget | peak RSS unbudgeted | peak RSS at budget | drop | "
-        "required drop | met |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rss:
-        lines.append(
-            f"| {r['model']} | {format_size(r['model_bytes'])} | {format_size(r['budget_bytes'])} | "
-            f"{format_size(r['unbudgeted_peak_rss_bytes'])} | {format_size(r['budget_35_peak_rss_bytes'])} | "
-            f"{format_size(r['rss_drop_bytes'])} | {format_size(r['required_drop_bytes'])} | {r['met']} |"
+            f"| {r['model']} | {r['workload']} | {budget} | {r['method']} | {fmt('seconds', '.2f')} | "
+            f"{fmt('bound_seconds', '.2f')} | {fmt('ratio_to_bound', '.2f')} | "
+            f"{fmt('speedup_vs_accelerate', '.2f')} | {format_size(r['peak_over_floor_bytes'])} | "
+            f"{within} | {fmt('io_hidden_fraction', '.0%')} | "
+            f"{format_size(r['storage_read_bytes'] or 0)} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("results/swapper.json"))
     parser.add_argument("--work", type=Path, default=Path("work/bench-swapper"))
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--fractions", default="0.25,0.35,0.5")
+    parser.add_argument("--workloads", default="decode,prefill")
+    parser.add_argument("--methods", default="prefetch+preswap,lru,accelerate")
+    parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--prefill-tokens", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    from blockpool import Pool, build_pool
+
     args.work.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",")
     pool_dir = args.work / "pool32"
     build_pool(models, pool_dir, dtype="fp32")
     pool = Pool(pool_dir)
-    g = torch.Generator().manual_seed(0)
-    prefill_ids = torch.randint(100, 20000, (4, 256), generator=g)
-    prompt = torch.randint(100, 20000, (1, 16), generator=g)
-    workloads = {
-        "prefill 4x256": lambda r: prefill_pass(r, prefill_ids),
-        f"decode {args.decode_tokens}": lambda r: decode_pass(r, prompt, args.decode_tokens),
-    }
-    tokens = {"prefill 4x256": 4 * 256, f"decode {args.decode_tokens}": args.decode_tokens}
+    model_bytes = {m: sum(pool.blocks[b].bytes for b in pool.model(m).blocks) for m in models}
+    bandwidth = disk_bandwidth(args.work)
     start = time.perf_counter()
-    rows = []
-    for name in models:
-        for row in bench_model(pool, name, args, workloads):
-            rows.append(row | {"tokens": tokens[row["workload"]]})
-    text = args.work / "heldout.txt"
-    from assy.data import heldout_text
-
-    text.write_text(heldout_text(20_000))
-    rss = [
-        rss_check(
-            pool_dir,
-            n,
-            sum(block_nbytes(pool, b, torch.float32) for b in pool.model(n)["blocks"]),
-            text,
-        )
-        for n in models
-    ]
+    runs = []
+    base = {k: getattr(args, k) for k in ("decode_tokens", "prefill_tokens", "threads")}
+    base |= {"pool": str(pool_dir.resolve()), "work": str(args.work.resolve())}
+    methods = args.methods.split(",")
+    for rep in range(args.repeat):
+        for model in models:
+            for workload in args.workloads.split(","):
+                cases = [(0.0, "resident"), (0.0, "transformers")]
+                cases += [(float(f), m) for f in args.fractions.split(",") for m in methods]
+                shift = rep % len(cases)
+                for fraction, method in cases[shift:] + cases[:shift]:
+                    budget = int(fraction * model_bytes[model]) if fraction else None
+                    case = base | {"model": model, "workload": workload, "method": method}
+                    case |= {"budget": budget}
+                    row = run_case(case) | {"model": model, "workload": workload}
+                    row |= {"fraction": fraction, "method": method, "rep": rep}
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                    runs.append(row)
+    rows = summarize(runs, model_bytes, bandwidth, args)
     result = {
         "benchmark": "swapper",
-        "config": vars(args) | {"out": str(args.out), "work": str(args.work)},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "git_sha": subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
         ).stdout.strip(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "disk_bandwidth_bytes_per_s": bandwidth,
+        "model_bytes": model_bytes,
         "wall_seconds": time.perf_counter() - start,
         "rows": rows,
-        "rss": rss,
+        "runs": runs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    table = markdown(rows, rss)
+    table = markdown(rows, bandwidth)
     args.out.with_suffix(".md").write_text(table)
     print(table)
 

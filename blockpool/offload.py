@@ -10,65 +10,62 @@ left. Everything else goes through the :class:`~blockpool.swapper.BlockSwapper`.
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from blockpool.errors import UsageError
+from blockpool.chain import ChainRunner, build_block
+from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
+from blockpool.reads import TensorInfo, read_header, read_rows, read_tensors
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
-from blockpool.swapper import BlockSwapper
+from blockpool.swapper import DEFAULT_POLICY, BlockSwapper
 
 __all__ = ["ChunkedHead", "GatheredEmbed", "block_nbytes", "budgeted_runner", "min_budget"]
 
 _TOKEN_TABLE = "tokens.weight"
 _MIN_CHUNK_ROWS = 256
-_FLOAT = {"F32", "F16", "BF16", "F64"}
 _DENSE = {"fp32", "fp16", "bf16"}
 
 
-def _header(pool: Pool, bid: str) -> dict[str, tuple[list[int], str]]:
-    with safe_open(pool.path(bid), "pt") as f:
-        return {k: (f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()}
+def _header(pool: Pool, bid: str) -> dict[str, TensorInfo]:
+    return read_header(pool.path(bid))[1]
 
 
 def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
     """In-memory bytes of a block's weights at ``dtype`` (tied aliases included)."""
     entry = pool.blocks[bid]
-    if entry.get("quant") or any(
-        pool.blocks[ref.partition(":")[0]].get("quant")
-        for ref in (entry.get("tied") or {}).values()
+    if entry.quant or any(
+        pool.blocks[ref.partition(":")[0]].get("quant") for ref in entry.tied.values()
     ):
         # Quantized blocks are dequantized at load: count every weight at the compute dtype
         # (a tied alias at the size of the whole block it lives in: an upper bound).
-        refs = {ref.partition(":")[0] for ref in (entry.get("tied") or {}).values()}
+        refs = {ref.partition(":")[0] for ref in entry.tied.values()}
         return sum(pool.params(b) for b in {bid} | refs) * dtype.itemsize
-    shapes = {k: v for k, v in _header(pool, bid).items() if k not in skip}
-    for local, ref in (entry.get("tied") or {}).items():
+    tensors = {k: v for k, v in _header(pool, bid).items() if k not in skip}
+    for local, ref in entry.tied.items():
         if local not in skip:
             src, _, name = ref.partition(":")
-            shapes[local] = _header(pool, src)[name]
-    size = dtype.itemsize
+            tensors[local] = _header(pool, src)[name]
     total = 0
-    for shape, st_dtype in shapes.values():
-        numel = int(torch.Size(shape).numel())
-        total += numel * (size if st_dtype in _FLOAT else _ST_ITEMSIZE.get(st_dtype, 1))
+    for info in tensors.values():
+        numel = int(torch.Size(info.shape).numel())
+        itemsize = dtype.itemsize if info.dtype.is_floating_point else info.dtype.itemsize
+        total += numel * itemsize
     return total
-
-
-_ST_ITEMSIZE = {"I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _table_ref(pool: Pool, bid: str) -> tuple[str, str]:
     """Where a head's LM-head weight (or an embed's token table) is stored."""
     entry = pool.blocks[bid]
-    if entry["kind"] == "embed":
+    if entry.kind == "embed":
         return bid, _TOKEN_TABLE
-    tied = (entry.get("tied") or {}).get("lm_head.weight")
+    tied = entry.tied.get("lm_head.weight")
     if tied:
         src, _, name = tied.partition(":")
         return src, name
@@ -77,28 +74,66 @@ def _table_ref(pool: Pool, bid: str) -> tuple[str, str]:
 
 def _load_small(pool: Pool, bid: str, module: nn.Module, skip: str, dtype: torch.dtype) -> None:
     """Load every tensor of the block but the big one into ``module``."""
-    pool._ensure_verified(bid)
-    with safe_open(pool.path(bid), "pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys() if k != skip}
+    path = pool.ensure_verified(bid)
+    names = [n for n in read_header(path)[1] if n != skip]
+    state = read_tensors(path, names)
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
+def _move_real_tensors(module: nn.Module, device: torch.device) -> None:
+    """Move parameters and buffers to ``device``, leaving the meta ones (the big table,
+    read piece by piece) where they are."""
+    for owner in module.modules():
+        for name, p in list(owner.named_parameters(recurse=False)):
+            if not p.is_meta and p.device != device:
+                setattr(owner, name, nn.Parameter(p.to(device), requires_grad=p.requires_grad))
+        for name, b in list(owner.named_buffers(recurse=False)):
+            if not b.is_meta and b.device != device:
+                owner.register_buffer(
+                    name, b.to(device), persistent=name not in owner._non_persistent_buffers_set
+                )
+
+
 class _Piecewise(nn.Module):
-    def __init__(self, pool: Pool, bid: str, config: Any, dtype: torch.dtype, swapper) -> None:
+    """A block too large for the budget, its big table read in pieces by positioned reads
+    into buffers counted against the budget (nothing of the file stays mapped)."""
+
+    def __init__(
+        self,
+        pool: Pool,
+        bid: str,
+        config: Any,
+        dtype: torch.dtype,
+        swapper,
+        device: str | torch.device = "cpu",
+    ) -> None:
         super().__init__()
         entry = pool.blocks[bid]
-        if entry["precision"] not in _DENSE:
+        if entry.precision not in _DENSE:
             raise UsageError(
-                f"block {bid} ({entry['precision']}) is too large for the budget and quantized "
-                "blocks cannot be served in pieces yet; raise --budget"
+                f"block {bid} ({entry.precision}) is too large for the budget and quantized "
+                f"blocks cannot be served in pieces yet; raise {arg('budget')}"
             )
         self.inner = pool.empty_module(bid, config)
         self.src, self.table = _table_ref(pool, bid)
-        pool._ensure_verified(self.src)
-        self.path, self.dtype, self.swapper = pool.path(self.src), dtype, swapper
+        self.pool, self.dtype, self.swapper = pool, dtype, swapper
+        self.info = _header(pool, self.src)[self.table]
         _load_small(pool, bid, self.inner, self.table if self.src == bid else "", dtype)
+        self.device = torch.device(device)
+        _move_real_tensors(self.inner, self.device)
         self.pinned = block_nbytes(pool, bid, dtype, skip=(self.table, "lm_head.weight"))
+
+    def row_cost(self) -> int:
+        """Bytes one row of the table takes while in use: the read buffer plus its cast."""
+        width = self.info.shape[1]
+        cast = 0 if self.info.dtype == self.dtype else width * self.dtype.itemsize
+        return self.info.row_bytes + cast
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the table at the compute dtype, on the device."""
+        path = self.pool.ensure_verified(self.src)
+        return read_rows(path, self.info, start, stop).to(self.device, self.dtype)
 
 
 class GatheredEmbed(_Piecewise):
@@ -109,36 +144,34 @@ class GatheredEmbed(_Piecewise):
         self.inner.tokens.padding_idx = None  # ids are re-numbered; padding_idx only shapes grads
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
-        uniq, local = torch.unique(input_ids, return_inverse=True)
-        with safe_open(self.path, "pt") as f:
-            table = f.get_slice(self.table)
-            width = table.get_shape()[1]
-            with self.swapper.reserve(len(uniq) * width * self.dtype.itemsize):
-                rows = torch.cat([table[i : i + 1] for i in uniq.tolist()]).to(self.dtype)
-                self.inner.tokens.weight = nn.Parameter(rows, requires_grad=False)
-                try:
-                    return self.inner(local, attention_mask, position_ids, past_length)
-                finally:
-                    del self.inner.tokens.weight, rows
+        uniq, local = torch.unique(input_ids.cpu(), return_inverse=True)
+        local = local.to(input_ids.device)
+        with self.swapper.reserve(len(uniq) * self.row_cost()):
+            rows = torch.cat([self.rows(i, i + 1) for i in uniq.tolist()])
+            self.inner.tokens.weight = nn.Parameter(rows, requires_grad=False)
+            try:
+                return self.inner(local, attention_mask, position_ids, past_length)
+            finally:
+                del self.inner.tokens.weight, rows
 
 
 class ChunkedHead(_Piecewise):
-    """An LM head that multiplies vocabulary chunks sized to the room left in the budget."""
+    """An LM head that multiplies vocabulary chunks sized to the room free in the budget."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         features = self.inner.features(hidden)
-        with safe_open(self.path, "pt") as f:
-            weight = f.get_slice(self.table)
-            vocab, width = weight.get_shape()
-            row_bytes = width * self.dtype.itemsize
-            chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.available() // row_bytes))
-            logits = features.new_empty(*features.shape[:-1], vocab)
-            for start in range(0, vocab, chunk):
-                stop = min(vocab, start + chunk)
-                with self.swapper.reserve((stop - start) * row_bytes):
-                    rows = weight[start:stop].to(self.dtype)
-                    logits[..., start:stop] = features @ rows.T
-                    del rows
+        vocab = self.info.shape[0]
+        cost = self.row_cost()
+        # chunks sized to the room that is free now: evicting cached layers for a larger
+        # chunk would have them re-read in the next pass
+        chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.free() // cost))
+        logits = features.new_empty(*features.shape[:-1], vocab)
+        for start in range(0, vocab, chunk):
+            stop = min(vocab, start + chunk)
+            with self.swapper.reserve((stop - start) * cost):
+                rows = self.rows(start, stop)
+                logits[..., start:stop] = features @ rows.T
+                del rows
         return self.inner.cap(logits)
 
 
@@ -153,73 +186,157 @@ def _limit_malloc_caching() -> None:
             libc = ctypes.CDLL("libc.so.6")
         except OSError:
             return
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
-        libc.mallopt(-1, 1 << 20)  # M_TRIM_THRESHOLD
+        # 128 KiB: larger buffers (weights, a long sequence's activations) get maps of
+        # their own; at 1 MiB, decoding under a Gemma budget fragmented the heap by ~40 MB
+        libc.mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
 
 
-def min_budget(pool: Pool, model: str, dtype: torch.dtype = torch.float32) -> int:
-    """The smallest budget that runs ``model``: its largest layer plus its pinned parts."""
-    ids = pool.model(model)["blocks"]
-    layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b]["kind"] == "layer"]
-    ends = [b for b in ids if pool.blocks[b]["kind"] != "layer"]
+def _chain_blocks(pool: Pool, target: str | Sequence[str | nn.Module]) -> list[str]:
+    if isinstance(target, str):
+        return list(pool.model(target).blocks)
+    return [b for b in target if isinstance(b, str)]
+
+
+def min_budget(
+    pool: Pool,
+    target: str | Sequence[str | nn.Module],
+    dtype: torch.dtype = torch.float32,
+    *,
+    batch: int = 1,
+    tokens: int = 1,
+    cache: bool = False,
+) -> int:
+    """The smallest budget that runs a model (by name) or a chain on ``batch`` x ``tokens``:
+    its largest layer, its pinned parts (the small tensors of an embedding and head served
+    in pieces, a piece), its seams, and the working memory of that call (with ``cache``,
+    the KV cache of ``tokens`` tokens too)."""
+    ids = _chain_blocks(pool, target)
+    layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b].kind == "layer"]
+    ends = [b for b in ids if pool.blocks[b].kind != "layer"]
     pinned = sum(block_nbytes(pool, b, dtype, skip=(_TOKEN_TABLE, "lm_head.weight")) for b in ends)
-    width = pool.blocks[ids[0]]["interface"]["hidden_size"]
-    piece = _MIN_CHUNK_ROWS * width * dtype.itemsize  # room for a gathered or chunked piece
-    return max(layers) + pinned + piece
+    width = max(pool.blocks[b].hidden_size for b in ends or ids)
+    # room for a gathered or chunked piece: the read buffer (<= 4 B a weight) and its cast
+    piece = _MIN_CHUNK_ROWS * width * (4 + dtype.itemsize)
+    runner = _make_runner(pool, target, dtype, "cpu")
+    work = runner.working_bytes(batch, tokens, 0, batch * tokens)
+    kv = runner.cache_bytes(batch, tokens) if cache else 0
+    return max(layers, default=0) + pinned + piece + _seam_bytes(target) + work + kv
+
+
+def _make_runner(pool, target, dtype, device, fetch=None) -> ChainRunner:
+    if isinstance(target, str):
+        return BlockRunner(pool, target, dtype=dtype, device=device, fetch=fetch)
+    return ChainRunner(pool, target, dtype=dtype, device=device, fetch=fetch)
+
+
+def _seam_bytes(target: str | Sequence[str | nn.Module]) -> int:
+    if isinstance(target, str):
+        return 0
+    modules = [m for m in target if isinstance(m, nn.Module)]
+    return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
 
 def budgeted_runner(
     pool: Pool,
-    model: str,
+    target: str | Sequence[str | nn.Module],
     *,
     budget: int | None,
-    policy: str = "prefetch+preswap",
+    policy: str = DEFAULT_POLICY,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     depth: int = 2,
     piece_fraction: float = 0.5,
-) -> tuple[BlockRunner, BlockSwapper | None]:
-    """A runner for ``model`` whose resident weights stay within ``budget`` bytes.
+) -> tuple[ChainRunner, BlockSwapper | None]:
+    """A runner for a model (its name) or a chain whose resident weights stay within ``budget``.
 
     ``budget=None`` keeps every block resident (no swapper). An embedding or LM head
-    larger than ``piece_fraction * budget`` is served in pieces.
+    larger than ``piece_fraction`` of the budget above :func:`min_budget` is served in
+    pieces. Seams of a chain stay
+    resident and count against the budget.
 
     Raises:
         UsageError: the budget is below :func:`min_budget` (the message names it).
     """
+
+    def make() -> ChainRunner:
+        return _make_runner(pool, target, dtype, device)
+
     if budget is None:
-        return BlockRunner(pool, model, dtype=dtype), None
-    floor = min_budget(pool, model, dtype)
+        return make(), None
+    seams = _seam_bytes(target)
+    floor = min_budget(pool, target, dtype)
+    name = target if isinstance(target, str) else "the chain"
     if budget < floor:
         raise UsageError(
-            f"--budget {format_size(budget)} is below the smallest working set of {model} "
+            f"{arg('budget')} {format_size(budget)} is below the smallest working set of {name} "
             f"({format_size(floor)}: its largest layer at {str(dtype).removeprefix('torch.')} "
-            f"plus embedding and head parts); use --budget {format_size(floor)} or more"
+            f"plus embedding, head and seam parts and one token's working memory); use "
+            f"{arg('budget')} {format_size(floor)} or more"
         )
     _limit_malloc_caching()
-    runner = BlockRunner(pool, model, dtype=dtype)
-    ids = runner.block_ids
+    runner = make()
+    ids = list(dict.fromkeys(runner.block_ids))
     sizes = {b: block_nbytes(pool, b, dtype) for b in ids}
-    pieces: dict[str, nn.Module] = {}
-    cached = [b for b in ids if not _piecewise(pool, b, sizes[b] > piece_fraction * budget)]
+    # an embedding or head is cached whole only if it takes at most ``piece_fraction`` of
+    # the budget above the smallest working set (else it is served in pieces)
+    slack = piece_fraction * (budget - floor)
+    cached = [b for b in ids if not _piecewise(pool, b, sizes[b] > slack)]
+    # A tied pair (embedding = LM head) both cached lives once: the source stays resident
+    # (it runs at both ends of every pass) and the head shares its tensor.
+    fixed = {
+        src: None
+        for b in cached
+        for src in (ref.partition(":")[0] for ref in pool.blocks[b].tied.values())
+        if src in cached
+    }
+    for b in cached:
+        tied_names = tuple(
+            n for n, ref in pool.blocks[b].tied.items() if ref.split(":")[0] in fixed
+        )
+        if tied_names:
+            sizes[b] = block_nbytes(pool, b, dtype, skip=tied_names)
+
+    def load(bid: str) -> nn.Module:
+        return build_block(pool, bid, runner, fixed_modules)
+
     swapper = BlockSwapper(
-        lambda b: pool.build_module(b, dtype=dtype, config=runner.config, fresh=True),
+        load,
         sizes,
-        {b: pool.blocks[b]["bytes"] for b in ids},
-        cached,
+        {b: pool.blocks[b].bytes for b in ids},
+        [b for b in runner.block_ids if b in cached and b not in fixed],
         budget=budget,
         policy=policy,
         depth=depth,
+        pinned_bytes=seams + sum(sizes[b] for b in fixed),
+        readahead=lambda b: _readahead(pool.path(b)),
     )
+    fixed_modules = {b: build_block(pool, b, runner, {}) for b in fixed}
+    pieces: dict[str, nn.Module] = dict(fixed_modules)
     for b in ids:
         if b not in cached:
-            cls = GatheredEmbed if pool.blocks[b]["kind"] == "embed" else ChunkedHead
-            pieces[b] = cls(pool, b, runner.config, dtype, swapper)
+            cls = GatheredEmbed if pool.blocks[b].kind == "embed" else ChunkedHead
+            pieces[b] = cls(pool, b, runner.config_of(b), dtype, swapper, runner.device)
             swapper.pin(pieces[b].pinned)
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
+    runner.memory = swapper  # the runner reserves its working memory out of the budget
     return runner, swapper
+
+
+def _readahead(path) -> None:
+    """Let the kernel start reading ``path`` into the page cache (not this process's RSS)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # the load itself will report the missing file
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def _piecewise(pool: Pool, bid: str, large: bool) -> bool:
     entry = pool.blocks[bid]
-    causal = pool.family(entry["model"]).causal
-    return large and causal and entry["kind"] in ("embed", "head")
+    causal = pool.family(entry.model).causal
+    return large and causal and entry.kind in ("embed", "head")

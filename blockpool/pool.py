@@ -1,25 +1,35 @@
-"""An open pool: verify it, load a block's tensors (memory-mapped), build its module."""
+"""An open pool: verify it, load a block's tensors (memory-mapped), build its module.
+
+What a run depends on is checked against the sums in ``pool.json`` before it is used: a
+block file before its first load (and at every reload by the swapper), a model's config
+(format 2: ``config_sha256``) whenever it is read, its tokenizer files whenever they are
+loaded; and a block's tensors must have the shapes its family and config imply before
+any of them is loaded into a module. :meth:`Pool.verify` checks all of it at once.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import threading
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
+from blockpool.entries import BlockEntry, ModelEntry, config_digest
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
-from blockpool.manifest import read_manifest, resolve_inside, sha256_file
-from blockpool.quantizer import companions, dequantize_block, logical_params
+from blockpool.manifest import read_manifest, resolve_inside, sha256_file, write_manifest
+from blockpool.quant.formats import companions, dequantize_block, logical_params
+from blockpool.reads import read_header, read_tensors
 
-__all__ = ["BadBlock", "Pool", "empty_weights", "summarize"]
+__all__ = ["BadBlock", "Pool", "empty_weights", "rehash_pool", "summarize"]
 
 
 _EMPTY = threading.local()
@@ -55,7 +65,9 @@ def empty_weights():
 
 @dataclass(frozen=True)
 class BadBlock:
-    """A block whose file is missing or does not match its recorded sum."""
+    """Something a run depends on that is missing or does not match its recorded sum: a
+    block (``block_id`` is its id), a tokenizer file (``<model>/tokenizer``) or a model's
+    config (``<model>/config``, ``file`` is ``pool.json``)."""
 
     block_id: str
     file: str
@@ -75,13 +87,12 @@ class Pool:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        self.models: dict[str, Any] = self.manifest["models"]
-        self.blocks: dict[str, Any] = self.manifest["blocks"]
-        self._verified: set[str] = set()
-        self._stat_checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when hashed
+        self.models: dict[str, ModelEntry] = self.manifest.models
+        self.blocks: dict[str, BlockEntry] = self.manifest.blocks
+        self._checked: dict[str, tuple[int, int]] = {}  # bid -> (size, mtime) when it matched
 
     # --- models -------------------------------------------------------------------------
-    def model(self, name: str) -> dict[str, Any]:
+    def model(self, name: str) -> ModelEntry:
         """The manifest entry of model ``name``."""
         if name not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
@@ -89,13 +100,57 @@ class Pool:
         return self.models[name]
 
     def family(self, name: str) -> FamilySpec:
-        return get_family(self.model(name)["family"])
+        return get_family(self.model(name).family)
+
+    def check_config(self, name: str) -> BadBlock | None:
+        """Compare model ``name``'s config with its recorded sum; ``None`` when it matches
+        (or when a format-1 pool recorded none)."""
+        model = self.model(name)
+        if model.config_sha256 is None or config_digest(model.config) == model.config_sha256:
+            return None
+        return BadBlock(
+            f"{name}/config", "pool.json", "config does not match its sum (edited by hand?)"
+        )
+
+    def check_tokenizer(self, name: str) -> list[BadBlock]:
+        """Model ``name``'s tokenizer files that are missing or do not match their sums."""
+        bad = []
+        for rel, digest in self.model(name).tokenizer.items():
+            path = resolve_inside(self.root, rel)
+            if not path.is_file():
+                bad.append(BadBlock(f"{name}/tokenizer", rel, "file missing"))
+            elif sha256_file(path) != digest:
+                bad.append(
+                    BadBlock(
+                        f"{name}/tokenizer", rel, "sha256 mismatch (file corrupted or modified)"
+                    )
+                )
+        return bad
+
+    def unsummed(self) -> list[str]:
+        """Models whose config has no recorded sum (pools written by format 1)."""
+        return sorted(n for n, m in self.models.items() if m.config_sha256 is None)
+
+    def max_positions(self, name: str) -> int | None:
+        """The most tokens one sequence of model ``name`` may have (families with learned
+        positions); ``None`` when its positions are rotary."""
+        return self.family(name).max_positions(self.config(name))
 
     def config(self, name: str, attn_implementation: str = "sdpa") -> Any:
-        """The transformers config of model ``name``, ready to build layers from."""
+        """The transformers config of model ``name``, ready to build layers from.
+
+        Raises:
+            IntegrityError: the config in ``pool.json`` does not match its sum.
+        """
         from transformers import AutoConfig
 
-        entry = dict(self.model(name)["config"])
+        bad = self.check_config(name)
+        if bad is not None:
+            raise IntegrityError(
+                f"model {name!r}: its config in {self.root / 'pool.json'} does not match its "
+                f"sum (edited by hand?); run assy verify-pool {self.root} and rebuild the model"
+            )
+        entry = dict(self.model(name).config)
         entry.pop("assy_converted_from", None)
         config = AutoConfig.for_model(**entry)
         config._attn_implementation = attn_implementation
@@ -105,27 +160,37 @@ class Pool:
         """The model's tokenizer, from the files copied into the pool."""
         from transformers import AutoTokenizer
 
-        files = self.model(name).get("tokenizer") or {}
+        files = self.model(name).tokenizer
         if not files:
             raise UsageError(f"model {name!r} has no tokenizer in the pool (its source had none)")
-        for rel, digest in files.items():
-            if sha256_file(resolve_inside(self.root, rel)) != digest:
-                raise IntegrityError(f"{rel}: tokenizer file does not match its sum in pool.json")
-        return AutoTokenizer.from_pretrained(self.root / "tokenizers" / name, local_files_only=True)
+        for bad in self.check_tokenizer(name):
+            raise IntegrityError(
+                f"{bad.file}: tokenizer file of {name!r}: {bad.reason}; run assy verify-pool "
+                f"{self.root} and rebuild the model"
+            )
+        directory = resolve_inside(self.root, next(iter(files))).parent
+        try:
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        # the Rust tokenizers library raises plain Exception for a malformed tokenizer.json
+        except Exception as e:  # noqa: BLE001
+            raise IntegrityError(
+                f"model {name!r}: its tokenizer files in {directory} cannot be loaded "
+                f"({type(e).__name__}: {str(e)[:200]}); rebuild the model from its source"
+            ) from None
 
     # --- blocks -------------------------------------------------------------------------
     def path(self, bid: str) -> Path:
-        return resolve_inside(self.root, self.blocks[bid]["file"])
+        return resolve_inside(self.root, self.blocks[bid].file)
 
     def params(self, bid: str) -> int:
         """Weights stored in block ``bid``: elements of its plain tensors, quantized ones
         counted at their dequantized size, tied aliases not counted (stored elsewhere)."""
         entry = self.blocks[bid]
-        if "params" in entry:
-            return int(entry["params"])
+        if entry.params is not None:
+            return entry.params
         with safe_open(self.path(bid), "pt") as f:
-            if entry.get("quant"):
-                return logical_params({n: f.get_tensor(n) for n in f.keys()}, entry["quant"])
+            if entry.quant:
+                return logical_params({n: f.get_tensor(n) for n in f.keys()}, entry.quant)
             return sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
 
     def check_block(self, bid: str) -> BadBlock | None:
@@ -133,37 +198,62 @@ class Pool:
         entry = self.blocks[bid]
         path = self.path(bid)
         if not path.is_file():
-            return BadBlock(bid, entry["file"], "file missing")
-        if sha256_file(path) != entry["sha256"]:
-            return BadBlock(bid, entry["file"], "sha256 mismatch (file corrupted or modified)")
+            return BadBlock(bid, entry.file, "file missing")
+        if sha256_file(path) != entry.sha256:
+            return BadBlock(bid, entry.file, "sha256 mismatch (file corrupted or modified)")
         return None
 
     def verify(self) -> list[BadBlock]:
-        """Every block that is missing or does not match its sum."""
-        return [bad for bid in self.blocks if (bad := self.check_block(bid)) is not None]
+        """Everything a run depends on that is missing or does not match its sum: block
+        files, tokenizer files and (format 2) model configs."""
+        bad = [bad for bid in self.blocks if (bad := self.check_block(bid)) is not None]
+        for name in self.models:
+            bad += self.check_tokenizer(name)
+            if (config := self.check_config(name)) is not None:
+                bad.append(config)
+        return bad
 
-    def _ensure_verified(self, bid: str) -> None:
-        if bid in self._verified:
-            return
-        bad = self.check_block(bid)
-        if bad is not None:
+    def ensure_verified(self, bid: str) -> Path:
+        """Check block ``bid``'s file against its sum unless it was checked and has not
+        changed since (same size and modification time); return its path.
+
+        Raises:
+            IntegrityError: the file is missing or does not match its sum.
+        """
+        path = self.path(bid)
+        key = self._stat_key(bid, path)
+        if self._checked.get(bid) != key:
+            bad = self.check_block(bid)
+            if bad is not None:
+                raise IntegrityError(
+                    f"block {bid} ({bad.file}): {bad.reason}; run assy verify-pool {self.root} "
+                    "and rebuild the pool"
+                )
+            self._checked[bid] = key
+        return path
+
+    def _stat_key(self, bid: str, path: Path) -> tuple[int, int]:
+        try:
+            stat = path.stat()
+        except OSError as e:
             raise IntegrityError(
-                f"block {bid} ({bad.file}): {bad.reason}; run assy verify-pool {self.root} "
-                "and rebuild the pool"
-            )
-        self._verified.add(bid)
+                f"block {bid}: cannot read {self.blocks[bid].file} ({e})"
+            ) from None
+        return stat.st_size, stat.st_mtime_ns
 
     def load_tensors(
         self, bid: str, *, verify: bool = True, tied: bool = True, fresh: bool = False
     ) -> dict[str, torch.Tensor]:
-        """A block's tensors by their names inside the block module.
+        """A block's tensors by their names inside the block module, in buffers of their own.
 
-        The file's sum is checked once per open pool before its first use; with ``fresh``
-        the file is read whole and checked at every call (a swapper re-reads blocks, and a
-        file changed during a run must not be used). With ``tied``, weights stored once in
-        another block (a tied LM head) are resolved and included. Quantized tensors (int8,
-        nf4, fp4 in bitsandbytes' layout) are dequantized to the dtype they were quantized
-        from, so a caller always gets plain tensors (see :mod:`blockpool.quantizer`).
+        Files are read with positioned reads into freshly allocated tensors (nothing stays
+        mapped). A file's sum is checked on its first read, while reading (no extra pass),
+        and again whenever its size or modification time changed since (a swapper re-reads
+        blocks, and a file changed during a run must not be used); ``fresh`` is accepted for
+        compatibility and changes nothing. With ``tied``, weights stored once in another
+        block (a tied LM head) are resolved and included. Quantized tensors (int8, nf4, fp4
+        in bitsandbytes' layout) are dequantized to the dtype they were quantized from, so a
+        caller always gets plain tensors (see :mod:`blockpool.quant.formats`).
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -171,68 +261,47 @@ class Pool:
         if bid not in self.blocks:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
-        state = dequantize_block(self._read(bid, verify, fresh=fresh), entry.get("quant"))
-        for local, ref in (entry.get("tied") or {}).items() if tied else ():
+        state = dequantize_block(self._read(bid, verify), entry.quant)
+        for local, ref in entry.tied.items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
-            src = self._read(src_bid, verify, only=src_local, fresh=fresh)
-            state[local] = dequantize_block(src, self.blocks[src_bid].get("quant"))[src_local]
+            src = self._read(src_bid, verify, only=src_local)
+            state[local] = dequantize_block(src, self.blocks[src_bid].quant)[src_local]
         return state
 
-    def _read(
-        self, bid: str, verify: bool, only: str | None = None, fresh: bool = False
-    ) -> dict[str, torch.Tensor]:
-        if fresh:
-            return self._read_checked(bid, only)
-        if verify:
-            self._ensure_verified(bid)
-        try:
-            with safe_open(self.path(bid), "pt") as f:
-                names = companions(only, f.keys()) if only else list(f.keys())
-                return {n: f.get_tensor(n) for n in names}
-        except (SafetensorError, OSError) as e:
-            raise IntegrityError(
-                f"block {bid}: cannot read {self.blocks[bid]['file']} ({e})"
-            ) from None
-
-    def _read_checked(self, bid: str, only: str | None) -> dict[str, torch.Tensor]:
-        """Read a block for a reload, re-checking its sum whenever the file may have changed.
-
-        The first read hashes the whole file; later reads of a file whose size and
-        modification time are unchanged skip the hash and read through the memory map.
-        """
-        from safetensors.torch import load
-
+    def _read(self, bid: str, verify: bool, only: str | None = None) -> dict[str, torch.Tensor]:
+        """A block file's tensors (those of logical tensor ``only``), hashed while read
+        unless the file was checked and is unchanged."""
         entry = self.blocks[bid]
         path = self.path(bid)
+        key = self._stat_key(bid, path)
         try:
-            stat = path.stat()
-            key = (stat.st_size, stat.st_mtime_ns)
-            if self._stat_checked.get(bid) == key:
-                with safe_open(path, "pt") as f:
-                    state = {n: f.get_tensor(n) for n in f.keys()}
-                return {n: state[n] for n in companions(only, state)} if only else state
-            data = path.read_bytes()
-        except (OSError, SafetensorError) as e:
-            raise IntegrityError(f"block {bid}: cannot read {entry['file']} ({e})") from None
-        self._stat_checked.pop(bid, None)
-        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            if not verify or self._checked.get(bid) == key:
+                names = None
+                if only:
+                    names = companions(only, read_header(path)[1])
+                return read_tensors(path, names)
+            hasher = hashlib.sha256()
+            state = read_tensors(path, hasher=hasher)
+        except (OSError, IntegrityError) as e:
+            raise IntegrityError(f"block {bid}: cannot read {entry.file} ({e})") from None
+        if hasher.hexdigest() != entry.sha256:
+            self._checked.pop(bid, None)
             raise IntegrityError(
-                f"block {bid} ({entry['file']}): sha256 mismatch (file corrupted or modified); "
+                f"block {bid} ({entry.file}): sha256 mismatch (file corrupted or modified); "
                 f"run assy verify-pool {self.root} and rebuild the pool"
             )
-        self._stat_checked[bid] = key
-        state = load(data)
+        self._checked[bid] = key
         return {n: state[n] for n in companions(only, state)} if only else state
 
     def empty_module(self, bid: str, config: Any = None) -> nn.Module:
         """The block's module with its parameters on the meta device (no memory)."""
         entry = self.blocks[bid]
-        spec = get_family(entry["family"])
-        config = config if config is not None else self.config(entry["model"])
+        spec = get_family(entry.family)
+        config = config if config is not None else self.config(entry.model)
         with empty_weights():
-            if entry["kind"] == "layer":
-                return import_object(spec.layer_class)(config, entry["index"])
-            if entry["kind"] == "embed":
+            if entry.kind == "layer":
+                return import_object(spec.layer_class)(config, entry.index)
+            if entry.kind == "embed":
                 return spec.build_embed(config)
             return spec.build_head(config)
 
@@ -243,18 +312,26 @@ class Pool:
         dtype: torch.dtype = torch.float32,
         config: Any = None,
         fresh: bool = False,
+        shared: Mapping[str, torch.Tensor] | None = None,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
         Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
         embeddings and heads are the family's small wrappers. ``fresh``: see
-        :meth:`load_tensors`.
+        :meth:`load_tensors`. ``shared``: tensors already in memory by ``"<block>:<name>"``
+        (a tied LM head then uses its embedding's tensor instead of a second copy).
         """
         module = self.empty_module(bid, config)
-        state = {
-            k: (v.to(dtype) if v.is_floating_point() else v)
-            for k, v in self.load_tensors(bid, fresh=fresh).items()
-        }
+        entry = self.blocks[bid]
+        tied = {local: shared[ref] for local, ref in entry.tied.items() if shared and ref in shared}
+        loaded = self.load_tensors(bid, fresh=fresh, tied=not tied)
+        for local, ref in entry.tied.items() if tied else ():
+            if local not in tied:  # a tie the caller could not serve: read it
+                src_bid, _, src_local = ref.partition(":")
+                loaded[local] = self.load_tensors(src_bid)[src_local]
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in loaded.items()}
+        state |= tied
+        self._check_shapes(bid, module, state)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
         if missing or unexpected:
             raise IntegrityError(
@@ -262,6 +339,43 @@ class Pool:
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         return module.eval()
+
+    def _check_shapes(self, bid: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Refuse, before anything is loaded into ``module``, a tensor whose shape is not the
+        one the block's family and its model's config give it."""
+        expected = module.state_dict()
+        for name, tensor in state.items():
+            want = expected.get(name)
+            if want is not None and tuple(want.shape) != tuple(tensor.shape):
+                entry = self.blocks[bid]
+                raise IntegrityError(
+                    f"block {bid}: tensor {name} has shape {tuple(tensor.shape)}, but the "
+                    f"{entry.family} config of model {entry.model!r} implies "
+                    f"{tuple(want.shape)}; the block file or the model's config in pool.json "
+                    f"was changed: run assy verify-pool {self.root} and rebuild the model"
+                )
+
+
+def rehash_pool(root: str | Path, *, wait: bool = False) -> list[BadBlock]:
+    """Give a pool of an older format the sums the current format records, after checking
+    everything it can: what is bad is returned and nothing is written.
+
+    The sums added are those computable from the pool itself (each model's config, as it
+    is now). Holds the pool's write lock.
+
+    Returns:
+        The bad items (empty when the pool was rewritten at the current format).
+    """
+    from blockpool.lock import pool_lock
+
+    root = Path(root)
+    Pool(root)  # a missing or malformed pool is refused before the lock creates anything
+    with pool_lock(root, wait=wait):
+        pool = Pool(root)
+        bad = pool.verify()
+        if not bad:
+            write_manifest(root, pool.manifest)
+    return bad
 
 
 def _bits(n_bytes: int, params: int) -> float:
@@ -277,35 +391,38 @@ def summarize(pool: Pool) -> dict[str, Any]:
     models = {}
     params = {b: pool.params(b) for b in pool.blocks}
     for name, entry in pool.models.items():
-        blocks = [pool.blocks[b] for b in entry["blocks"]]
-        n_bytes = sum(b["bytes"] for b in blocks)
+        blocks = [pool.blocks[b] for b in entry.blocks]
+        n_bytes = sum(b.bytes for b in blocks)
+        n_params = sum(params[b.id] for b in blocks)
         models[name] = {
-            "family": entry["family"],
-            "source": entry["source"]["origin"],
-            "layers": sum(b["kind"] == "layer" for b in blocks),
-            "hidden_size": blocks[0]["interface"]["hidden_size"],
+            "family": entry.family,
+            "source": entry.origin,
+            "parent_model": entry.parent_model,
+            "layers": sum(b.kind == "layer" for b in blocks),
+            "hidden_size": blocks[0].hidden_size,
             "bytes": n_bytes,
-            "params": sum(params[b] for b in entry["blocks"]),
-            "bits": _bits(n_bytes, sum(params[b] for b in entry["blocks"])),
-            "precisions": sorted({b["precision"] for b in blocks}),
+            "params": n_params,
+            "bits": _bits(n_bytes, n_params),
+            "precisions": sorted({b.precision for b in blocks}),
             "blocks": [
                 {
-                    "id": b,
-                    "kind": pool.blocks[b]["kind"],
-                    "precision": pool.blocks[b]["precision"],
-                    "sparsity": pool.blocks[b]["sparsity"],
-                    "bytes": pool.blocks[b]["bytes"],
-                    "bits": _bits(pool.blocks[b]["bytes"], params[b]),
+                    "id": b.id,
+                    "kind": b.kind,
+                    "precision": b.precision,
+                    "sparsity": b.sparsity,
+                    "bytes": b.bytes,
+                    "bits": _bits(b.bytes, params[b.id]),
                 }
-                for b in entry["blocks"]
+                for b in blocks
             ],
         }
+    total = sum(b.bytes for b in pool.blocks.values())
     return {
         "pool": str(pool.root),
-        "format_version": pool.manifest["format_version"],
+        "format_version": pool.manifest.format_version,
         "models": models,
         "blocks": len(pool.blocks),
-        "bytes": sum(b["bytes"] for b in pool.blocks.values()),
+        "bytes": total,
         "params": sum(params.values()),
-        "bits": _bits(sum(b["bytes"] for b in pool.blocks.values()), sum(params.values())),
+        "bits": _bits(total, sum(params.values())),
     }

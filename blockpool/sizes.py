@@ -49,9 +49,9 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def format_size(n: int) -> str:
+def format_size(n: float) -> str:
     """``1_500_000`` -> ``"1.5MB"`` (decimal units, as parse_size reads them back)."""
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
-    return f"{n}B"
+    return f"{int(n)}B"

@@ -11,34 +11,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from blockpool.errors import SourceError, UsageError
+from blockpool.errors import SourceError, UsageError, arg
+from blockpool.names import check_model_name
+from blockpool.storage import TOKENIZER_FILES, make_dirs, writing
 
-__all__ = ["BUILTINS", "Source", "cache_dir", "open_source", "parse_source_arg"]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-)
+__all__ = [
+    "BUILTINS",
+    "TOKENIZER_FILES",
+    "Source",
+    "cache_dir",
+    "open_source",
+    "parse_source_arg",
+    "tensor_digest",
+]
 
 
 @dataclass(frozen=True)
@@ -83,12 +79,25 @@ def parse_source_arg(arg: str) -> tuple[str, str]:
         source = arg
         path = Path(arg)
         name = arg if arg in BUILTINS else (path.stem if path.suffix == ".gguf" else path.name)
-    if not _NAME_RE.match(name):
-        raise UsageError(
-            f"model name {name!r} is not usable as a pool name (letters, digits, '.', '_', '-', "
-            "at most 64); name it explicitly as NAME=SOURCE"
-        )
+    try:
+        check_model_name(name, argument=None)
+    except UsageError as e:
+        raise UsageError(f"model name {e}; name it explicitly as NAME=SOURCE") from None
     return name, source
+
+
+def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """The sha256 of named tensors as read: each name, dtype, shape and raw bytes, in order.
+
+    It identifies the weights a block is made from, whatever file they came from: two
+    checkpoints with equal headers but other weights get other digests.
+    """
+    h = hashlib.sha256()
+    for name, t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
 
 
 class Source:
@@ -108,7 +117,7 @@ class Source:
         self.path = path
         try:
             self.config = AutoConfig.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise SourceError(f"{path}: cannot read config.json ({e})") from None
         # name -> the safetensors file holding it, or the tensor itself (pickled sources).
         # Files are opened per read and closed again, so that the pages of blocks already
@@ -117,8 +126,7 @@ class Source:
         files = _weight_files(path)
         if files:
             for f in files:
-                with safe_open(f, "pt") as handle:
-                    self._index.update(dict.fromkeys(handle.keys(), f))
+                self._index.update(dict.fromkeys(_safetensors_names(f), f))
         else:
             self._index = _load_pickled(path, allow_pickle)
         self.fingerprint = _fingerprint(path, files)
@@ -138,13 +146,36 @@ class Source:
             else:
                 by_file.setdefault(where, []).append(name)
         for file, group in by_file.items():
-            with safe_open(file, "pt") as handle:
-                out.update({n: handle.get_tensor(n) for n in group})
+            try:
+                with safe_open(file, "pt") as handle:
+                    out.update({n: handle.get_tensor(n) for n in group})
+            except (SafetensorError, OSError) as e:
+                raise SourceError(f"{file}: cannot read its tensors ({e})") from None
         return out
 
     def tokenizer_files(self) -> list[Path]:
         """The tokenizer files present beside the weights."""
         return [self.path / f for f in TOKENIZER_FILES if (self.path / f).is_file()]
+
+    def check_tokenizer(self) -> None:
+        """Load the tokenizer beside the weights, if there is one, so that a truncated or
+        damaged tokenizer file is refused before anything is written.
+
+        Raises:
+            SourceError: the tokenizer files cannot be loaded.
+        """
+        if not self.tokenizer_files():
+            return
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        # the Rust tokenizers library raises plain Exception for a malformed tokenizer.json
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(
+                f"{self.path}: its tokenizer files cannot be loaded ({type(e).__name__}: "
+                f"{str(e)[:200]}); they are truncated or damaged: download or save them again"
+            ) from None
 
     def close(self) -> None:
         self._index = {}
@@ -156,10 +187,31 @@ class Source:
         self.close()
 
 
+def _safetensors_names(f: Path) -> list[str]:
+    try:
+        with safe_open(f, "pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as e:
+        raise SourceError(
+            f"{f}: not a readable safetensors file ({e}); it is empty, truncated or not "
+            "safetensors: download or save it again"
+        ) from None
+
+
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SourceError(
+                f"{index}: not a safetensors index ({type(e).__name__}: {e}); it is empty, "
+                "truncated or damaged: download or save it again"
+            ) from None
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise SourceError(f"{index}: names shards that are missing: {', '.join(missing[:3])}")
         return [path / s for s in shards]
     return sorted(path.glob("*.safetensors"))
 
@@ -171,7 +223,9 @@ def _load_pickled(path: Path, allow_pickle: bool) -> dict[str, Any]:
     if not allow_pickle:
         raise SourceError(
             f"{path}: holds only pickled weights ({bins[0].name}), which can run code when "
-            "loaded; convert them to safetensors, or pass --allow-pickle to load them with "
+            "loaded; convert them to safetensors, or pass "
+            + arg("allow_pickle")
+            + " to load them with "
             "torch.load(weights_only=True)"
         )
     state: dict[str, Any] = {}
@@ -247,43 +301,70 @@ def convert_gguf(path: Path, *, progress: bool = True) -> Path:
     GGUF tensors are dequantized by transformers; the whole model is in memory once, during
     the conversion only. The cache entry is keyed by the file's sha256 and written atomically.
     """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise SourceError(
+            f"{path}: not a GGUF file (it is {'empty' if not magic else 'something else'}: a "
+            ".gguf file starts with the bytes GGUF); download or convert it again"
+        )
     digest = _sha256_file(path)
     target = cache_dir() / "converted" / f"{path.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
         return target
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    if not progress:
+        hf_logging.disable_progress_bar()
+    model = _load_gguf(path)  # before anything is written: a bad file leaves no trace
+    with writing(target):
+        make_dirs(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            state = model.state_dict()
+            if model.config.tie_word_embeddings:
+                for key in getattr(model, "_tied_weights_keys", None) or {}:
+                    state.pop(key, None)
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+            config = model.config.to_dict()
+            config.pop("quantization_config", None)
+            config["assy_converted_from"] = {"gguf": path.name, "sha256": digest}
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():
+                    raise
+                # another process converted the same file meanwhile: use its copy
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(path: Path) -> Any:
+    import struct
+
+    from transformers import AutoModelForCausalLM
+
     try:
-        if not progress:
-            hf_logging.disable_progress_bar()
-        model = AutoModelForCausalLM.from_pretrained(
+        return AutoModelForCausalLM.from_pretrained(
             path.parent, gguf_file=path.name, dtype=torch.float32, local_files_only=True
         )
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            for key in getattr(model, "_tied_weights_keys", None) or {}:
-                state.pop(key, None)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["assy_converted_from"] = {"gguf": path.name, "sha256": digest}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    except (ValueError, OSError, KeyError, IndexError, EOFError, TypeError, struct.error) as e:
+        raise SourceError(
+            f"{path}: cannot convert this GGUF file ({type(e).__name__}: {e}); it is truncated, "
+            "damaged or of an architecture transformers cannot read"
+        ) from None
 
 
 def iter_sources(args: list[str]) -> Iterator[tuple[str, str]]:
     """Parse ``name=SOURCE`` arguments, refusing duplicate names."""
     seen: set[str] = set()
-    for arg in args:
-        name, source = parse_source_arg(arg)
+    for item in args:
+        name, source = parse_source_arg(item)
         if name in seen:
             raise UsageError(f"two sources are named {name!r}; name them apart as NAME=SOURCE")
         seen.add(name)

@@ -27,15 +27,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from blockpool.errors import UsageError, arg
 
-from blockpool.errors import UsageError
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["POLICIES", "BlockSwapper", "SwapStats"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "BlockSwapper", "SwapStats"]
 
 POLICIES = ("on-demand", "lru", "prefetch", "prefetch+preswap")
+DEFAULT_POLICY = "prefetch+preswap"
+"""The policy every command and library function uses unless told otherwise."""
 
 
 @dataclass
@@ -49,7 +52,8 @@ class SwapStats:
     bytes_read: int = 0  # file bytes read from disk
     load_seconds: float = 0.0  # time spent reading and building blocks, any thread
     stall_seconds: float = 0.0  # time the compute thread waited for weights
-    weights_resident_peak_bytes: int = 0
+    weights_resident_peak_bytes: int = 0  # weights only (blocks, pinned parts, pieces)
+    budget_used_peak_bytes: int = 0  # weights + the run's working memory (activations, cache)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -79,6 +83,9 @@ class BlockSwapper:
         depth: how many blocks ahead the pre-loader looks.
         pinned_bytes: bytes held outside the cache for the whole run (small parts of
             blocks served in pieces); counted against the budget.
+        readahead: ``block_id -> None`` asks the OS to start reading a block's file into its
+            page cache (not this process's memory), called for the blocks after the
+            pre-loader's reach so that the disk streams while blocks compute.
 
     Raises:
         UsageError: unknown policy, or a budget below the largest block plus pinned bytes.
@@ -92,9 +99,10 @@ class BlockSwapper:
         order: Sequence[str],
         *,
         budget: int,
-        policy: str = "prefetch+preswap",
+        policy: str = DEFAULT_POLICY,
         depth: int = 2,
         pinned_bytes: int = 0,
+        readahead: Callable[[str], None] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise UsageError(f"unknown swap policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -102,15 +110,20 @@ class BlockSwapper:
         if budget < need:
             raise UsageError(f"budget {budget} B is below the smallest working set ({need} B)")
         self._load, self.sizes, self.file_bytes = load, sizes, file_bytes
+        self._readahead = readahead
         self.order, self.budget, self.policy, self.depth = list(order), budget, policy, depth
         self._pos = {b: i for i, b in enumerate(self.order)}
         self._cond = threading.Condition()
         self._resident: OrderedDict[str, nn.Module] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
         self._used = pinned_bytes
+        self._working = 0  # of _used: activations, logits, KV caches (not weights)
+        self._holds: dict[object, int] = {}
         self._current: str | None = None
         self._closed = False
-        self.stats = SwapStats(weights_resident_peak_bytes=pinned_bytes)
+        self.stats = SwapStats(
+            weights_resident_peak_bytes=pinned_bytes, budget_used_peak_bytes=pinned_bytes
+        )
         self._worker = (
             ThreadPoolExecutor(1, "assy-preload") if policy.startswith("prefetch") else None
         )
@@ -188,15 +201,19 @@ class BlockSwapper:
             elif demand:
                 raise UsageError(
                     f"{nbytes} B of weights do not fit beside the {self._used} B held within the "
-                    f"budget of {self.budget} B; raise --budget or use shorter batches"
+                    f"budget of {self.budget} B; raise {arg('budget')} or use shorter batches"
                 )
             else:
                 return False
         self._used += nbytes
-        self.stats.weights_resident_peak_bytes = max(
-            self.stats.weights_resident_peak_bytes, self._used
-        )
+        self._note_peaks()
         return True
+
+    def _note_peaks(self) -> None:
+        self.stats.weights_resident_peak_bytes = max(
+            self.stats.weights_resident_peak_bytes, self._used - self._working
+        )
+        self.stats.budget_used_peak_bytes = max(self.stats.budget_used_peak_bytes, self._used)
 
     def _victim(self, target: str | None, demand: bool) -> str | None:
         candidates = [b for b in self._resident if b != self._current]
@@ -230,6 +247,10 @@ class BlockSwapper:
             target = self.order[(base + k) % len(self.order)]
             if target != bid and target not in self._resident and target not in self._pending:
                 self._worker.submit(self._preload, target)
+        if self._readahead is not None:
+            ahead = self.order[(base + self.depth + 1) % len(self.order)]
+            if ahead not in self._resident:
+                self._readahead(ahead)
 
     def _preload(self, bid: str) -> None:
         with self._cond:
@@ -248,21 +269,65 @@ class BlockSwapper:
 
     # --- transient pieces and lifetime ------------------------------------------------
     @contextmanager
-    def reserve(self, nbytes: int):
-        """Count ``nbytes`` of transient weights (a chunk of a block served in pieces)."""
+    def reserve(self, nbytes: int, *, working: bool = False):
+        """Count ``nbytes`` for the duration of the block: transient weights (a chunk of a
+        block served in pieces) or, with ``working``, the run's working memory (activations,
+        attention scores, logits), evicting cached blocks to make room."""
         with self._cond:
             self._reserve(None, nbytes, demand=True)
+            if working:
+                self._working += nbytes
+                self._note_peaks()
         try:
             yield
         finally:
             with self._cond:
                 self._used -= nbytes
+                if working:
+                    self._working -= nbytes
                 self._cond.notify_all()
+
+    def hold(self, key: object, nbytes: int) -> None:
+        """Keep ``nbytes`` of working memory counted under ``key`` until :meth:`release`
+        (a KV cache, set again as it grows).
+
+        Raises:
+            UsageError: it cannot fit beside the largest block (nothing is changed).
+        """
+        with self._cond:
+            old = self._holds.get(key, 0)
+            if nbytes > old:
+                self._reserve(None, nbytes - old, demand=True)
+            else:
+                self._used -= old - nbytes
+            self._working += nbytes - old
+            self._holds[key] = nbytes
+            self._note_peaks()
+            self._cond.notify_all()
+
+    def release(self, key: object) -> None:
+        """Stop counting what :meth:`hold` counted under ``key``."""
+        with self._cond:
+            nbytes = self._holds.pop(key, 0)
+            self._used -= nbytes
+            self._working -= nbytes
+            self._cond.notify_all()
+
+    def room(self) -> int:
+        """Bytes of working memory that fit beside the largest cached block and what is
+        pinned or held now (a block being pre-loaded is cached: it can be made to go)."""
+        with self._cond:
+            cached = [*self._resident, *self._pending]
+            held = self._used - sum(self.sizes[b] for b in cached)
+            return self.budget - held - max(self.sizes[b] for b in self.order)
 
     def reset_stats(self) -> None:
         """Zero the counters (the resident peak restarts from what is resident now)."""
         with self._cond:
-            self.stats = SwapStats(weights_resident_peak_bytes=self._used)
+            self.stats = SwapStats(
+                weights_resident_peak_bytes=self._used - self._working,
+                budget_used_peak_bytes=self._used,
+            )
 
     def pin(self, nbytes: int) -> None:
         """Count ``nbytes`` held for the whole run (small parts of blocks served in pieces).
@@ -274,9 +339,12 @@ class BlockSwapper:
             if self._used + nbytes + max(self.sizes[b] for b in self.order) > self.budget:
                 raise UsageError(f"budget {self.budget} B leaves no room beside {nbytes} B pinned")
             self._used += nbytes
-            self.stats.weights_resident_peak_bytes = max(
-                self.stats.weights_resident_peak_bytes, self._used
-            )
+            self._note_peaks()
+
+    def free(self) -> int:
+        """Bytes of the budget unused now (nothing would be evicted to use them)."""
+        with self._cond:
+            return self.budget - self._used
 
     def available(self) -> int:
         """Bytes that could be made free now (budget less pinned and current weights)."""

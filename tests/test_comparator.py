@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from assy.capture import cached_capture, calibration_texts, capture_model, pool_tokens
 from assy.cli import cli
-from assy.comparator import (
+from assy.comparator import CompareOptions, compare_activations, compare_pool
+from assy.comparator.capture import cached_capture, calibration_texts, capture_model, pool_tokens
+from assy.comparator.metrics import (
     CKAAccumulator,
     cka_matrix,
     clip_outlier_features,
@@ -23,8 +24,7 @@ from assy.comparator import (
     linear_cka,
     standardize_features,
 )
-from assy.compare import CompareOptions, compare_activations, compare_pool
-from blockpool import Pool, build_pool
+from blockpool import BlockRunner, Pool, RunOptions, build_pool
 
 F64 = torch.float64
 
@@ -288,8 +288,9 @@ def test_capture_fetch_passes_through_and_skips_the_head(tiny_pool):
         fetched.append(bid)
         return pool.build_module(bid)
 
-    capture_model(pool, "llama", _texts(3), fetch=fetch, progress=False)
-    kinds = {pool.blocks[b]["kind"] for b in fetched}
+    runner = BlockRunner(pool, "llama", fetch=fetch)
+    capture_model(pool, "llama", _texts(3), runner=runner, progress=False)
+    kinds = {pool.blocks[b].kind for b in fetched}
     assert kinds == {"embed", "layer"}
 
 
@@ -328,10 +329,11 @@ def test_compare_under_a_budget_matches_resident_run(tiny_pool, tmp_path):
     from blockpool.offload import min_budget
 
     pool, texts = Pool(tiny_pool), _texts(8)
-    budget = max(min_budget(pool, m) for m in ("llama", "bert"))
+    budget = max(min_budget(pool, m, batch=8, tokens=16) for m in ("llama", "bert"))
     kw = dict(models=["llama", "bert"], progress=False)
     free = compare_pool(tiny_pool, tmp_path / "free", texts, **kw)
-    tight = compare_pool(tiny_pool, tmp_path / "tight", texts, budget=budget, policy="lru", **kw)
+    tight_run = RunOptions(budget=budget, policy="lru")
+    tight = compare_pool(tiny_pool, tmp_path / "tight", texts, run=tight_run, **kw)
     for entry in tight["cache"]:
         assert entry["swap"]["weights_resident_peak_bytes"] <= budget
     a = load_file(tmp_path / "free" / "matrices.safetensors")

@@ -88,8 +88,8 @@ def _calib(n=16, t=24, seed=0):
 
 def _layer_weights(pool, model):
     """``(block id, name, [out, in]-or-stored weight)`` of every prunable matrix."""
-    for bid in pool.model(model)["blocks"]:
-        if pool.blocks[bid]["kind"] != "layer":
+    for bid in pool.model(model).blocks:
+        if pool.blocks[bid].kind != "layer":
             continue
         layer = pool.build_module(bid)
         for name, mod in prunable_linears(layer).items():
@@ -234,12 +234,12 @@ def test_prune_every_family_reaches_the_sparsity(tiny_pool, family, method):
     assert len(matrices) == sum(r["matrices"] for r in report.layers) > 0
     for _, _, w in matrices:
         assert abs((w == 0).float().mean().item() - 0.5) <= 0.005
-    for src, bid in zip(pool.model(family)["blocks"], pool.model("pruned")["blocks"], strict=True):
+    for src, bid in zip(pool.model(family).blocks, pool.model("pruned").blocks, strict=True):
         entry = pool.blocks[bid]
-        assert entry["parent"]["block"] == src
-        expected = 0.5 if entry["kind"] == "layer" else 0.0
-        assert entry["sparsity"] == pytest.approx(expected, abs=0.005)
-    assert pool.model("pruned")["parent_model"] == family
+        assert entry.parent.block == src
+        expected = 0.5 if entry.kind == "layer" else 0.0
+        assert entry.sparsity == pytest.approx(expected, abs=0.005)
+    assert pool.model("pruned").parent_model == family
     runner = BlockRunner(pool, "pruned")
     assert torch.isfinite(runner.forward(_calib(2, 8)).hidden).all()
 
@@ -264,9 +264,9 @@ def test_wanda_calibrates_on_the_pruned_layers_before(tiny_pool):
     prune_pool_model(pool, "outlier", "wanda", parse_sparsity("0.5"), "w", calib_ids=ids)
     pool = Pool(tiny_pool)
     runner = BlockRunner(pool, "w")  # layer 1's inputs: through the *pruned* layer 0
-    blocks = pool.model("w")["blocks"]
+    blocks = pool.model("w").blocks
     seen = {}
-    dense1 = pool.build_module(pool.model("outlier")["blocks"][2])
+    dense1 = pool.build_module(pool.model("outlier").blocks[2])
 
     def keep_input(name):
         def hook(_mod, args, _out):
@@ -276,10 +276,9 @@ def test_wanda_calibrates_on_the_pruned_layers_before(tiny_pool):
 
     hooks = [m.register_forward_hook(keep_input(n)) for n, m in prunable_linears(dense1).items()]
     with torch.no_grad():
-        h = runner.fetch(blocks[0])(ids, None, torch.arange(ids.shape[1])[None], 0)
-        kw = runner._layer_kwargs(h, None, torch.arange(ids.shape[1])[None], None)
-        h = runner.fetch(blocks[1])(h, **kw["full_attention"])
-        dense1(h[0] if isinstance(h, tuple) else h, **kw["full_attention"])
+        h = runner.run_block(blocks[0], ids)
+        h = runner.run_block(blocks[1], h)
+        dense1(h, **runner.layer_kwargs(blocks[1], h))
     for hook in hooks:
         hook.remove()
     pruned1 = dict(prunable_linears(pool.build_module(blocks[2])).items())
@@ -308,8 +307,8 @@ def test_prune_user_errors(tiny_pool):
     half = parse_sparsity("0.5")
     with pytest.raises(UsageError, match="calibration"):
         prune_pool_model(pool, "llama", "wanda", half, "x")
-    with pytest.raises(UsageError, match="uses no calibration"):
-        prune_pool_model(pool, "llama", "magnitude", half, "x", calib_ids=_calib())
+    ignored = prune_pool_model(pool, "llama", "magnitude", half, "m0", calib_ids=_calib())
+    assert ignored.calibration_tokens == 0  # magnitude pruning ignores calibration
     with pytest.raises(UsageError, match="already has a model"):
         prune_pool_model(pool, "llama", "magnitude", half, "gpt2")
     with pytest.raises(UsageError, match="unknown pruning method"):
@@ -332,7 +331,7 @@ def test_prune_cli(tiny_pool, tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog near the river bank. " * 20)
     args = ["prune", str(tiny_pool), "--model", "outlier", "--method", "sparsegpt"]
-    args += ["--sparsity", "2:4", "--calib-file", str(text), "--samples", "8", "--seq-len", "32"]
+    args += ["--sparsity", "2:4", "--calib-data", str(text), "--samples", "8", "--seq-len", "32"]
     args += ["--as", "o24"]
 
     result = CliRunner().invoke(cli, args)
@@ -344,23 +343,22 @@ def test_prune_cli(tiny_pool, tmp_path):
     assert "o24" in info.output
 
 
+def test_prune_cli_calibration_defaults_and_notes(tiny_pool):
+    base = ["prune", str(tiny_pool), "--model", "outlier", "--sparsity", "0.5"]
+    base += ["--samples", "4", "--seq-len", "16"]
+    wanda = CliRunner().invoke(cli, [*base, "--method", "wanda", "--as", "w"])
+    assert wanda.exit_code == 0, wanda.output
+    assert "64 calibration tokens of task sciq (default)" in wanda.output
+    magnitude = [*base, "--method", "magnitude", "--as", "m", "--calib-file", __file__]
+    result = CliRunner().invoke(cli, magnitude)
+    assert result.exit_code == 0, result.output
+    assert "uses no calibration" in result.stderr and "no calibration" in result.stdout
+    assert "--calib-file is deprecated, use --calib-data" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--method", "wanda", "--sparsity", "0.5"], "calibration"),
-        (
-            [
-                "--method",
-                "magnitude",
-                "--sparsity",
-                "0.5",
-                "--calib-file",
-                __file__,
-                "--model",
-                "outlier",
-            ],
-            "no calibration",
-        ),
         (["--method", "magnitude", "--sparsity", "1.5"], "fraction"),
         (["--method", "magnitude", "--sparsity", "0.5", "--model", "nope"], "no model 'nope'"),
     ],
@@ -467,9 +465,9 @@ def test_sparse_lora_training_and_merge_keep_the_zeros(tiny_pool, tmp_path, fami
         torch.testing.assert_close(reloaded(ids), trained, atol=1e-5, rtol=1e-5)
     write_merged_model(pool, "sparse", merged, "tuned")
     pool = Pool(tiny_pool)
-    for src, new in zip(pool.model("sparse")["blocks"], pool.model("tuned")["blocks"], strict=True):
-        assert pool.blocks[new]["sparsity"] == pytest.approx(pool.blocks[src]["sparsity"])
-        assert pool.blocks[new]["parent"]["block"] == src
+    for src, new in zip(pool.model("sparse").blocks, pool.model("tuned").blocks, strict=True):
+        assert pool.blocks[new].sparsity == pytest.approx(pool.blocks[src].sparsity)
+        assert pool.blocks[new].parent.block == src
 
 
 def test_vanilla_lora_would_densify(tiny_pool):
@@ -684,12 +682,12 @@ def test_heteagg_write_back_on_the_client_side_is_the_same():
 @pytest.mark.slow
 def test_real_smollm2_wanda_beats_magnitude(real_pool, heldout_file, tmp_path):
     """50% on SmolLM2-135M: exact per-matrix sparsity; perplexity dense < Wanda < magnitude."""
+    from assy.calibration import calibration_text, calibration_windows
     from assy.evaluate import perplexity
-    from assy.lego import calibration_ids, calibration_text
 
     pool = Pool(real_pool)  # read-only: the variants go to pools of their own
     tokenizer = pool.tokenizer("smollm2-135m")
-    ids = calibration_ids(tokenizer, calibration_text(task="arc_easy"), 8, 64)
+    ids = calibration_windows(tokenizer, calibration_text(task="arc_easy").text, 8, 64)
     text = heldout_file.read_text()
     ppl = {"dense": (pool, "smollm2-135m")}
     for method in ("wanda", "magnitude"):
@@ -711,7 +709,7 @@ def test_real_smollm2_wanda_beats_magnitude(real_pool, heldout_file, tmp_path):
         ppl[method] = result["perplexity"]
     assert ppl["dense"] < ppl["wanda"] < ppl["magnitude"]
     assert ppl["wanda"] < 3 * ppl["dense"]
-    sample = next(b for b in Pool(tmp_path / "wanda").model("p")["blocks"] if "layer/7" in b)
+    sample = next(b for b in Pool(tmp_path / "wanda").model("p").blocks if "layer/7" in b)
     layer = Pool(tmp_path / "wanda").build_module(sample)
     for name, mod in prunable_linears(layer).items():
         assert abs((mod.weight == 0).float().mean().item() - 0.5) <= 0.005, name

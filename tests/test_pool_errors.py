@@ -105,36 +105,36 @@ def test_missing_pool_and_unknown_model(pool, tmp_path):
     assert_user_error(run("inspect", tmp_path / "none"), "no such pool directory")
     text = tmp_path / "t.txt"
     text.write_text("some text")
-    result = run("eval", pool, "--model", "nope", "--task", "perplexity", "--text", text)
+    result = run("eval", pool, "--model", "nope", "--task", "perplexity", "--data", text)
     assert_user_error(result, "no model 'nope'", "llama")
 
 
 def test_killed_build_resumes_to_a_valid_pool(tiny_dirs, tmp_path, monkeypatch):
     root = tmp_path / "pool"
-    real_write = blockpool.build._write_block
-    calls = []
+    real_write = blockpool.build.write_tensors
+    written = []
 
-    def dying_write(path, *args, **kwargs):
-        calls.append(path)
-        if len(calls) == 3:  # the process dies while writing the third block
-            path.with_name(f".{path.name}.abc.tmp").write_bytes(b"partial")
+    def dying_write(directory, stem, state, meta):
+        if len(written) == 2:  # the process dies while writing the third block
+            (directory / f".{stem}.safetensors.0123abcd.assy-tmp").write_bytes(b"partial")
             raise KeyboardInterrupt
-        return real_write(path, *args, **kwargs)
+        written.append(real_write(directory, stem, state, meta)[0])
+        return written[-1], blockpool.build.sha256_file(written[-1])
 
-    monkeypatch.setattr(blockpool.build, "_write_block", dying_write)
+    monkeypatch.setattr(blockpool.build, "write_tensors", dying_write)
     with pytest.raises(KeyboardInterrupt):
         build_pool([f"m={tiny_dirs['gemma3']}"], root, dtype="fp32")
     assert not (root / "pool.json").exists()
-    first = {p: p.stat().st_mtime_ns for p in calls[:2]}
+    first = {p: p.stat().st_mtime_ns for p in written}
 
-    monkeypatch.setattr(blockpool.build, "_write_block", real_write)
+    monkeypatch.setattr(blockpool.build, "write_tensors", real_write)
     result = run("build-pool", f"m={tiny_dirs['gemma3']}", "--out", root, "--dtype", "fp32")
 
     assert result.exit_code == 0, result.output
     assert {p: p.stat().st_mtime_ns for p in first} == first  # complete blocks were kept
-    assert not list(root.rglob("*.tmp"))
+    assert not list(root.rglob("*.assy-tmp"))
     assert run("verify-pool", root).exit_code == 0
-    assert len(Pool(root).model("m")["blocks"]) == 5
+    assert len(Pool(root).model("m").blocks) == 5
 
 
 def test_tied_weights_are_stored_once(pool):

@@ -11,17 +11,17 @@ from safetensors import safe_open
 from assy.cli import cli
 from blockpool import BlockRunner, Pool, build_pool
 from blockpool.errors import IntegrityError, UsageError
-from blockpool.planner import Option, allocate, candidates, plan_precisions, weight_stats
 from blockpool.pool import summarize
-from blockpool.quantize import quantize_pool
-from blockpool.quantizer import (
+from blockpool.quant.formats import (
     bnb_linear,
     dequantize,
     dequantize_block,
     quantize,
     quantize_block,
 )
-from blockpool.sensitivity import capture_inputs, measure_blocks
+from blockpool.quant.plan import Option, allocate, candidates, plan_precisions, weight_stats
+from blockpool.quant.sensitivity import capture_inputs, measure_blocks
+from blockpool.quant.write import quantize_pool
 
 # Relative Frobenius error bounds on Gaussian matrices (measured: int8 0.006, nf4 0.092,
 # fp4 0.12, bf16 0.0017, fp16 0.0002).
@@ -130,7 +130,7 @@ def test_quantized_pool_runs_every_family_and_verifies(tiny_pool, tmp_path, prec
         ours, ref = BlockRunner(pool, model)(ids), BlockRunner(source, model)(ids)
         assert _rel(ours, ref) < (0.05 if precision == "int8" else 0.6), model
     for bid, entry in pool.blocks.items():
-        assert entry["precision"] == precision and entry["parent"]["block"] == bid
+        assert entry.precision == precision and entry.parent.block == bid
         with safe_open(pool.path(bid), "pt") as f:
             assert f.metadata()["precision"] == precision
 
@@ -141,7 +141,7 @@ def test_tied_head_dequantizes_the_embedding(tiny_pool, tmp_path):
 
     head = pool.load_tensors("llama/head/0")["lm_head.weight"]
 
-    assert pool.blocks["llama/head/0"]["tied"] == {"lm_head.weight": "llama/embed/0:tokens.weight"}
+    assert pool.blocks["llama/head/0"].tied == {"lm_head.weight": "llama/embed/0:tokens.weight"}
     assert torch.equal(head, pool.load_tensors("llama/embed/0")["tokens.weight"])
     assert 0 < _rel(head, source.load_tensors("llama/head/0")["lm_head.weight"]) < 0.11
 
@@ -151,14 +151,14 @@ def test_build_pool_precision_and_bits(tiny_dirs, tmp_path):
     args = ["build-pool", f"llama={tiny_dirs['llama']}", f"gpt2={tiny_dirs['gpt2']}"]
 
     first = runner.invoke(cli, [*args, "--out", str(tmp_path / "p"), "--precision", "int4"])
-    sums = {b: e["sha256"] for b, e in Pool(tmp_path / "p").blocks.items()}
+    sums = {b: e.sha256 for b, e in Pool(tmp_path / "p").blocks.items()}
     again = runner.invoke(cli, [*args, "--out", str(tmp_path / "p"), "--precision", "int4"])
     shown = runner.invoke(cli, ["inspect", str(tmp_path / "p"), "--json"])
 
     assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
     pool = Pool(tmp_path / "p")
-    assert {b: e["sha256"] for b, e in pool.blocks.items()} == sums  # resumed, not rewritten
-    assert {e["precision"] for e in pool.blocks.values()} == {"nf4"}
+    assert {b: e.sha256 for b, e in pool.blocks.items()} == sums  # resumed, not rewritten
+    assert {e.precision for e in pool.blocks.values()} == {"nf4"}
     info = json.loads(shown.stdout)
     assert 4 < info["bits"] < 16 and info["models"]["gpt2"]["blocks"][1]["bits"] < 16
     assert not pool.verify()
@@ -276,11 +276,11 @@ def test_planner_prefers_the_sensitive_block_and_meets_its_budget(sensitive_pool
 def test_sensitivity_replays_the_model_and_caches(tiny_pool, tmp_path, monkeypatch):
     pool = Pool(tiny_pool)
     ids = torch.randint(0, 128, (6, 10))
-    blocks = pool.model("gemma3")["blocks"]
+    blocks = pool.model("gemma3").blocks
 
     inputs = capture_inputs(pool, "gemma3", ids, data_key="k", cache_dir=tmp_path)
     first = measure_blocks(pool, "gemma3", ids, ["fp32", "nf4"], data_key="k", cache_dir=tmp_path)
-    monkeypatch.setattr("blockpool.sensitivity._measure_block", pytest.fail)
+    monkeypatch.setattr("blockpool.quant.sensitivity._measure_block", pytest.fail)
     again = measure_blocks(pool, "gemma3", ids, ["fp32", "nf4"], data_key="k", cache_dir=tmp_path)
 
     assert set(inputs) == set(blocks) and torch.equal(inputs[blocks[0]], ids)
@@ -322,7 +322,7 @@ def test_real_int8_pool_keeps_perplexity(real_pool, heldout_file, tmp_path):
             root,
             "smollm2-135m",
             "perplexity",
-            text=heldout_file,
+            data=heldout_file,
             max_tokens=512,
             window=256,
             progress=False,
@@ -350,7 +350,7 @@ def test_real_auto_quantize_cli_meets_target_bits(real_pool, heldout_file, tmp_p
         "5",
         "--model",
         "smollm2-135m",
-        "--calib-file",
+        "--calib-data",
         str(heldout_file),
         "--calib-samples",
         "4",

@@ -34,7 +34,7 @@ def tiny_pool(tiny_dirs, tmp_path_factory):
 
 
 def _total(pool, model):
-    return sum(block_nbytes(pool, b, torch.float32) for b in pool.model(model)["blocks"])
+    return sum(block_nbytes(pool, b, torch.float32) for b in pool.model(model).blocks)
 
 
 @pytest.mark.parametrize("family", DECODERS)
@@ -44,7 +44,8 @@ def test_outputs_are_bit_identical_under_any_budget(family, policy, tiny_pool):
     ids = torch.randint(2, V, (2, 9), generator=torch.Generator().manual_seed(0))
     reference, _ = budgeted_runner(pool, family, budget=None)
     expected = reference(ids)
-    for budget in (_total(pool, family), min_budget(pool, family)):
+    floor = min_budget(pool, family, batch=2, tokens=9)  # weights in pieces + working memory
+    for budget in (_total(pool, family) + floor, floor):
         runner, swapper = budgeted_runner(pool, family, budget=budget, policy=policy)
         with swapper:
             for _ in range(2):  # the second pass runs with a warm, partly evicted cache
@@ -56,7 +57,8 @@ def test_outputs_are_bit_identical_under_any_budget(family, policy, tiny_pool):
 def test_kv_cache_decoding_under_a_budget(family, tiny_pool):
     pool = Pool(tiny_pool)
     ids = torch.randint(2, V, (1, 8), generator=torch.Generator().manual_seed(1))
-    runner, swapper = budgeted_runner(pool, family, budget=min_budget(pool, family))
+    floor = min_budget(pool, family, tokens=10, cache=True)
+    runner, swapper = budgeted_runner(pool, family, budget=floor)
     with swapper:
         step = runner.forward(ids[:, :5], use_cache=True)
         logits = [step.logits]
@@ -73,7 +75,7 @@ def test_kv_cache_decoding_under_a_budget(family, tiny_pool):
 def test_embedding_and_head_served_in_pieces_give_the_same_logits(family, tiny_pool):
     pool = Pool(tiny_pool)
     runner, swapper = budgeted_runner(
-        pool, family, budget=min_budget(pool, family), piece_fraction=0.0
+        pool, family, budget=min_budget(pool, family, batch=2, tokens=6), piece_fraction=0.0
     )
     assert isinstance(runner.fetch(runner.block_ids[0]), GatheredEmbed)
     assert isinstance(runner.fetch(runner.block_ids[-1]), ChunkedHead)
@@ -146,11 +148,11 @@ def test_preloader_error_reaches_the_compute_thread_and_the_thread_stops():
 
 def test_ctrl_c_during_compute_shuts_the_preloader_down(tiny_pool):
     pool = Pool(tiny_pool)
-    runner, swapper = budgeted_runner(pool, "llama", budget=min_budget(pool, "llama"))
+    runner, swapper = budgeted_runner(pool, "llama", budget=min_budget(pool, "llama", tokens=4))
     inner = runner.fetch
 
     def interrupted(bid):
-        if pool.blocks[bid]["kind"] == "head":
+        if pool.blocks[bid].kind == "head":
             raise KeyboardInterrupt
         return inner(bid)
 
@@ -168,7 +170,7 @@ def test_block_corrupted_during_a_run_is_a_clear_error(tiny_pool, tmp_path):
     pool = Pool(root)
     # on-demand re-loads every block at every pass (a Belady cache might keep layer 1)
     runner, swapper = budgeted_runner(
-        pool, "llama", budget=min_budget(pool, "llama"), policy="on-demand"
+        pool, "llama", budget=min_budget(pool, "llama", tokens=4), policy="on-demand"
     )
     ids = torch.ones(1, 4, dtype=torch.long)
     with swapper:
@@ -184,7 +186,7 @@ def test_block_corrupted_during_a_run_is_a_clear_error(tiny_pool, tmp_path):
 
 def test_budget_below_the_minimum_names_it(tiny_pool):
     pool = Pool(tiny_pool)
-    with pytest.raises(UsageError, match="smallest working set of llama .*use --budget"):
+    with pytest.raises(UsageError, match="smallest working set of llama .*use budget"):
         budgeted_runner(pool, "llama", budget=1000)
 
 

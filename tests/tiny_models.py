@@ -127,3 +127,18 @@ TINY = {
     "bert": _bert,
     "roberta": _roberta,
 }
+
+
+def char_tokenizer():
+    """A character-level tokenizer within the tiny models' 128-token vocabulary (BOS = 1)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, **{chr(i): i - 30 for i in range(32, 127)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A", special_tokens=[("[BOS]", 1)]
+    )
+    return tf.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]", pad_token="[UNK]"
+    )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import budget_options, user_errors
+from assy.commands.common import run_options, user_errors
 
 __all__ = ["compare_cmd"]
 
@@ -38,11 +38,14 @@ def _print_summary(result: dict) -> None:
 @click.command("compare")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--models", help="Comma-separated model names (default: every model).")
-@click.option("--task", help="Calibration prompts from a multiple-choice task (e.g. piqa).")
-@click.option("--data", type=click.Path(path_type=Path), help="Text file (one per line) or .jsonl.")
+@click.option("--task", help="Compare on a multiple-choice task's prompts (e.g. piqa).")
+@click.option(
+    "--data",
+    type=click.Path(path_type=Path),
+    help="Compare on your texts: a text file (one per line) or .jsonl.",
+)
 @click.option("--samples", default=256, show_default=True, help="Calibration examples.")
 @click.option("--max-tokens", default=128, show_default=True, help="Tokens per example.")
-@click.option("--batch-size", default=8, show_default=True)
 @click.option("--weight", default=0.5, show_default=True, help="w: CKA weight of compatibility.")
 @click.option(
     "--preprocess",
@@ -51,7 +54,13 @@ def _print_summary(result: dict) -> None:
     show_default=True,
     help="Per-feature transform before CKA.",
 )
-@click.option("--pooling", type=click.Choice(["mean", "last"]), default="mean", show_default=True)
+@click.option(
+    "--pooling",
+    type=click.Choice(["mean", "last"]),
+    default="mean",
+    show_default=True,
+    help="How token states become one vector per text.",
+)
 @click.option(
     "--skip-first",
     default=1,
@@ -60,25 +69,31 @@ def _print_summary(result: dict) -> None:
 )
 @click.option("--top", default=10, show_default=True, help="Cross-model seams printed.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
-@budget_options
+@run_options()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
-def compare_cmd(pool, models, task, data, samples, out, as_json, **settings) -> None:
+def compare_cmd(pool, models, task, data, samples, out, as_json, run, **settings) -> None:
     """Compare every pair of layer blocks of POOL, forward-only (AssyLLM Q1, Figure 10).
 
     Writes compare.json and matrices.safetensors (CKA, KL, compatibility over all layer
     blocks, a -> b), one heatmap PNG per model pair, and the activation cache under --out.
     """
-    from assy.capture import calibration_texts
-    from assy.compare import CompareOptions, compare_pool
+    from assy.comparator import CompareOptions, compare_pool
+    from assy.comparator.capture import calibration_texts
 
-    run = {k: settings.pop(k) for k in ("max_tokens", "batch_size", "top", "budget")}
-    run["policy"] = settings.pop("swap_policy")
+    capture = {k: settings.pop(k) for k in ("max_tokens", "top")}
     texts = calibration_texts(task=task, data=data, samples=samples)
-    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    names = [m.strip() for m in models.split(",") if m.strip()] if models is not None else None
     label = f"task {task}" if task else f"file {data}"
     result = compare_pool(
-        pool, out, texts, models=names, options=CompareOptions(**settings), data_label=label, **run
+        pool,
+        out,
+        texts,
+        models=names,
+        options=CompareOptions(**settings),
+        data_label=label,
+        run=run,
+        **capture,
     )
     if as_json:
         click.echo(json.dumps(result))

@@ -7,16 +7,23 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import budget_options, human_bytes, user_errors
+from assy.commands.common import run_options, user_errors
+from blockpool.sizes import format_size
 
 
 @click.command("generate")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option("--model", required=True, help="Model name in the pool (see assy inspect).")
 @click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=32, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy decoding.")
-@budget_options
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="0: greedy decoding.",
+)
+@run_options(batch_size=False)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def generate_cmd(
@@ -25,8 +32,7 @@ def generate_cmd(
     prompt: str,
     max_new_tokens: int,
     temperature: float,
-    budget: int | None,
-    swap_policy: str,
+    run,
     as_json: bool,
 ) -> None:
     """Continue --prompt with a model of POOL, token by token with a KV cache.
@@ -42,8 +48,7 @@ def generate_cmd(
         prompt,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        budget=budget,
-        policy=swap_policy,
+        options=run,
     )
     if as_json:
         click.echo(json.dumps(result))
@@ -51,12 +56,12 @@ def generate_cmd(
     click.echo(prompt + result["text"])
     line = (
         f"[{result['new_tokens']} tokens, {result['decode_tokens_per_second']:.1f} tok/s, "
-        f"peak RSS {human_bytes(result['peak_rss_bytes'])}"
+        f"peak RSS {format_size(result['peak_rss_bytes'])}"
     )
-    if budget is not None:
+    if run.budget is not None:
         line += (
-            f", weights resident peak {human_bytes(result['weights_resident_peak_bytes'])}"
-            f" of {human_bytes(budget)}, {result['misses']} misses, "
-            f"{human_bytes(result['bytes_read'])} read"
+            f", weights resident peak {format_size(result['weights_resident_peak_bytes'])}"
+            f" of {format_size(run.budget)}, {result['misses']} misses, "
+            f"{format_size(result['bytes_read'])} read"
         )
     click.echo(line + "]", err=True)

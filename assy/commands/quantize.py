@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from assy.commands.common import human_bytes, user_errors
+from assy.commands.common import (
+    calibration_options,
+    compute_options,
+    note_unused,
+    progress_bars,
+    user_errors,
+    wait_option,
+)
+from blockpool.sizes import format_size
 
 __all__ = ["quantize_cmd"]
 
 _PRECISIONS = ["fp32", "bf16", "fp16", "int8", "int4", "nf4", "fp4"]
-
-
-def _progress() -> Callable[[str, int, int], None]:
-    from tqdm import tqdm
-
-    bars: dict[str, tqdm] = {}
-
-    def update(label: str, done: int, total: int) -> None:
-        bar = bars.setdefault(label, tqdm(total=total, desc=label, unit="block", file=sys.stderr))
-        bar.update(done - bar.n)
-        if done >= total:
-            bar.close()
-
-    return update
 
 
 @click.command("quantize")
@@ -39,13 +31,32 @@ def _progress() -> Callable[[str, int, int], None]:
 @click.option("--target-bits", type=float, help="--auto: average bits per weight of each model.")
 @click.option("--pool-budget", help="--auto: total block bytes of the pool (4GB, 512MB, 1.5GiB).")
 @click.option("--choices", default="nf4,int8,fp16", show_default=True, help="--auto: precisions.")
-@click.option("--calib-task", help="Calibration text: a task's examples [default: sciq].")
-@click.option("--calib-file", type=click.Path(path_type=Path), help="Calibration text file.")
-@click.option("--calib-samples", default=128, show_default=True, help="Calibration windows.")
-@click.option("--calib-seq-len", default=64, show_default=True, help="Tokens per window.")
+@calibration_options
+@click.option(
+    "--calib-samples",
+    default=128,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Calibration windows.",
+)
+@click.option(
+    "--calib-seq-len",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Tokens per window.",
+)
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[default: OUT/calibration]")
-@click.option("--screen", default=1.0, show_default=True, help="Fraction of blocks measured.")
+@click.option(
+    "--screen",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Fraction of blocks measured.",
+)
 @click.option("--model", "models", multiple=True, help="Quantize only these models.")
+@compute_options
+@wait_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @user_errors
 def quantize_cmd(
@@ -57,12 +68,15 @@ def quantize_cmd(
     pool_budget: str | None,
     choices: str,
     calib_task: str | None,
-    calib_file: Path | None,
+    calib_data: Path | None,
     calib_samples: int,
     calib_seq_len: int,
     cache_dir: Path | None,
     screen: float,
     models: tuple[str, ...],
+    device: str,
+    threads: int | None,
+    wait: bool,
     as_json: bool,
 ) -> None:
     """Write --out: POOL's blocks quantized (int8, nf4/fp4 in bitsandbytes' formats).
@@ -73,18 +87,25 @@ def quantize_cmd(
     """
     from assy.errors import UsageError
     from assy.quantization import CalibrationOptions, quantize
-    from blockpool.sizes import parse_size
+    from blockpool import parse_size, use_threads
 
     if auto == (precision is not None) or (not auto and (target_bits or pool_budget)):
         raise UsageError("give --precision P, or --auto with --target-bits B or --pool-budget SIZE")
+    if any(not m.strip() for m in models):
+        raise UsageError("--model is empty; give a model name of the pool (see assy inspect)")
+    if not auto:
+        names = ["choices", "calib_task", "calib_data", "calib_samples", "calib_seq_len"]
+        note_unused([*names, "cache_dir", "screen"], "they set up the --auto planner")
+    threads = use_threads(threads)
     calibration = CalibrationOptions(
         task=calib_task,
-        file=calib_file,
+        data=calib_data,
         samples=calib_samples,
         seq_len=calib_seq_len,
         choices=tuple(c.strip() for c in choices.split(",") if c.strip()),
         screen=screen,
         cache_dir=cache_dir,
+        device=device,
     )
     result = quantize(
         pool,
@@ -94,9 +115,10 @@ def quantize_cmd(
         pool_budget=parse_size(pool_budget) if pool_budget else None,
         calibration=calibration,
         models=list(models) or None,
-        progress=_progress(),
+        progress=progress_bars(),
+        wait=wait,
     )
-    _report(result, out, as_json)
+    _report(result | {"device": device, "threads": threads}, out, as_json)
 
 
 def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
@@ -104,12 +126,14 @@ def _report(result: dict[str, Any], out: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return
+    if result.get("calibration"):
+        click.echo(f"planned on calibration text: {result['calibration']}")
     for name, m in info["models"].items():
         click.echo(
-            f"{name}: {human_bytes(m['bytes'])}, {m['bits']:.2f} bits/weight, "
+            f"{name}: {format_size(m['bytes'])}, {m['bits']:.2f} bits/weight, "
             f"{','.join(m['precisions'])}"
         )
     click.echo(
-        f"{info['blocks']} blocks, {human_bytes(info['bytes'])}, "
+        f"{info['blocks']} blocks, {format_size(info['bytes'])}, "
         f"{info['bits']:.2f} bits/weight -> {out}"
     )

@@ -103,15 +103,14 @@ def _main(argv: list[str]) -> None:
 
     warnings.simplefilter("ignore")  # stderr is only read on failure
     torch.set_num_threads(1)
-    from assy.evaluate import peak_rss_bytes
     from assy.federation import task
-    from blockpool import Pool
+    from blockpool import Pool, peak_rss_bytes
 
     cfg = FederationConfig.from_record(json.loads(argv[1]))
     kind, budget = argv[2], int(argv[3]) if len(argv) > 3 else None
     pool = Pool(cfg.pool)
     anchor = task.anchor_model(pool, cfg.anchor)
-    for bid in pool.model(anchor)["blocks"]:
+    for bid in pool.model(anchor).blocks:
         pool.empty_module(bid)  # import the model's classes: code is not the round's need
     examples = task.federated_data(cfg).clients[0]
     # What the server sends is not the client's to build: make it before the baseline.

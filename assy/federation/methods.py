@@ -13,7 +13,7 @@ import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from flwr.app import Message, RecordDict
@@ -37,9 +37,7 @@ from assy.federation.strategy import (
     screen_updates,
     state_digest,
 )
-
-if TYPE_CHECKING:
-    from assy.federation.server import Population
+from assy.federation.tiers import Population
 
 __all__ = ["ASSY_NEEDS_PLANNER", "ROUNDS", "FeditRounds", "LocalRounds", "metric"]
 

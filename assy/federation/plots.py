@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from blockpool.manifest import atomic_write_bytes
+from blockpool import atomic_write_bytes
 
 __all__ = ["plot_accuracy", "plot_bytes", "plot_participation", "plot_run"]
 

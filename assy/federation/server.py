@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ from assy.federation.methods import ASSY_NEEDS_PLANNER, ROUNDS, metric
 from assy.federation.records import CONFIG, METRICS, WARM_UP, content_bytes, payload_bytes
 from assy.federation.state import ServerState
 from assy.federation.strategy import sample_clients, state_digest
-from assy.federation.tiers import Tier, assign_tiers, load_tiers
-from blockpool.sizes import format_size
+from assy.federation.tiers import Population, Tier, assign_tiers, load_tiers
+from blockpool import format_size
 
 __all__ = [
     "Population",
@@ -43,34 +42,6 @@ __all__ = [
 
 DISCOVERY_TIMEOUT = 900.0
 Log = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------- population
-
-
-@dataclass
-class Population:
-    """Who takes part: partitions, their nodes, tiers and data sizes.
-
-    Attributes:
-        node_of: partition id -> Flower node id (found at start, never stored).
-        tiers: the device tiers.
-        tier_of: partition id -> index into ``tiers``.
-        sizes: partition id -> its number of examples.
-        eligible: partitions whose tier can hold the method's measured memory need.
-    """
-
-    node_of: dict[int, int]
-    tiers: list[Tier]
-    tier_of: list[int]
-    sizes: list[int]
-    eligible: list[int]
-
-    def by_tier(self, partitions) -> dict[str, int]:
-        counts = {t.name: 0 for t in self.tiers}
-        for p in partitions:
-            counts[self.tiers[self.tier_of[p]].name] += 1
-        return counts
 
 
 def discover(

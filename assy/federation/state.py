@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
-from blockpool.manifest import atomic_write_bytes
+from blockpool import atomic_write_bytes
 
 __all__ = ["FORMAT_VERSION", "ServerState", "write_rounds_jsonl"]
 

@@ -4,7 +4,7 @@ Everything here is a plain function of a :class:`~assy.federation.config.Federat
 a partition id and tensors, callable from a test or a fresh process as from a ClientApp.
 Models come from the pool (:class:`~assy.lego.lora.PoolModule`); scoring is
 :func:`assy.evaluate.multiple_choice`; forward-only scoring under a memory budget runs
-through the swapper (:func:`blockpool.offload.budgeted_runner`).
+through the swapper (:func:`blockpool.open_runner` with a budget).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def federated_data(cfg: FederationConfig, data_file: str | None = None) -> Feder
 
 def model_bytes(pool) -> dict[str, int]:
     """Stored bytes of every model of an open pool."""
-    from blockpool.pool import summarize
+    from blockpool import summarize
 
     return {name: m["bytes"] for name, m in summarize(pool)["models"].items()}
 
@@ -282,16 +282,13 @@ def score_under_budget(
     Returns:
         :func:`assy.evaluate.multiple_choice`'s metrics plus the swapper's counters.
     """
-    from blockpool.offload import budgeted_runner
+    from blockpool import RunOptions, open_runner
 
-    runner, swapper = budgeted_runner(pool, model, budget=budget)
-    try:
-        result = dict(multiple_choice(runner, pool.tokenizer(model), examples, progress=False))
-    finally:
-        if swapper is not None:
-            swapper.close()
-    if swapper is not None:
-        result |= swapper.stats.as_dict()
+    options = RunOptions(budget=budget, threads=torch.get_num_threads())
+    with open_runner(pool, model, options) as run:
+        result = dict(multiple_choice(run.runner, pool.tokenizer(model), examples, progress=False))
+    if run.swapper is not None:
+        result |= run.swapper.stats.as_dict()
     return result
 
 
@@ -371,8 +368,7 @@ def local_round(
     """
     from safetensors.torch import load_file, save
 
-    from blockpool import Pool
-    from blockpool.manifest import atomic_write_bytes
+    from blockpool import Pool, atomic_write_bytes
 
     pool = Pool(pool_dir or cfg.pool)
     anchor = anchor_model(pool, cfg.anchor)

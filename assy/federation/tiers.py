@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from assy.errors import UsageError
-from blockpool.sizes import format_size, parse_size
+from blockpool import format_size, parse_size
 
 __all__ = [
     "REFERENCE_BYTES",
     "SEED_TIERS",
+    "Population",
     "Tier",
     "assign_tiers",
     "load_tiers",
@@ -141,3 +142,28 @@ def assign_tiers(num_clients: int, tiers: Sequence[Tier], seed: int) -> list[int
         counts[i] += 1
     order = np.repeat(np.arange(len(tiers)), counts)
     return np.random.default_rng([seed, 0x71E5]).permutation(order).tolist()
+
+
+@dataclass
+class Population:
+    """Who takes part: partitions, their nodes, tiers and data sizes.
+
+    Attributes:
+        node_of: partition id -> Flower node id (found at start, never stored).
+        tiers: the device tiers.
+        tier_of: partition id -> index into ``tiers``.
+        sizes: partition id -> its number of examples.
+        eligible: partitions whose tier can hold the method's measured memory need.
+    """
+
+    node_of: dict[int, int]
+    tiers: list[Tier]
+    tier_of: list[int]
+    sizes: list[int]
+    eligible: list[int]
+
+    def by_tier(self, partitions) -> dict[str, int]:
+        counts = {t.name: 0 for t in self.tiers}
+        for p in partitions:
+            counts[self.tiers[self.tier_of[p]].name] += 1
+        return counts

@@ -4,7 +4,6 @@ Prune one LLM into sparse small models (magnitude, Wanda, SparseGPT; pool varian
 fine-tune them with sparsity-preserving LoRA, and recombine their adapters with HeteAgg.
 """
 
-from assy.lego.calibration import calibration_ids, calibration_text
 from assy.lego.heteagg import fedavg, heteagg, heteagg_exact, heteagg_write_back
 from assy.lego.pruning import (
     METHODS,
@@ -20,8 +19,6 @@ __all__ = [
     "METHODS",
     "PruneReport",
     "SparsityTarget",
-    "calibration_ids",
-    "calibration_text",
     "fedavg",
     "heteagg",
     "heteagg_exact",

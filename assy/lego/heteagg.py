@@ -83,7 +83,7 @@ def _emit(
         return new
     if out_dir is None:
         raise UsageError("clients given as files need out_dir for the updated client files")
-    from blockpool.manifest import atomic_write_bytes
+    from blockpool import atomic_write_bytes
 
     target = Path(out_dir) / Path(source).name
     atomic_write_bytes(target, save({k: v.contiguous() for k, v in new.items()}))

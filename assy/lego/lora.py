@@ -26,6 +26,7 @@ from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from torch import nn
 
 from assy.errors import UsageError
+from blockpool import ChainModule
 
 __all__ = [
     "MaskedLoraVariant",
@@ -176,77 +177,50 @@ def load_sparse_lora(
     return peft_model
 
 
-class PoolModule(nn.Module):
+class PoolModule(ChainModule):
     """A pool model as one trainable ``nn.Module``: embed, layers, head built from blocks.
 
-    Unlike :class:`blockpool.BlockRunner` (inference only) it carries gradients, so peft
-    can wrap it: layer ``i``'s modules are named ``layers.<i>.<name inside the block>``.
+    The one-model case of :class:`blockpool.ChainModule` (the runner is inference only; this
+    carries gradients, so peft can wrap it): layer ``i``'s modules are named
+    ``layers.<i>.<name inside the block>``.
 
     Args:
         pool: the open pool.
         model: the model's name.
         dtype: the dtype the blocks are loaded at.
+        device: where the blocks live.
 
     ``forward(input_ids [B, T], attention_mask [B, T] | None)`` returns the head's output
     (logits ``[B, T, V]`` for decoders, pooled ``[B, d]`` for encoders).
     """
 
-    def __init__(self, pool, model: str, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, pool, model: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> None:
         from blockpool import BlockRunner
 
-        super().__init__()
-        self._runner = BlockRunner(pool, model, dtype=dtype)
-        self.rotary = self._runner._rotary  # registered so .to(device) moves its buffers
-        ids = pool.model(model)["blocks"]
-        self.block_ids = list(ids)
-        kinds = [pool.blocks[b]["kind"] for b in ids]
-        build = self._runner._resident
-        self.embed = build(ids[0])
-        self.layer_ids = [b for b, k in zip(ids, kinds, strict=True) if k == "layer"]
-        self.layers = nn.ModuleList(build(b) for b in self.layer_ids)
-        self.layer_types = [
-            self._runner.spec.layer_type(self._runner.config, pool.blocks[b]["index"])
-            for b in self.layer_ids
-        ]
-        self.head = build(ids[-1]) if kinds[-1] == "head" else None
-        self._runner._cache.clear()  # the modules live here now
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        hidden = self.embed(input_ids, attention_mask, positions, 0)
-        # TODO(blockpool): a public BlockRunner.layer_kwargs.
-        kwargs = self._runner._layer_kwargs(hidden, attention_mask, positions, None)
-        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
-            out = layer(hidden, **kwargs[layer_type])
-            hidden = out[0] if isinstance(out, tuple) else out
-        return self.head(hidden) if self.head is not None else hidden
-
-    def block_state(self, bid: str) -> dict[str, torch.Tensor]:
-        """The current tensors of block ``bid`` by their names inside the block."""
-        if bid == self.block_ids[0]:
-            return self.embed.state_dict()
-        if self.head is not None and bid == self.block_ids[-1]:
-            return self.head.state_dict()
-        return self.layers[self.layer_ids.index(bid)].state_dict()
+        super().__init__(BlockRunner(pool, model, dtype=dtype, device=device))
 
 
-def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[str, Any]:
+def write_merged_model(
+    pool, model: str, module: PoolModule, name: str, *, wait: bool = False
+) -> dict[str, Any]:
     """Write a (merged, unloaded) :class:`PoolModule` of ``model`` as pool model ``name``.
 
-    Every block records its parent and its sparsity (zeros over its linear weights).
+    Every block records its parent and its sparsity (zeros over its linear weights). The
+    name goes through :func:`blockpool.check_model_name` and must be new in the pool; the
+    pool is locked while it is written (``wait``: wait for another writer).
 
     Returns:
         The pool manifest, as written.
     """
     from assy.lego.sequential import prunable_linears
-    from blockpool.variants import write_variant_model
+    from blockpool import write_variant_model
 
     def transform(bid: str, tensors: dict[str, torch.Tensor]):
         state = module.block_state(bid)
         new = {k: state[k].detach().to(tensors[k].dtype).contiguous() for k in tensors}
-        if pool.blocks[bid]["kind"] != "layer":
+        if pool.blocks[bid].kind != "layer":
             return new, {}
         linears = prunable_linears(module.layers[module.layer_ids.index(bid)])
         weights = [new[f"{n}.weight"] for n in linears]
@@ -254,4 +228,4 @@ def write_merged_model(pool, model: str, module: PoolModule, name: str) -> dict[
         zeros = sum(int((w == 0).sum()) for w in weights)
         return new, {"sparsity": zeros / total if total else 0.0}
 
-    return write_variant_model(pool, model, transform, name=name)
+    return write_variant_model(pool, model, transform, name=name, wait=wait)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
 
 __all__ = [
     "METHODS",
@@ -65,16 +65,17 @@ def parse_sparsity(text: str | float) -> SparsityTarget:
     if match:
         n, m = int(match.group(1)), int(match.group(2))
         if not 0 < n < m:
-            raise UsageError(f"sparsity {text}: n:m needs 0 < n < m (e.g. 2:4)")
+            raise UsageError(f"{arg('sparsity')} {text}: n:m needs 0 < n < m (e.g. 2:4)")
         return SparsityTarget(1 - n / m, (n, m))
     try:
         fraction = float(text)
     except ValueError:
         raise UsageError(
-            f"sparsity {text!r}: expected a fraction such as 0.5 or an n:m pattern such as 2:4"
+            f"{arg('sparsity')} {text!r}: expected a fraction such as 0.5 or an n:m pattern "
+            "such as 2:4"
         ) from None
     if not 0 <= fraction < 1:
-        raise UsageError(f"sparsity {text}: the fraction of zeros must be in [0, 1)")
+        raise UsageError(f"{arg('sparsity')} {text}: the fraction of zeros must be in [0, 1)")
     return SparsityTarget(fraction)
 
 
@@ -148,7 +149,7 @@ def wanda_mask(w: torch.Tensor, act_norm: torch.Tensor, target: SparsityTarget) 
 def _inverse_hessian_chol(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (SparseGPT, Alg. 1)."""
     h = hessian.double().clone()
-    idx = torch.arange(h.shape[0])
+    idx = torch.arange(h.shape[0], device=h.device)
     h[idx, idx] += damp * torch.diagonal(h).mean()
     inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
     return torch.linalg.cholesky(inverse, upper=True).float()

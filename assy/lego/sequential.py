@@ -24,10 +24,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from assy.errors import UsageError
+from assy.errors import UsageError, arg
 from assy.lego.pruning import SparsityTarget, magnitude_mask, sparsegpt_prune, wanda_mask
 
-__all__ = ["PruneReport", "prunable_linears", "prune_pool_model"]
+__all__ = ["PruneReport", "check_prune", "prunable_linears", "prune_pool_model"]
 
 _FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -45,6 +45,7 @@ class PruneReport:
             over the block's matrices).
         sparsity: fraction of zeros over all pruned matrices of the model.
         calibration_tokens: ``samples x seq_len`` (0 for magnitude).
+        calibration: what the windows were cut from (``task sciq (default)``), if known.
         seconds: wall time of the whole run, writing included.
     """
 
@@ -54,6 +55,7 @@ class PruneReport:
     layers: list[dict[str, Any]] = field(default_factory=list)
     sparsity: float = 0.0
     calibration_tokens: int = 0
+    calibration: str = ""
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -63,6 +65,7 @@ class PruneReport:
         matrices = sum(r["matrices"] for r in self.layers)
         calib = (
             f"{self.calibration_tokens} calibration tokens"
+            + (f" of {self.calibration}" if self.calibration else "")
             if self.calibration_tokens
             else "no calibration"
         )
@@ -155,18 +158,19 @@ def _groups(modules: dict[str, nn.Module], stats: _InputStats | None) -> list[li
 class _SequentialPruner:
     """The stateful ``Transform`` handed to ``write_variant_model``: one block per call."""
 
-    def __init__(self, pool, model, method, target, calib_ids, batch_size) -> None:
+    def __init__(self, pool, model, method, target, calib_ids, batch_size, device) -> None:
         from blockpool import BlockRunner
 
         self.pool, self.method, self.target = pool, method, target
-        self.runner = BlockRunner(pool, model)  # config, rotary and masks between layers
-        self.calib_ids, self.batch_size = calib_ids, batch_size
+        # config, rotary and masks between layers, on the device the pruning runs on
+        self.runner = BlockRunner(pool, model, device=device)
+        self.calib_ids = calib_ids.to(self.runner.device) if calib_ids is not None else None
+        self.batch_size = batch_size
         self.hidden: torch.Tensor | None = None
         self.layers: list[dict[str, Any]] = []
-        self._kwargs: dict[tuple[int, str], dict[str, Any]] = {}
 
     def __call__(self, bid: str, tensors: dict[str, torch.Tensor]):
-        kind = self.pool.blocks[bid]["kind"]
+        kind = self.pool.blocks[bid].kind
         if kind == "embed" and self.calib_ids is not None:
             self._embed(bid)
         if kind != "layer":
@@ -179,29 +183,19 @@ class _SequentialPruner:
 
     @torch.no_grad()
     def _embed(self, bid: str) -> None:
-        embed = self.pool.build_module(bid, config=self.runner.config)
         ids = self.calib_ids
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        embed = self.pool.build_module(bid, config=self.runner.config).to(self.runner.device)
         parts = range(0, len(ids), self.batch_size)
-        hidden = [embed(ids[i : i + self.batch_size], None, positions, 0) for i in parts]
+        hidden = [
+            self.runner.run_block(bid, ids[i : i + self.batch_size], module=embed) for i in parts
+        ]
         self.hidden = torch.cat(hidden).float()
 
-    def _layer_kwargs(self, hidden: torch.Tensor, layer_type: str) -> dict[str, Any]:
-        key = (hidden.shape[0], layer_type)
-        if key not in self._kwargs:
-            positions = torch.arange(hidden.shape[1]).unsqueeze(0)
-            # TODO(blockpool): use a public BlockRunner.layer_kwargs once it exists.
-            by_type = self.runner._layer_kwargs(hidden, None, positions, None)
-            self._kwargs[key] = by_type[layer_type]
-        return self._kwargs[key]
-
     @torch.no_grad()
-    def _run_layer(self, layer: nn.Module, layer_type: str, stats: _InputStats | None) -> None:
+    def _run_layer(self, bid: str, layer: nn.Module, stats: _InputStats | None) -> None:
         """Run every micro-batch through ``layer``; with ``stats`` only observe the inputs."""
         for part in self._chunks():
-            h = self.hidden[part]
-            out = layer(h, **self._layer_kwargs(h, layer_type))
-            out = out[0] if isinstance(out, tuple) else out
+            out = self.runner.run_block(bid, self.hidden[part], module=layer)
             if stats is None:
                 self.hidden[part] = out
             else:
@@ -209,14 +203,12 @@ class _SequentialPruner:
 
     def _prune_layer(self, bid: str, tensors: dict[str, torch.Tensor]):
         start = time.perf_counter()
-        index = self.pool.blocks[bid]["index"]
-        layer_type = self.runner.spec.layer_type(self.runner.config, index)
-        layer = self.pool.build_module(bid, config=self.runner.config)
+        layer = self.pool.build_module(bid, config=self.runner.config).to(self.runner.device)
         modules = prunable_linears(layer)
         stats = None
         if self.method != "magnitude":
             stats = _InputStats(modules, self.method)
-            self._run_layer(layer, layer_type, stats)
+            self._run_layer(bid, layer, stats)
             stats.close()
         new_tensors = dict(tensors)
         per_matrix: list[tuple[int, int]] = []  # (zeros, weights)
@@ -228,11 +220,11 @@ class _SequentialPruner:
             ):
                 mod, key = modules[name], f"{name}.weight"
                 w = (w.t() if isinstance(mod, Conv1D) else w).to(tensors[key].dtype)
-                new_tensors[key] = w.contiguous()
+                new_tensors[key] = w.contiguous().cpu()
                 mod.weight.data = w.float()  # propagate what the stored model will compute
                 per_matrix.append((int((w == 0).sum()), w.numel()))
         if self.hidden is not None:
-            self._run_layer(layer, layer_type, None)
+            self._run_layer(bid, layer, None)
         zeros, total = sum(z for z, _ in per_matrix), sum(n for _, n in per_matrix)
         sparsity = zeros / total if total else 0.0
         fractions = [z / n for z, n in per_matrix]
@@ -245,9 +237,17 @@ class _SequentialPruner:
         return new_tensors, {"sparsity": sparsity, "metadata": meta, "entry": {"pruning": meta}}
 
 
-def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
+def check_prune(pool, model: str, new_name: str, out: Path | None = None) -> None:
+    """Check, before any calibration, that ``model`` can be pruned into ``new_name``.
+
+    Raises:
+        UsageError: an unknown model, a quantized one, a bad name or a name in use.
+    """
+    from blockpool import check_model_name, check_variant_target
+
+    check_model_name(new_name, argument="new_name", taken=pool.models)
     entry = pool.model(model)
-    bad = sorted({pool.blocks[b]["precision"] for b in entry["blocks"]} - set(_FLOAT_PRECISIONS))
+    bad = sorted({pool.blocks[b].precision for b in entry.blocks} - set(_FLOAT_PRECISIONS))
     if bad:
         raise UsageError(
             f"model {model!r} has {'/'.join(bad)} blocks; prune a full-precision model "
@@ -256,7 +256,17 @@ def _check_source(pool, model: str, new_name: str, out: Path | None) -> None:
     same_pool = out is None or Path(out).resolve() == pool.root.resolve()
     if same_pool and new_name in pool.models:
         raise UsageError(
-            f"pool {pool.root} already has a model {new_name!r}; choose another --as name"
+            f"pool {pool.root} already has a model {new_name!r}; choose another {arg('new_name')}"
+        )
+    check_variant_target(pool, model, out, new_name)
+
+
+def _check_positions(pool, model: str, calib_ids: torch.Tensor | None) -> None:
+    limit = pool.max_positions(model)
+    if calib_ids is not None and limit is not None and calib_ids.shape[1] > limit:
+        raise UsageError(
+            f"calibration windows of {calib_ids.shape[1]} tokens exceed the {limit} positions "
+            f"model {model!r} has learned; use {arg('seq_len')} {limit} or less"
         )
 
 
@@ -281,7 +291,9 @@ def prune_pool_model(
     batch_size: int = 8,
     activation_budget_bytes: int = 2 * 10**9,
     out: Path | None = None,
+    device: str = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
+    wait: bool = False,
 ) -> PruneReport:
     """Prune every layer block of ``model`` and add the result to the pool as ``new_name``.
 
@@ -292,33 +304,47 @@ def prune_pool_model(
         target: the sparsity of every pruned matrix.
         new_name: the new model's name.
         calib_ids: ``[samples, seq_len]`` token ids (see
-            :func:`assy.lego.calibration.calibration_ids`); required unless magnitude.
+            :func:`assy.calibration.calibration_windows`); required by Wanda and SparseGPT,
+            ignored by magnitude pruning.
         batch_size: calibration sequences per forward call.
         activation_budget_bytes: most bytes the held layer activations may take.
         out: another pool directory to write to (default: the source pool).
+        device: where the layers run and are pruned (``cpu``, ``cuda:N``, ``mps``).
         progress: ``progress(name, blocks_done, blocks_total)``.
+        wait: wait for another writer of the destination pool instead of failing at once
+            (it is locked before calibration starts).
 
     Returns:
         A :class:`PruneReport`.
 
     Raises:
-        UsageError: unknown method, missing calibration, a quantized source, a taken name,
-            or calibration activations over the budget.
+        UsageError: unknown method, missing calibration, a quantized source, a bad or
+            taken name, or calibration activations over the budget.
+        PoolBusy: another process writes the destination pool.
     """
     start = time.perf_counter()
-    from blockpool.variants import write_variant_model
+    from blockpool import Pool, pool_lock, write_variant_model
 
     if method not in ("magnitude", "wanda", "sparsegpt"):
         raise UsageError(f"unknown pruning method {method!r}; use magnitude, wanda or sparsegpt")
     if method != "magnitude" and calib_ids is None:
-        raise UsageError(f"{method} needs calibration text: pass --calib-task or --calib-file")
-    if method == "magnitude" and calib_ids is not None:
-        raise UsageError("magnitude pruning uses no calibration; drop --calib-task/--calib-file")
-    _check_source(pool, model, new_name, out)
+        raise UsageError(
+            f"{method} needs calibration windows ({arg('calib_ids')}: see "
+            "assy.calibration.calibration_windows)"
+        )
+    if method == "magnitude":
+        calib_ids = None  # magnitude pruning looks at the weights only
+    check_prune(pool, model, new_name, out)
     if calib_ids is not None:
         _check_activation_budget(calib_ids, pool.config(model).hidden_size, activation_budget_bytes)
-    pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size)
-    write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
+    if batch_size < 1:
+        raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
+    _check_positions(pool, model, calib_ids)
+    with pool_lock(out if out is not None else pool.root, wait=wait):
+        # again, on the manifest as it is now that no other writer can change it
+        check_prune(Pool(pool.root), model, new_name, out)
+        pruner = _SequentialPruner(pool, model, method, target, calib_ids, batch_size, device)
+        write_variant_model(pool, model, pruner, out=out, name=new_name, progress=progress)
     report = PruneReport(new_name, method, str(target), pruner.layers)
     weights = sum(r["weights"] for r in pruner.layers)
     report.sparsity = sum(r["zeros"] for r in pruner.layers) / weights if weights else 0.0

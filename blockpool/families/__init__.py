@@ -50,7 +50,13 @@ class FamilySpec:
             canonical names (``bert.`` prefixes, GPT-2 base-model keys).
         ignore: regexes of source tensors that are not weights (stale buffers).
         conv1d: name suffixes of ``Conv1D`` weights stored ``[in, out]`` (GPT-2).
-        cache_kwarg: the keyword under which a layer takes the KV cache.
+        cache_kwarg: the keyword under which a layer takes the KV cache; ``None``: read it
+            off the installed layer class (``cache`` in transformers >= 5.24, else
+            ``past_key_values``).
+        learned_positions: the config key giving the size of a learned position table
+            (``None``: rotary positions, no limit from the weights).
+        position_offset: a config key whose value + 1 is the first position used (RoBERTa
+            numbers positions after its padding index).
     """
 
     name: str
@@ -69,7 +75,19 @@ class FamilySpec:
     rename: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()
     conv1d: tuple[str, ...] = ()
-    cache_kwarg: str = "past_key_values"
+    cache_kwarg: str | None = None
+    learned_positions: str | None = None
+    position_offset: str | None = None
+
+    def max_positions(self, config: Any) -> int | None:
+        """The most tokens (context included) one sequence may have, where the family has
+        learned positions; ``None`` for rotary families."""
+        if self.learned_positions is None:
+            return None
+        limit = int(getattr(config, self.learned_positions))
+        if self.position_offset is not None:
+            limit -= int(getattr(config, self.position_offset) or 0) + 1
+        return limit
 
     @property
     def position(self) -> str:

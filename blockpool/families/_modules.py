@@ -11,7 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from blockpool.errors import UsageError
+
 __all__ = ["AbsoluteEmbed", "EncoderEmbed", "LMHead", "LearnedOffsetEmbed", "Pooler", "TokenEmbed"]
+
+
+def check_positions(length: int, limit: int) -> None:
+    """Refuse a sequence longer than a learned position table (it would index past it)."""
+    if length > limit:
+        raise UsageError(
+            f"an input of {length} tokens is longer than the {limit} positions this model "
+            f"has learned; give inputs of at most {limit} tokens (context included)"
+        )
 
 
 class TokenEmbed(nn.Module):
@@ -34,6 +45,7 @@ class AbsoluteEmbed(nn.Module):
         self.positions = positions
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
+        check_positions(past_length + input_ids.shape[1], self.positions.num_embeddings)
         return self.tokens(input_ids) + self.positions(position_ids)
 
 
@@ -52,6 +64,8 @@ class LearnedOffsetEmbed(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
         batch, length = input_ids.shape
+        offset = getattr(self.positions, "offset", 2)
+        check_positions(past_length + length, self.positions.num_embeddings - offset)
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long)
         hidden = self.tokens(input_ids)
@@ -72,6 +86,9 @@ class EncoderEmbed(nn.Module):
         self.embeddings = embeddings
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_length=0):
+        table = self.embeddings.position_embeddings.num_embeddings
+        first = getattr(self.embeddings, "padding_idx", None)  # RoBERTa: positions after it
+        check_positions(past_length + input_ids.shape[1], table - (first + 1 if first else 0))
         return self.embeddings(input_ids=input_ids)
 
 

