@@ -116,7 +116,7 @@ def fault_run(tmp_path_factory):
 
 
 def test_every_round_finishes_with_the_others(fault_run):
-    _, history, lines, _, seconds = fault_run
+    _, history, lines, _, _ = fault_run
     assert [r["round"] for r in history] == list(range(ROUNDS + 1))
     bad = {p for p, fault in FAULTS.items() if fault != "slow"}
     for r in history[1:]:
@@ -124,7 +124,9 @@ def test_every_round_finishes_with_the_others(fault_run):
         good = [p for p in r["sampled"] if p not in bad and p not in r["missing"]]
         assert r["accepted"] == good and len(good) >= 4
     assert any(line.startswith(f"round {ROUNDS}/{ROUNDS}: accuracy") for line in lines), lines
-    assert seconds < 170
+    # Round 1 ended at its timeout, not when the slow client (held until round 2 is done,
+    # at most 120 s) came back; the whole run's wall time depends on the machine's load.
+    assert 2 in history[1]["missing"] and history[1]["wall_seconds"] < 100
 
 
 def test_raising_clients_come_back_as_failures(fault_run):
