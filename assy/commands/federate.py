@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -56,8 +57,13 @@ __all__ = ["federate_cmd"]
     "--root-certificates", type=click.Path(path_type=Path), help="Deployment: the CA (PEM)."
 )
 @click.option("--insecure", is_flag=True, help="Deployment: no TLS (tests only).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (progress goes to stderr)."
+)
 @user_errors
-def federate_cmd(pool, out, data, cpus, superlink, root_certificates, insecure, **settings) -> None:
+def federate_cmd(
+    pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
+) -> None:
     """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg) or local.
 
     --method assy needs the assembly planner of `assy assemble` (not yet available).
@@ -71,7 +77,14 @@ def federate_cmd(pool, out, data, cpus, superlink, root_certificates, insecure, 
     from assy.federation.progress import RoundProgress
 
     cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
-    click.echo(check_run(cfg, click.echo))
+    summary = check_run(cfg, lambda line: click.echo(line, err=as_json))
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
-    with RoundProgress(cfg.rounds) as progress:
+    with RoundProgress(cfg.rounds, stderr=as_json) as progress:
+        progress.log(summary)
         run_federation(cfg, progress.log, target=target, cpus=cpus, on_round=progress.round_done)
+    if as_json:
+        written = out / "rounds.jsonl"  # a deployment writes it on the SuperLink's host
+        rounds = (
+            [json.loads(x) for x in written.read_text().splitlines()] if written.is_file() else None
+        )
+        click.echo(json.dumps({"run": summary, "out": str(out), "rounds": rounds}))

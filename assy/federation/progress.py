@@ -24,10 +24,10 @@ class RoundProgress:
     Thread-safe (rich's console locks): the simulation's server loop runs in a thread.
     """
 
-    def __init__(self, rounds: int) -> None:
+    def __init__(self, rounds: int, *, stderr: bool = False) -> None:
         from rich.console import Console
 
-        self.console = Console(file=sys.stdout, highlight=False)
+        self.console = Console(file=sys.stderr if stderr else sys.stdout, highlight=False)
         self.rounds = rounds
         self._start = time.monotonic()
         self._first: tuple[int, float] | None = None  # the first round seen, and when
