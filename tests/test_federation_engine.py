@@ -207,12 +207,12 @@ def test_no_message_a_client_sent_holds_raw_text_or_token_ids(fault_run):
 # --------------------------------------------------------------------------- kill, resume
 
 
-def _federate_process(pool: Path, data: Path, out: Path) -> subprocess.Popen:
+def _federate_process(pool: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen:
     """``assy federate`` in its own session (so Ray's helpers can be stopped with it)."""
     args = [sys.executable, "-m", "assy.cli", "federate", str(pool), "--task", "arc_easy"]
     args += ["--method", "fedit", "--rounds", "3", "--out", str(out), "--data", str(data)]
     args += ["--clients", "4", "--per-round", "2", "--tiers", "none", "--cpus", "1"]
-    args += ["--local-steps", "3", "--test-limit", "16"]
+    args += ["--local-steps", "3", "--test-limit", "16", *extra]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen(
         args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -279,11 +279,12 @@ def test_a_killed_server_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
         _stop(killed)
     assert [json.loads(x)["round"] for x in rounds.read_text().splitlines()] == [0, 1]
 
-    output = _finish(_federate_process(pool, data, out))
+    output = _finish(_federate_process(pool, data, out, "--json"))  # progress on stderr
     assert "resuming after round 1" in output and "round 3/3: accuracy" in output
     assert not [ln for ln in output.splitlines() if "warn" in ln.lower() or "Trace" in ln]
     history = [json.loads(x) for x in rounds.read_text().splitlines()]
     assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert json.loads(output.splitlines()[-1])["rounds"] == history  # --json: the last line
     for png in ("accuracy.png", "participation.png", "bytes.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG")
     recipe = json.loads((out / "final" / "recipe.json").read_text())
