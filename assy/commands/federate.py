@@ -1,0 +1,90 @@
+"""``assy federate``: federated rounds on Flower (simulation in-process, or a deployment)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from assy.commands.common import user_errors
+
+__all__ = ["federate_cmd"]
+
+
+@click.command("federate")
+@click.argument("pool", type=click.Path(path_type=Path))
+@click.option(
+    "--task", type=click.Choice(["arc_easy", "obqa", "boolq", "piqa", "mix"]), required=True
+)
+@click.option("--method", type=click.Choice(["assy", "fedit", "local"]), required=True)
+@click.option(
+    "--rounds", type=int, required=True, help="Rounds to run (a resumed run may add more)."
+)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--clients", default=20, show_default=True, help="Clients (the seed: 200).")
+@click.option(
+    "--per-round", default=5, show_default=True, help="Clients sampled per round (the seed: 20)."
+)
+@click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration (non-IID).")
+@click.option("--split", type=click.Choice(["labels", "tasks"]), default="labels", show_default=True,
+              help="Skew answer labels, or mix tasks per client (--task mix).")  # fmt: skip
+@click.option("--tiers", default="seed", show_default=True, help="seed | none | FILE.json.")
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--engine",
+    type=click.Choice(["simulation", "deployment"]),
+    default="simulation",
+    show_default=True,
+)
+@click.option("--data", type=click.Path(path_type=Path), help="Your own multiple-choice .jsonl.")
+@click.option("--anchor", default="", help="Pool model fedit/local train (default: the largest).")
+@click.option("--limit", default=0, help="First N examples of each task only (0: all).")
+@click.option("--test-limit", default=200, show_default=True, help="Held-out examples scored.")
+@click.option("--lora-rank", default=8, show_default=True)
+@click.option(
+    "--local-steps", default=10, show_default=True, help="Training steps per client round."
+)
+@click.option("--batch-size", default=4, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--max-length", default=256, show_default=True, help="Tokens per training example.")
+@click.option("--round-timeout", default=0.0, help="Seconds to wait for clients (0: all).")
+@click.option(
+    "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
+)
+@click.option("--superlink", help="Deployment: the SuperLink's HOST:PORT.")
+@click.option(
+    "--root-certificates", type=click.Path(path_type=Path), help="Deployment: the CA (PEM)."
+)
+@click.option("--insecure", is_flag=True, help="Deployment: no TLS (tests only).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object (progress goes to stderr)."
+)
+@user_errors
+def federate_cmd(
+    pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
+) -> None:
+    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg) or local.
+
+    --method assy needs the assembly planner of `assy assemble` (not yet available).
+
+    Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
+    final adapter under OUT/final; the server's state is saved after every round, so a
+    killed run started again with the same options resumes.
+    """
+    from assy.federation.config import FederationConfig
+    from assy.federation.engine import SuperLinkTarget, check_run, run_federation
+    from assy.federation.progress import RoundProgress
+
+    cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
+    summary = check_run(cfg, lambda line: click.echo(line, err=as_json))
+    target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
+    with RoundProgress(cfg.rounds, stderr=as_json) as progress:
+        progress.log(summary)
+        run_federation(cfg, progress.log, target=target, cpus=cpus, on_round=progress.round_done)
+    if as_json:
+        written = out / "rounds.jsonl"  # a deployment writes it on the SuperLink's host
+        rounds = (
+            [json.loads(x) for x in written.read_text().splitlines()] if written.is_file() else None
+        )
+        click.echo(json.dumps({"run": summary, "out": str(out), "rounds": rounds}))

@@ -1,0 +1,86 @@
+"""Flower ClientApp: reads its partition from the node config, calls :mod:`~.task`, replies.
+
+Deployment: ``flower-supernode ... --node-config "partition-id=I num-partitions=N"``
+(optionally ``pool=PATH``, ``data=FILE`` and ``client-dir=DIR`` where this host keeps them).
+Nothing of the local data leaves the client but adapter tensors and a few numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from assy.federation.quiet import quiet_libraries
+from assy.federation.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    NODE_KEYS,
+    WARM_UP,
+    arrays_record,
+    run_settings,
+)
+
+__all__ = ["app", "hello", "make_client_app", "train"]
+
+
+def hello(msg: Message, context: Context) -> Message:
+    """Discovery: tell the server which partition this node holds.
+
+    In simulation also the worker's warm-up (``warm-up`` set): it imports the training
+    code here, so that the seconds peft's import takes are not charged to the first round
+    (nor cut by its timeout). A deployment starts a fresh process per message: no warm-up.
+    """
+    config = msg.content.get(CONFIG)
+    if config is not None and config.get(WARM_UP):
+        from assy.federation import task  # noqa: F401
+
+    pid = int(context.node_config["partition-id"])
+    count = int(context.node_config.get("num-partitions", 0))
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": count})
+    return Message(RecordDict({METRICS: metrics}), reply_to=msg)
+
+
+def train(msg: Message, context: Context) -> Message:
+    """One client round of the run's method on this node's partition."""
+    import torch
+
+    from assy.federation import task  # deferred: peft's import takes seconds
+
+    quiet_libraries()
+    torch.set_num_threads(1)  # one core per virtual client; clients run side by side
+    start = time.perf_counter()
+    cfg, round_ = run_settings(msg)
+    pid = int(context.node_config["partition-id"])
+    paths = {
+        k.replace("-", "_"): str(context.node_config[k])
+        for k in NODE_KEYS
+        if k in context.node_config
+    }
+    local = {"pool_dir": paths.get("pool"), "data_file": paths.get("data")}
+    content = RecordDict()
+    if cfg.method == "fedit":
+        global_state = msg.content[ARRAYS].to_torch_state_dict()
+        state, metrics = task.fedit_round(cfg, pid, global_state, round_, **local)
+        content[ARRAYS] = arrays_record(state)
+    elif cfg.method == "local":
+        metrics = task.local_round(cfg, pid, round_, client_dir=paths.get("client_dir"), **local)
+    else:
+        raise ValueError(f"this client has no method {cfg.method!r}")
+    metrics["client-seconds"] = time.perf_counter() - start
+    content[METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
+
+
+def make_client_app(mods: Sequence = ()) -> ClientApp:
+    """The ClientApp, with Flower mods (e.g. a test's fault injection) around it."""
+    client = ClientApp(mods=list(mods))
+    client.query()(hello)
+    client.train()(train)
+    return client
+
+
+app = make_client_app()

@@ -1,0 +1,136 @@
+"""What a federated run is: one frozen, validated record, flat enough for Flower's configs.
+
+The CLI builds a :class:`FederationConfig` once and validates it; the server reads it from
+``context.run_config`` (deployment) or receives it directly (simulation); clients get the
+part they need in every message (:meth:`FederationConfig.client_record`), so a client
+needs nothing but its ``partition-id`` and the pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from assy.errors import UsageError
+
+__all__ = ["METHODS", "MIX_TASKS", "TASK_CHOICES", "FederationConfig"]
+
+METHODS = ("assy", "fedit", "local")
+MIX_TASKS = ("arc_easy", "obqa", "boolq", "piqa")
+TASK_CHOICES = (*MIX_TASKS, "mix")
+
+# Fields that do not change what a run computes: a resumed run may differ in them.
+_RUN_ONLY = ("rounds", "engine", "out", "round_timeout")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Everything a federated run depends on (defaults: the CLI's).
+
+    Attributes:
+        pool: the pool directory (on every host, or given per SuperNode as node config).
+        task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four).
+        method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation) or
+            ``assy`` (needs the assembly planner).
+        rounds: rounds to run (a resumed run may ask for more).
+        out: the output directory (the server's state lives there).
+        clients, per_round: the population and how many are sampled each round.
+        alpha, split: Dirichlet(α) non-IID partition over ``labels`` or ``tasks``.
+        tiers: ``seed``, ``none`` or a JSON tiers file (:mod:`assy.federation.tiers`).
+        seed: every draw (split, partition, tiers, sampling, training) derives from it.
+        engine: ``simulation`` (in-process, Ray) or ``deployment`` (Flower SuperLink).
+        data: a ``.jsonl`` file of the user's own multiple-choice examples.
+        anchor: the pool model fedit trains (default: the largest causal model).
+        limit: use only the first N examples of each task (before the 80/20 split).
+        test_limit: score at most N held-out examples per evaluation.
+        lora_rank, lora_alpha: LoRA's r and alpha (on every linear layer of the layers).
+        local_steps, batch_size, lr, max_length: local training per round.
+        round_timeout: seconds to wait for replies in a round (``None``: wait for all).
+        client_dir: where clients keep their own state (``local``); default ``out/clients``.
+    """
+
+    pool: str
+    task: str
+    method: str
+    rounds: int
+    out: str
+    clients: int = 20
+    per_round: int = 5
+    alpha: float = 1.0
+    split: str = "labels"
+    tiers: str = "seed"
+    seed: int = 0
+    engine: str = "simulation"
+    data: str = ""
+    anchor: str = ""
+    limit: int = 0
+    test_limit: int = 200
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    local_steps: int = 10
+    batch_size: int = 4
+    lr: float = 1e-3
+    max_length: int = 256
+    round_timeout: float = 0.0
+    client_dir: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` on the first bad setting (CLI wording)."""
+        if self.task not in TASK_CHOICES:
+            raise UsageError(f"--task must be one of {', '.join(TASK_CHOICES)}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method must be one of {', '.join(METHODS)}")
+        if self.split not in ("labels", "tasks"):
+            raise UsageError("--split must be labels or tasks")
+        if self.split == "tasks" and self.task != "mix":
+            raise UsageError("--split tasks mixes tasks per client: use it with --task mix")
+        if self.task == "mix" and self.data:
+            raise UsageError("--data gives one task's examples; it cannot be used with --task mix")
+        if self.engine not in ("simulation", "deployment"):
+            raise UsageError("--engine must be simulation or deployment")
+        for name in ("rounds", "clients", "per_round", "local_steps", "batch_size", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.per_round > self.clients:
+            raise UsageError(f"--per-round {self.per_round} exceeds --clients {self.clients}")
+        if self.alpha <= 0 or self.lr <= 0:
+            raise UsageError("--alpha and --lr must be positive")
+        if min(self.limit, self.test_limit, self.round_timeout) < 0:
+            raise UsageError("--limit, --test-limit and --round-timeout cannot be negative")
+
+    # ---------------------------------------------------------------- serialization
+
+    def to_record(self) -> dict[str, Any]:
+        """Flat ``{name-with-dashes: str | int | float}`` for Flower's configs."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_record(cls, record: Any) -> FederationConfig:
+        """Inverse of :meth:`to_record`; unknown keys are ignored, types are coerced."""
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in dict(record).items():
+            name = key.replace("-", "_")
+            if name in types:
+                kind = {"int": int, "float": float, "str": str}[str(types[name])]
+                kwargs[name] = kind(value)
+        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if missing - set(kwargs):
+            raise UsageError(f"federation config lacks {sorted(missing - set(kwargs))}")
+        return cls(**kwargs)
+
+    def fingerprint(self) -> str:
+        """sha256 of the settings that decide the results (not rounds, engine, out)."""
+        kept = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUN_ONLY}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: FederationConfig) -> list[str]:
+        """The result-deciding settings in which ``other`` differs from this one."""
+        a, b = dataclasses.asdict(self), dataclasses.asdict(other)
+        return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if k not in _RUN_ONLY and a[k] != b[k]]

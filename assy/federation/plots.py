@@ -1,0 +1,87 @@
+"""Plots of federated runs: accuracy, participation per tier, bytes per round.
+
+Figures are built with matplotlib's object API on the Agg canvas (no pyplot state: the
+server loop may run in a thread) and written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from blockpool import atomic_write_bytes
+
+__all__ = ["plot_accuracy", "plot_bytes", "plot_participation", "plot_run"]
+
+History = Sequence[Mapping[str, Any]]
+
+
+def _figure(width: float = 6.0, height: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _write(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy(runs: Mapping[str, History], path: Path, title: str = "") -> None:
+    """Held-out accuracy per round, one line per run (method); round 0 is before training."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, history in runs.items():
+        points = [(r["round"], r["accuracy"]) for r in history if r.get("accuracy") is not None]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set(xlabel="round", ylabel="held-out accuracy", title=title or "accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _write(fig, path)
+
+
+def plot_participation(history: History, tiers: Sequence[str], path: Path, title: str = "") -> None:
+    """Clients that took part in each round, stacked by device tier."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    rounds = [r["round"] for r in history if r["round"] > 0]
+    bottom = [0] * len(rounds)
+    for tier in tiers:
+        counts = [r["participants"].get(tier, 0) for r in history if r["round"] > 0]
+        ax.bar(rounds, counts, bottom=bottom, label=tier)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    ax.set(xlabel="round", ylabel="clients that took part", title=title or "participation")
+    ax.legend(title="tier", fontsize="small")
+    _write(fig, path)
+
+
+def plot_bytes(runs: Mapping[str, History], path: Path, title: str = "") -> None:
+    """Bytes sent down (server to clients) and up (clients to server) per round."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for label, history in runs.items():
+        rows = [r for r in history if r["round"] > 0]
+        rounds = [r["round"] for r in rows]
+        ax.plot(rounds, [max(1, r["bytes_down"]) for r in rows], marker="v", label=f"{label} down")
+        ax.plot(rounds, [max(1, r["bytes_up"]) for r in rows], marker="^", label=f"{label} up")
+    ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel="bytes", title=title or "communication per round")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    _write(fig, path)
+
+
+def plot_run(out: Path, method: str, history: History, tiers: Sequence[str]) -> list[Path]:
+    """The three PNGs of one run under ``out``; returns their paths."""
+    paths = [out / "accuracy.png", out / "participation.png", out / "bytes.png"]
+    plot_accuracy({method: history}, paths[0])
+    plot_participation(history, tiers, paths[1])
+    plot_bytes({method: history}, paths[2])
+    return paths
