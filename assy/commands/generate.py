@@ -69,8 +69,9 @@ def generate_cmd(
     )
     if run.budget is not None:
         line += (
-            f", weights resident peak {format_size(result['weights_resident_peak_bytes'])}"
-            f" of {format_size(run.budget)}, {result['misses']} misses, "
+            f", budget used peak {format_size(result['budget_used_peak_bytes'])} of "
+            f"{format_size(run.budget)} (weights {format_size(result['weights_resident_peak_bytes'])}"
+            f"), {result['misses']} misses, "
             f"{format_size(result['bytes_read'])} read"
         )
     click.echo(line + "]", err=True)
