@@ -65,13 +65,11 @@ def evaluate_pool_model(
     pool = Pool(root)
     target: str | list = model
     extra: dict[str, Any] = {}
-    tokenizer = None
     if assembly is not None:
         from assy.assembly.runner import load_assembly
 
         loaded = load_assembly(pool, assembly)
         model, target = loaded.anchor, loaded.chain
-        tokenizer = pool.tokenizer(model)
         extra = {"assembly": str(assembly), "fit_data": loaded.fit.get("data")}
     if not pool.family(model).causal:
         raise UsageError(
@@ -80,7 +78,8 @@ def evaluate_pool_model(
     return extra | evaluate_target(
         pool,
         target,
-        tokenizer,
+        # loaded here, not held here: evaluate_target releases it before the weights load
+        None if assembly is None else pool.tokenizer(model),
         task,
         name=model,
         data=data,
