@@ -409,7 +409,7 @@ def _federate(tiny_fed, out, *extra):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "assy"], "--method assy needs the assembly planner of `assy assemble`"),
+        (["--method", "assy"], "--method assy runs 1 selection round(s) before the adapter"),
         (["--method", "fedit", "--clients", "500"], "cannot give 500 clients"),
         (["--method", "fedit", "--split", "tasks"], "--split tasks mixes tasks"),
         (["--method", "fedit", "--anchor", "nope"], "--anchor 'nope' is not in the pool"),

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from blockpool import peak_rss_bytes
 
-__all__ = ["choice_loss", "hidden_loss", "kl_loss", "train_assembly", "train_loop"]
+__all__ = ["choice_loss", "freeze_blocks", "hidden_loss", "kl_loss", "train_assembly", "train_loop"]
 
 
 def train_loop(
@@ -182,7 +182,8 @@ def _batches(pool_size: int, batch: int, steps: int, seed: int) -> list[torch.Te
     return [torch.tensor(order[i * batch : (i + 1) * batch]) for i in range(steps)]
 
 
-def _freeze_blocks(runner) -> None:
+def freeze_blocks(runner) -> None:
+    """Stop gradients into every block of ``runner``'s chain (adapters keep theirs)."""
     for bid in dict.fromkeys(runner.block_ids):
         for p in runner.fetch(bid).parameters():
             p.requires_grad_(False)
@@ -224,7 +225,7 @@ def train_assembly(
     chosen = [adapters[b] for b in befores]
     positions = [items.index(a) for a in chosen]
     first = min(positions)
-    _freeze_blocks(runner)
+    freeze_blocks(runner)
     params = [p for a in chosen for p in a.parameters()]
     for p in params:
         p.requires_grad_(True)

@@ -49,6 +49,14 @@ __all__ = ["federate_cmd"]
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-length", default=256, show_default=True, help="Tokens per training example.")
 @click.option("--round-timeout", default=0.0, help="Seconds to wait for clients (0: all).")
+@click.option("--candidates", default=3, show_default=True,
+              help="assy: assemblies proposed per tier (the planner's best).")  # fmt: skip
+@click.option("--max-seams", default=2, show_default=True,
+              help="assy: the most seams a proposed assembly may have.")  # fmt: skip
+@click.option("--select-rounds", default=1, show_default=True,
+              help="assy: forward-only selection rounds before the adapter rounds.")  # fmt: skip
+@click.option("--fit-samples", default=32, show_default=True,
+              help="assy: public-text windows the server fits candidates' adapters on.")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )
@@ -64,9 +72,13 @@ __all__ = ["federate_cmd"]
 def federate_cmd(
     pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
 ) -> None:
-    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg) or local.
+    """Federate on --task: --method assy, fedit (LoRA + FedAvg) or local.
 
-    --method assy needs the assembly planner of `assy assemble` (not yet available).
+    assy (AssyLLM): the server proposes, per device tier, the planner's best assemblies
+    within the tier's budget (adapters fitted in closed form on public text); clients score
+    them forward-only on their data within their budget and vote; the winners' adapters
+    are then trained by the clients and averaged. fedit trains LoRA on the anchor model;
+    local trains alone.
 
     Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
     final adapter under OUT/final; the server's state is saved after every round, so a

@@ -68,6 +68,17 @@ def train(msg: Message, context: Context) -> Message:
         content[ARRAYS] = arrays_record(state)
     elif cfg.method == "local":
         metrics = task.local_round(cfg, pid, round_, client_dir=paths.get("client_dir"), **local)
+    elif cfg.method == "assy":
+        from assy.federation.selection import assy_round
+
+        config = msg.content[CONFIG]
+        sent = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
+        state, metrics = assy_round(
+            cfg, pid, round_, str(config["phase"]), str(config["proposals"]),
+            str(config["recipes"]), sent, **local,
+        )  # fmt: skip
+        if state:
+            content[ARRAYS] = arrays_record(state)
     else:
         raise ValueError(f"this client has no method {cfg.method!r}")
     metrics["client-seconds"] = time.perf_counter() - start

@@ -34,7 +34,7 @@ class FederationConfig:
         pool: the pool directory (on every host, or given per SuperNode as node config).
         task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four).
         method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation) or
-            ``assy`` (needs the assembly planner).
+            ``assy`` (assemblies per tier: forward-only selection, then adapter rounds).
         rounds: rounds to run (a resumed run may ask for more).
         out: the output directory (the server's state lives there).
         clients, per_round: the population and how many are sampled each round.
@@ -50,6 +50,10 @@ class FederationConfig:
         local_steps, batch_size, lr, max_length: local training per round.
         round_timeout: seconds to wait for replies in a round (``None``: wait for all).
         client_dir: where clients keep their own state (``local``); default ``out/clients``.
+        candidates: ``assy``: assemblies proposed per tier (the planner's top ones).
+        max_seams: ``assy``: the most seams a proposed assembly may have.
+        select_rounds: ``assy``: forward-only selection rounds before the adapter rounds.
+        fit_samples: ``assy``: public-text windows the server fits candidates' adapters on.
     """
 
     pool: str
@@ -76,6 +80,10 @@ class FederationConfig:
     max_length: int = 256
     round_timeout: float = 0.0
     client_dir: str = ""
+    candidates: int = 3
+    max_seams: int = 2
+    select_rounds: int = 1
+    fit_samples: int = 32
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,11 +102,19 @@ class FederationConfig:
             raise UsageError("--data gives one task's examples; it cannot be used with --task mix")
         if self.engine not in ("simulation", "deployment"):
             raise UsageError("--engine must be simulation or deployment")
-        for name in ("rounds", "clients", "per_round", "local_steps", "batch_size", "lora_rank"):
+        counted = ("rounds", "clients", "per_round", "local_steps", "batch_size", "lora_rank")
+        for name in (*counted, "candidates", "select_rounds", "fit_samples"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.per_round > self.clients:
             raise UsageError(f"--per-round {self.per_round} exceeds --clients {self.clients}")
+        if self.max_seams < 0:
+            raise UsageError("--max-seams must be 0 or more")
+        if self.method == "assy" and self.rounds <= self.select_rounds:
+            raise UsageError(
+                f"--method assy runs {self.select_rounds} selection round(s) before the "
+                f"adapter rounds: give --rounds more than {self.select_rounds}"
+            )
         if self.alpha <= 0 or self.lr <= 0:
             raise UsageError("--alpha and --lr must be positive")
         if min(self.limit, self.test_limit, self.round_timeout) < 0:

@@ -24,7 +24,6 @@ from typing import Any
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
 from assy.federation.memory import CLIENT_MALLOC_ENV
-from assy.federation.methods import ASSY_NEEDS_PLANNER, ROUNDS
 from assy.federation.quiet import quiet_flower
 from assy.federation.server import Log, plan_population
 
@@ -179,11 +178,8 @@ def run_federation(
     """Run ``cfg`` on its engine; returns the output directory.
 
     Raises:
-        UsageError: ``--method assy`` (needs the planner), or a deployment without a
-            SuperLink address.
+        UsageError: a deployment without a SuperLink address.
     """
-    if cfg.method not in ROUNDS:
-        raise UsageError(ASSY_NEEDS_PLANNER)
     done = _finished_rounds(cfg)
     if done >= cfg.rounds:
         log(f"nothing to do: {cfg.out} already holds {done} rounds (ask for more with --rounds)")
@@ -213,8 +209,6 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
     from assy.federation.tiers import load_tiers
     from blockpool import Pool
 
-    if cfg.method not in ROUNDS:
-        raise UsageError(ASSY_NEEDS_PLANNER)
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise UsageError(f"--out {cfg.out} is a file; give a directory")
     pool = Pool(cfg.pool)

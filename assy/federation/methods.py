@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from flwr.app import Message, RecordDict
 
+from assy.assembly.recipe import recipe_to_dict
 from assy.federation import task
 from assy.federation.config import FederationConfig
 from assy.federation.records import (
@@ -33,18 +34,16 @@ from assy.federation.state import ServerState
 from assy.federation.strategy import (
     Rejection,
     Update,
+    Vote,
     aggregate_adapters,
+    aggregate_votes,
     screen_updates,
+    screen_votes,
     state_digest,
 )
 from assy.federation.tiers import Population
 
-__all__ = ["ASSY_NEEDS_PLANNER", "ROUNDS", "FeditRounds", "LocalRounds", "metric"]
-
-ASSY_NEEDS_PLANNER = (
-    "--method assy needs the assembly planner of `assy assemble`, which is not available "
-    "yet; use --method fedit or --method local"
-)
+__all__ = ["ROUNDS", "AssyRounds", "FeditRounds", "LocalRounds", "metric"]
 
 
 class _Evaluator:
@@ -139,11 +138,204 @@ class LocalRounds:
         return _write_final(out, self.cfg, self.anchor, None)
 
 
-ROUNDS = {"fedit": FeditRounds, "local": LocalRounds}
-"""Method name -> its server side. ``assy`` joins here once the planner exists: its
-selection rounds send candidate assemblies and aggregate :class:`~.strategy.Vote`s with
-:func:`~.strategy.aggregate_votes`; its adapter rounds reuse :class:`FeditRounds`'
-screening and :func:`~.strategy.aggregate_adapters` (HeteAgg where masks differ)."""
+class AssyRounds:
+    """AssyLLM: candidate assemblies per tier, forward-only selection, adapter rounds.
+
+    Rounds ``1..cfg.select_rounds`` send every tier's candidates (recipes and closed-form
+    adapters fitted by the server on public text) and aggregate the clients' votes
+    (:func:`~.strategy.aggregate_votes`, sample-weighted) into one recipe per tier; later
+    rounds send the chosen recipes' global adapters and average what the clients trained
+    (:func:`~.strategy.aggregate_adapters` per recipe, after screening). The held-out
+    accuracy of a round is the tiers' accuracies weighted by their shares of clients.
+    """
+
+    def __init__(self, cfg, pool, anchor, data, state: ServerState) -> None:
+        from assy.data import heldout_text
+        from assy.federation import selection
+
+        self.cfg, self.pool, self.test = cfg, pool, data.test
+        self.facts = state.facts
+        tiers = state.facts["tiers"]
+        self.shares = {t["name"]: t["share"] for t in tiers}
+        if "assy" not in state.facts:
+            proposals = selection.propose(pool, {t["name"]: t["budget"] for t in tiers}, cfg)
+            state.facts["assy"] = {
+                "proposals": {t: [c.to_json() for c in cs] for t, cs in proposals.items()},
+                "chosen": {},
+            }
+        facts = state.facts["assy"]
+        self.proposals = {t: [c["key"] for c in cs] for t, cs in facts["proposals"].items()}
+        self.recipes = selection.recipes_from_json(
+            json.dumps({c["key"]: c["recipe"] for cs in facts["proposals"].values() for c in cs})
+        )
+        self.chosen: dict[str, str] = facts["chosen"]
+        if state.global_state:
+            self.global_state = dict(state.global_state)
+        else:
+            seen = {k: self.recipes[k] for ks in self.proposals.values() for k in ks}
+            fits = [selection.Candidate(k, r, 0.0, len(r.seams), 0) for k, r in seen.items()]
+            text = heldout_text(200_000)
+            self.global_state = selection.fit_candidates(pool, fits, cfg, text)
+        self._scores: dict[str, dict[str, float]] = {}
+        self._phase = "select"
+
+    def takes_part(self, tier: str) -> bool:
+        """Whether clients of ``tier`` have a candidate (their budget holds an assembly)."""
+        return bool(self.proposals.get(tier))
+
+    def _current(self) -> dict[str, str]:
+        """Tier -> the recipe it runs now: the chosen one, else the planner's first."""
+        return {t: self.chosen.get(t, ks[0]) for t, ks in self.proposals.items() if ks}
+
+    def _select_phase(self, round_: int) -> bool:
+        return round_ <= self.cfg.select_rounds
+
+    def content(self, round_: int) -> RecordDict:
+        config = config_record(self.cfg, round_)
+        self._phase = "select" if self._select_phase(round_) else "adapt"
+        if self._phase == "select":
+            keys = {k for ks in self.proposals.values() for k in ks}
+            config["proposals"] = json.dumps(self.proposals, sort_keys=True)
+        else:
+            keys = set(self._current().values())
+            config["proposals"] = json.dumps(
+                {t: [k] for t, k in sorted(self._current().items())}, sort_keys=True
+            )
+        config["recipes"] = json.dumps(
+            {k: recipe_to_dict(self.recipes[k]) for k in sorted(keys)}, sort_keys=True
+        )
+        arrays = {k: v for k, v in self.global_state.items() if k.split("/", 1)[0] in keys}
+        config["phase"] = self._phase
+        content = RecordDict({CONFIG: config})
+        if arrays:
+            content[ARRAYS] = arrays_record(arrays)
+        return content
+
+    def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
+        if self._phase == "select":
+            return self._aggregate_votes(replies, pop)
+        return self._aggregate_adapters(replies, pop)
+
+    def _aggregate_votes(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
+        votes, rejected = [], []
+        for p, reply in sorted(replies.items()):
+            tier = pop.tiers[pop.tier_of[p]].name
+            keys = self.proposals.get(tier, [])
+            choice, count = metric(reply, "choice"), metric(reply, "num-examples")
+            scores = {
+                k: float(v)
+                for name, v in reply.content[METRICS].items()
+                if name.startswith("score:") and (k := name[len("score:") :])
+            }
+            if choice is None or choice != int(choice) or not 0 <= int(choice) < len(keys):
+                rejected.append(Rejection(p, f"malformed vote: choice {choice!r}"))
+                continue
+            n = int(count) if count is not None and count == int(count) else -1
+            votes.append(Vote(p, tier, keys[int(choice)], scores, n))
+        kept, screened = screen_votes(votes, self.proposals, dict(enumerate(pop.sizes)))
+        choices = aggregate_votes(kept)
+        for tier, chosen in choices.items():
+            self.chosen[tier] = chosen.choice
+        self._scores = {t: dict(c.mean_scores) for t, c in choices.items()}
+        return {
+            "accepted": [v.client for v in kept],
+            "rejected": [vars(r) for r in sorted(rejected + screened, key=lambda r: r.client)],
+            "aggregation": "votes",
+            "global_sha256": state_digest(self.global_state) if self.global_state else None,
+            "chosen": dict(sorted(self._current().items())),
+            "votes": {t: dict(c.tally) for t, c in choices.items()},
+            **self.evaluate(self.global_state),
+        }
+
+    def _aggregate_adapters(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
+        from assy.federation import selection
+
+        current = self._current()
+        by_key: dict[str, list[Update]] = {}
+        rejected = []
+        for p, reply in sorted(replies.items()):
+            key = current.get(pop.tiers[pop.tier_of[p]].name)
+            if key is None or not self.recipes[key].seams:
+                continue  # a whole model: nothing to train
+            try:
+                state = record_tensors(reply.content[ARRAYS])
+                count = metric(reply, "num-examples")
+                n = int(count) if count is not None and count == int(count) else -1
+                by_key.setdefault(key, []).append(Update(p, state, n, payload_bytes(reply), key))
+            except (KeyError, TypeError, ValueError) as e:
+                rejected.append(Rejection(p, f"malformed payload: {e}"))
+        accepted, hows = [], set()
+        sizes = dict(enumerate(pop.sizes))
+        for key, updates in sorted(by_key.items()):
+            adapters = selection.adapters_of(self.pool, self.recipes[key], key, self.global_state)
+            trained = selection.flat_state(key, adapters, trainable=True)
+            own = {k: self.global_state[k] for k in trained}
+            size = sum(v.numel() * v.element_size() + len(k) for k, v in own.items())
+            kept, screened = screen_updates(
+                own, updates, max_bytes=2 * size + 65536, max_examples=sizes
+            )
+            rejected += screened
+            new, how = aggregate_adapters(own, kept)
+            hows.add(how)
+            self.global_state |= new
+            accepted += [u.client for u in kept]
+        return {
+            "accepted": sorted(accepted),
+            "rejected": [vars(r) for r in sorted(rejected, key=lambda r: r.client)],
+            "aggregation": "+".join(sorted(hows - {"none"})) or "none",
+            "global_sha256": state_digest(self.global_state) if self.global_state else None,
+            "chosen": dict(sorted(current.items())),
+            **self.evaluate(self.global_state),
+        }
+
+    def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Held-out accuracy of every tier's current assembly, and their share-weighted mean."""
+        from assy.federation import selection
+
+        by_key: dict[str, dict[str, float]] = {}
+        per_tier = {}
+        for tier, key in sorted(self._current().items()):
+            if key not in by_key:
+                recipe = self.recipes[key]
+                adapters = selection.adapters_of(self.pool, recipe, key, state)
+                by_key[key] = selection.score_candidate(
+                    self.pool, recipe, adapters, self.test, None
+                )
+            per_tier[tier] = {"recipe": key, **{k: by_key[key][k] for k in ("acc", "acc_norm")}}
+        weight = sum(self.shares[t] for t in per_tier) or 1.0
+        mean = {
+            k: sum(self.shares[t] * v[k] for t, v in per_tier.items()) / weight
+            for k in ("acc", "acc_norm")
+        }
+        return {**mean, "n": float(len(self.test)), "per_tier": per_tier}
+
+    def finish(self, out: Path) -> Path:
+        """``out/final``: one assembly directory per tier's recipe, and ``recipe.json``."""
+        from assy.assembly.assemble import Fitted, write_assembly
+        from assy.federation import selection
+
+        final, tmp = out / "final", out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        current = self._current()
+        for key in sorted(set(current.values())):
+            recipe = self.recipes[key]
+            adapters = selection.adapters_of(self.pool, recipe, key, self.global_state)
+            fitted = Fitted(recipe, adapters, {"federated": {"method": "assy", "key": key}})
+            write_assembly(tmp / key, fitted)
+        summary = {
+            "method": "assy",
+            "pool": str(Path(self.cfg.pool).resolve()),
+            "tiers": {t: {"assembly": k} for t, k in sorted(current.items())},
+        }
+        (tmp / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        return final
+
+
+ROUNDS = {"assy": AssyRounds, "fedit": FeditRounds, "local": LocalRounds}
+"""Method name -> its server side."""
 
 
 def _write_final(out: Path, cfg: FederationConfig, anchor: str, model) -> Path:

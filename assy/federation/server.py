@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 from assy.errors import UsageError
 from assy.federation import task
 from assy.federation.config import FederationConfig
-from assy.federation.methods import ASSY_NEEDS_PLANNER, ROUNDS, metric
+from assy.federation.methods import ROUNDS, metric
 from assy.federation.records import CONFIG, METRICS, WARM_UP, content_bytes, payload_bytes
 from assy.federation.state import ServerState
 from assy.federation.strategy import sample_clients, state_digest
@@ -167,6 +167,7 @@ def run_round(
         "rejected": fields["rejected"],
         "aggregation": fields["aggregation"],
         "global_sha256": fields.get("global_sha256"),
+        **{k: fields[k] for k in ("chosen", "votes", "per_tier") if k in fields},
         "accuracy": fields.get("acc"),
         "acc_norm": fields.get("acc_norm"),
         "n_test": fields.get("n"),
@@ -193,7 +194,9 @@ def _memory_need(cfg: FederationConfig, tiers: list[Tier], state: ServerState, l
     """The method's measured per-client need (bytes), measured once and kept in the state."""
     if "need_bytes" not in state.facts:
         need = 0
-        if any(t.budget is not None for t in tiers):
+        # assy: forward-only selection runs within each tier's budget (the swapper), and
+        # a tier takes part where the planner finds an assembly that fits it
+        if cfg.method != "assy" and any(t.budget is not None for t in tiers):
             from assy.federation.memory import measure_client_memory
 
             log("measuring one client's training memory in a fresh process ...")
@@ -260,6 +263,7 @@ def _round_zero(method, state: ServerState) -> dict[str, Any]:
         "participants": {},
         "aggregation": "none",
         "global_sha256": state_digest(method.global_state) if method.global_state else None,
+        **({"per_tier": scores["per_tier"]} if "per_tier" in scores else {}),
         "accuracy": scores["acc"],
         "acc_norm": scores["acc_norm"],
         "n_test": scores["n"],
@@ -294,14 +298,21 @@ def run_server(
     from assy.federation.plots import plot_run
     from blockpool import Pool
 
-    if cfg.method not in ROUNDS:
-        raise UsageError(ASSY_NEEDS_PLANNER)
     state = ServerState.open(cfg)
     pool = Pool(cfg.pool)
     anchor = task.anchor_model(pool, cfg.anchor)
     data = task.federated_data(cfg)
     pop = plan_population(cfg, pool, data, state, log)
     method = ROUNDS[cfg.method](cfg, pool, anchor, data, state)
+    if hasattr(method, "takes_part"):
+        pop.eligible = [
+            p for p in pop.eligible if method.takes_part(pop.tiers[pop.tier_of[p]].name)
+        ]
+        if not pop.eligible:
+            raise UsageError(
+                "no client can take part: no tier's budget holds an assembly of this pool; "
+                "use --tiers none or a tiers file with more memory"
+            )
     if state.round == 0 and not state.history:
         state.commit(_round_zero(method, state), method.global_state)
     elif state.round:

@@ -31,6 +31,7 @@ __all__ = [
     "adapter_state",
     "anchor_model",
     "choice_loss",
+    "client_seed",
     "federated_data",
     "fedit_round",
     "initial_adapter",
@@ -295,7 +296,7 @@ def score_under_budget(
 # --------------------------------------------------------------------------- client rounds
 
 
-def _client_seed(cfg: FederationConfig, round_: int, partition: int) -> int:
+def client_seed(cfg: FederationConfig, round_: int, partition: int) -> int:
     return int(np.random.default_rng([cfg.seed, round_, partition]).integers(2**31))
 
 
@@ -330,7 +331,7 @@ def fedit_round(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         max_length=cfg.max_length,
-        seed=_client_seed(cfg, round_, partition),
+        seed=client_seed(cfg, round_, partition),
     )
     metrics |= {"num-examples": float(len(examples)), "backprop-layers": float(len(model.layers))}
     return adapter_state(model), metrics
@@ -387,7 +388,7 @@ def local_round(
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         max_length=cfg.max_length,
-        seed=_client_seed(cfg, round_, partition),
+        seed=client_seed(cfg, round_, partition),
     )
     atomic_write_bytes(directory / f"adapter-r{round_:05d}.safetensors", save(adapter_state(model)))
     metrics |= accuracy(model, tokenizer, data.test)

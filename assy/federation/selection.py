@@ -1,0 +1,372 @@
+"""AssyLLM's federated method without Flower: candidates per tier, forward-only selection,
+adapter rounds.
+
+The server proposes, for every device tier, the planner's best assemblies within the
+tier's budget (:func:`propose`: the best whole model or variant, and the best chain with
+one, two, ... seams, top ``cfg.candidates`` by the planner's score) and fits each one's
+adapters in closed form on public text (:func:`fit_candidates`: never on client data).
+In a selection round a client scores its tier's candidates on its local examples, forward
+only and within its tier's budget (through the block swapper), and uploads one score per
+candidate and its choice (:func:`select_round`); the server aggregates the votes into one
+recipe per tier. In adapter rounds a client trains the adapters of its tier's recipe on
+its local examples, the blocks frozen (:func:`adapt_round`), and the server averages them
+(FedAvg, per recipe).
+
+Adapters travel as one flat state: ``"{key}/{before}/{parameter}"`` (``key``: the
+recipe's fingerprint, :func:`candidate_key`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from assy.assembly.adapter import ElasticAdapter
+from assy.assembly.chain import build_items, new_adapters
+from assy.assembly.recipe import Recipe, recipe_from_dict, recipe_to_dict, validate_recipe
+from assy.data import MCExample
+from assy.errors import UsageError
+from assy.federation.config import FederationConfig
+
+__all__ = [
+    "Candidate",
+    "adapt_round",
+    "assy_round",
+    "adapters_of",
+    "candidate_key",
+    "client_tier",
+    "fit_candidates",
+    "flat_state",
+    "propose",
+    "score_candidate",
+    "select_round",
+]
+
+KEY_CHARS = 12
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An assembly the server proposes: its recipe (blocks pinned) and planner facts."""
+
+    key: str
+    recipe: Recipe
+    score: float
+    seams: int
+    total_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "recipe": recipe_to_dict(self.recipe),
+            "score": self.score,
+            "seams": self.seams,
+            "total_bytes": self.total_bytes,
+        }
+
+
+def candidate_key(recipe: Recipe) -> str:
+    """A short name of a recipe: the start of its fingerprint (blocks, not adapters)."""
+    return recipe.fingerprint()[:KEY_CHARS]
+
+
+def client_tier(cfg: FederationConfig, pool, partition: int):
+    """The :class:`~.tiers.Tier` of ``partition`` as the server assigns it (both derive
+    it from ``cfg``)."""
+    from assy.federation.task import model_bytes
+    from assy.federation.tiers import assign_tiers, load_tiers
+
+    tiers = load_tiers(cfg.tiers, list(model_bytes(pool).values()))
+    return tiers[assign_tiers(cfg.clients, tiers, cfg.seed)[partition]]
+
+
+# --------------------------------------------------------------------------- the server
+
+
+def propose(
+    pool, budgets: Mapping[str, int | None], cfg: FederationConfig
+) -> dict[str, list[Candidate]]:
+    """Per tier, the planner's best distinct assemblies that fit its budget.
+
+    For ``seams`` = 0, 1, ..., ``cfg.max_seams`` the planner's best chain with at most that
+    many seams, deduplicated, ranked by the planner's score; the top ``cfg.candidates``.
+    A tier whose budget holds no assembly gets none (its clients sit out).
+    """
+    from assy.assembly.planner import plan_assembly, pool_candidates
+    from assy.assembly.recipe import pin_blocks
+
+    cands = pool_candidates(pool, tokens=cfg.max_length)
+    unlimited = 2 * sum(c.bytes + c.layer_work + c.logit_work for c in cands)
+    out: dict[str, list[Candidate]] = {}
+    for tier, budget in budgets.items():
+        found: dict[str, Candidate] = {}
+        for seams in range(cfg.max_seams + 1):
+            try:
+                plan = plan_assembly(cands, budget or unlimited, max_seams=seams, seed=cfg.seed)
+            except UsageError:
+                continue
+            recipe = pin_blocks(plan.recipe, pool)
+            key = candidate_key(recipe)
+            if key not in found:
+                found[key] = Candidate(
+                    key, recipe, float(plan.objective), plan.seams, int(plan.bytes["total"])
+                )
+        ranked = sorted(found.values(), key=lambda c: (-c.score, c.key))
+        out[tier] = ranked[: cfg.candidates]
+    return out
+
+
+def fit_candidates(
+    pool, candidates: Sequence[Candidate], cfg: FederationConfig, text: str
+) -> dict[str, torch.Tensor]:
+    """Closed-form adapters of every candidate, fitted on public ``text`` (no client data).
+
+    Returns:
+        The flat state of all candidates' adapters (:func:`flat_state`).
+    """
+    from assy.assembly.assemble import FitOptions, fit_assembly
+    from assy.assembly.calibration import FitData
+
+    state: dict[str, torch.Tensor] = {}
+    seq_len = max(8, min(cfg.max_length, 256))
+    options = FitOptions(samples=cfg.fit_samples, seq_len=seq_len, seed=cfg.seed)
+    for c in {c.key: c for c in candidates}.values():
+        if not c.recipe.seams:
+            continue
+        data = FitData(text=text, source={"public": "heldout text", "chars": len(text)})
+        fitted = fit_assembly(pool, c.recipe, data, options)
+        state |= flat_state(c.key, fitted.adapters)
+    return state
+
+
+def flat_state(
+    key: str, adapters: Mapping[int, ElasticAdapter], *, trainable: bool = False
+) -> dict[str, torch.Tensor]:
+    """``{"{key}/{before}/{name}": tensor}`` of a recipe's adapters: every tensor (what the
+    server sends), or with ``trainable`` only the parameters (what a client uploads: the
+    fitted constants, such as held dimensions, never change on a client)."""
+    return {
+        f"{key}/{before}/{name}": t.detach().clone()
+        for before, adapter in adapters.items()
+        for name, t in (adapter.named_parameters() if trainable else adapter.state_dict().items())
+    }
+
+
+def adapters_of(
+    pool, recipe: Recipe, key: str, state: Mapping[str, torch.Tensor]
+) -> dict[int, ElasticAdapter]:
+    """The adapters of ``recipe`` loaded from a flat state (strict: every tensor present).
+
+    Raises:
+        ValueError: a missing, unexpected or mis-shaped tensor.
+    """
+    adapters = new_adapters(recipe, pool, seed=0)
+    for before, adapter in adapters.items():
+        prefix = f"{key}/{before}/"
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        adapter.load_state_dict(own, strict=True)
+        adapter.eval()
+    return adapters
+
+
+# --------------------------------------------------------------------------- the clients
+
+
+def score_candidate(
+    pool,
+    recipe: Recipe,
+    adapters: Mapping[int, ElasticAdapter],
+    examples: Sequence[MCExample],
+    budget: int | None,
+) -> dict[str, float]:
+    """Forward-only score of one assembly on ``examples`` within ``budget`` bytes.
+
+    Returns:
+        ``score`` (mean log-probability of the correct choice among the choices, the
+        continuous number votes compare), ``acc``, ``acc_norm``, ``n`` and the peak
+        resident weight bytes the swapper held (0 without a budget).
+    """
+    from assy.evaluation.choice import choice_scores, mc_metrics
+    from blockpool import RunOptions, open_runner
+
+    items = build_items(recipe, pool, dict(adapters))
+    options = RunOptions(budget=budget, threads=torch.get_num_threads())
+    tokenizer = pool.tokenizer(recipe.anchor)
+    with open_runner(pool, items, options) as run:
+        rows = choice_scores(run.runner, tokenizer, examples, progress=False)
+    lls = [[s.loglik for s in row] for row in rows]
+    gold = [
+        ll[ex.label] - torch.logsumexp(torch.tensor(ll, dtype=torch.float64), 0).item()
+        for ll, ex in zip(lls, examples, strict=True)
+    ]
+    metrics = mc_metrics(lls, examples)
+    resident = run.swapper.stats.weights_resident_peak_bytes if run.swapper else 0
+    return {
+        "score": sum(gold) / len(gold),
+        "acc": float(metrics["acc"]),
+        "acc_norm": float(metrics["acc_norm"]),
+        "n": float(metrics["n"]),
+        "peak_resident_bytes": float(resident),
+    }
+
+
+def select_round(
+    cfg: FederationConfig,
+    pool,
+    partition: int,
+    examples: Sequence[MCExample],
+    proposals: Mapping[str, Sequence[str]],
+    recipes: Mapping[str, Recipe],
+    state: Mapping[str, torch.Tensor],
+    budget: int | None,
+) -> dict[str, float]:
+    """A client's selection round: score its tier's candidates, choose the best.
+
+    Returns:
+        Metrics: ``score:{key}`` per candidate, ``choice`` (the index of the chosen one in
+        the tier's list), ``num-examples`` and the largest peak resident weight bytes.
+    """
+    if not examples:
+        raise UsageError("no local examples to score candidates on")
+    tier = client_tier(cfg, pool, partition).name
+    keys = list(proposals.get(tier, ()))
+    if not keys:
+        raise UsageError(f"tier {tier} has no candidate assembly within its budget")
+    metrics: dict[str, float] = {"num-examples": float(len(examples))}
+    scores = []
+    peak = 0.0
+    for key in keys:
+        recipe = recipes[key]
+        validate_recipe(recipe, pool)  # the blocks' sums: this pool holds what was planned
+        result = score_candidate(
+            pool, recipe, adapters_of(pool, recipe, key, state), examples, budget
+        )
+        metrics[f"score:{key}"] = result["score"]
+        scores.append(result["score"])
+        peak = max(peak, result["peak_resident_bytes"])
+    metrics["choice"] = float(max(range(len(keys)), key=lambda i: (scores[i], -i)))
+    metrics["peak-resident-bytes"] = peak
+    return metrics
+
+
+def adapt_round(
+    cfg: FederationConfig,
+    pool,
+    recipe: Recipe,
+    key: str,
+    state: Mapping[str, torch.Tensor],
+    examples: Sequence[MCExample],
+    seed: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """A client's adapter round: train its tier's adapters on local examples, blocks frozen.
+
+    The loss is the cross-entropy of the correct choice among the choices (the ``task``
+    objective of ``assy stitch``); gradients pass back from the head to the first seam.
+
+    Returns:
+        ``(flat adapter state, metrics)`` with ``num-examples``, ``loss_first``,
+        ``loss_last`` and ``backprop-layers`` (the frozen blocks gradients pass through).
+    """
+    import numpy as np
+
+    from assy.assembly.train import choice_loss, freeze_blocks, train_loop
+    from blockpool import RunOptions, open_runner
+
+    if not examples:
+        raise UsageError("no local examples to train on")
+    validate_recipe(recipe, pool)
+    adapters = adapters_of(pool, recipe, key, state)
+    if not adapters:
+        return {}, {"num-examples": float(len(examples)), "backprop-layers": 0.0}
+    items = build_items(recipe, pool, adapters)
+    tokenizer = pool.tokenizer(recipe.anchor)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    with open_runner(pool, items, RunOptions(threads=torch.get_num_threads())) as run:
+        runner = run.runner
+        freeze_blocks(runner)
+        params = [p for a in adapters.values() for p in a.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        for a in adapters.values():
+            a.train()
+        order = [int(i) for _ in range(-(-cfg.local_steps * cfg.batch_size // len(examples)))
+                 for i in rng.permutation(len(examples))]  # fmt: skip
+
+        def model(ids, mask, at):
+            return runner.walk(runner.fetch, ids, mask, logits_at=at).logits
+
+        def loss_at(step: int) -> torch.Tensor:
+            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            return choice_loss(model, [examples[i] for i in batch], tokenizer, pad, runner.device)
+
+        with torch.enable_grad():
+            report = train_loop(params, loss_at, steps=cfg.local_steps, lr=cfg.lr, desc="adapters")
+        first = next(i for i, it in enumerate(items) if isinstance(it, ElasticAdapter))
+        through = sum(isinstance(it, str) for it in items[first:])
+    for a in adapters.values():
+        a.eval()
+    metrics = {
+        "num-examples": float(len(examples)),
+        "loss_first": float(report["first_loss"]),
+        "loss_last": float(report["last_loss"]),
+        "backprop-layers": float(through),
+        "trainable-params": float(sum(p.numel() for p in params)),
+    }
+    return flat_state(key, adapters, trainable=True), metrics
+
+
+def recipes_json(candidates: Mapping[str, Candidate]) -> str:
+    """Candidates' recipes as one JSON string (a ConfigRecord value)."""
+    return json.dumps({k: recipe_to_dict(c.recipe) for k, c in sorted(candidates.items())})
+
+
+def recipes_from_json(text: str) -> dict[str, Recipe]:
+    """Inverse of :func:`recipes_json` (raises :class:`UsageError` on a bad recipe)."""
+    return {k: recipe_from_dict(v, f"candidate {k}") for k, v in json.loads(text).items()}
+
+
+def assy_round(
+    cfg: FederationConfig,
+    partition: int,
+    round_: int,
+    phase: str,
+    proposals: str,
+    recipes: str,
+    state: Mapping[str, torch.Tensor],
+    *,
+    pool_dir: str | None = None,
+    data_file: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One ``assy`` client round from what a message carries (Flower-free).
+
+    Args:
+        phase: ``select`` (score the tier's candidates) or ``adapt`` (train its recipe's
+            adapters).
+        proposals: JSON ``{tier: [key, ...]}``; recipes: JSON ``{key: recipe}``.
+        state: the flat adapters of the recipes sent.
+
+    Returns:
+        ``(flat adapter state to upload (empty when selecting), metrics)``.
+    """
+    from assy.federation.task import client_seed, federated_data
+    from blockpool import Pool
+
+    pool = Pool(pool_dir or cfg.pool)
+    examples = federated_data(cfg, data_file).clients[partition]
+    tier = client_tier(cfg, pool, partition)
+    by_tier = json.loads(proposals)
+    sent = recipes_from_json(recipes)
+    if phase == "select":
+        metrics = select_round(cfg, pool, partition, examples, by_tier, sent, state, tier.budget)
+        return {}, metrics
+    keys = by_tier.get(tier.name) or []
+    if len(keys) != 1:
+        raise UsageError(f"tier {tier.name} has no recipe to train this round")
+    seed = client_seed(cfg, round_, partition)
+    return adapt_round(cfg, pool, sent[keys[0]], keys[0], state, examples, seed)

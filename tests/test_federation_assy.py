@@ -1,0 +1,163 @@
+"""``--method assy`` with tiny models, Flower's messages and the real ClientApp handlers, run
+in this process by a grid that calls the handlers (the engines are tested for fedit).
+
+Two tiers: one without a limit, one whose budget holds no whole model, so its candidates
+are assemblies with seams. A selection round (forward only, within each tier's budget),
+then adapter rounds (FedAvg per recipe); the final assemblies load and run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_federation import _char_tokenizer, assert_private, synthetic_examples
+from tiny_models import TINY
+
+from assy.federation.config import FederationConfig
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    """What a ServerApp process has set before it builds messages."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+class InProcessGrid:
+    """Flower's Grid calls the server makes, answered by the ClientApp's handlers here."""
+
+    def __init__(self, clients: int) -> None:
+        self.clients = clients
+        self.sent: list = []
+
+    def get_node_ids(self):
+        return list(range(1, self.clients + 1))
+
+    def pull_messages(self, _ids):
+        return []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Context, Message, Metadata, RecordDict
+
+        from assy.federation.client_app import hello, train
+
+        replies = []
+        for i, msg in enumerate(messages):
+            node = msg.metadata.dst_node_id
+            kind = msg.metadata.message_type
+            meta = Metadata(1, f"m{i}", 0, node, "", msg.metadata.group_id, 0.0, 3600.0, kind)
+            config = {"partition-id": node - 1, "num-partitions": self.clients}
+            context = Context(1, node, config, RecordDict(), {})
+            handler = hello if kind == "query" else train
+            reply = handler(Message(content=msg.content, metadata=meta), context)
+            self.sent.append(reply)
+            replies.append(reply)
+        return replies
+
+
+@pytest.fixture(scope="module")
+def two_family_fed(tmp_path_factory):
+    from blockpool import build_pool
+
+    root = tmp_path_factory.mktemp("assyfed")
+    sources = []
+    for family in ("llama", "gemma3"):
+        torch.manual_seed(1)
+        model = TINY[family]().eval()
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(20.0)
+        model.save_pretrained(root / family)
+        _char_tokenizer().save_pretrained(root / family)
+        sources.append(f"{family}={root / family}")
+    build_pool(sources, root / "pool", dtype="fp32")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_examples()))
+    return root / "pool", data
+
+
+def _tiers(pool: Path, path: Path) -> Path:
+    """An unlimited tier and one below the smallest whole model (assemblies only)."""
+    from assy.assembly.planner import pool_candidates
+    from blockpool import Pool
+
+    cands = [c for c in pool_candidates(Pool(pool), tokens=64) if c.causal]
+    whole = min(c.bytes + c.layer_work + c.logit_work for c in cands)
+    tiers = [
+        {"name": "big", "share": 0.5, "budget": None},
+        {"name": "small", "share": 0.5, "budget": str(whole - 1)},
+    ]
+    path.write_text(json.dumps(tiers))
+    return path
+
+
+def test_assy_selects_per_tier_then_trains_and_averages_adapters(two_family_fed, tmp_path):
+    from assy.assembly import load_assembly
+    from assy.federation import task
+    from assy.federation.server import run_server
+    from blockpool import Pool
+
+    pool, data = two_family_fed
+    torch.set_num_threads(1)
+    cfg = FederationConfig(
+        pool=str(pool), task="arc_easy", method="assy", rounds=3, out=str(tmp_path / "run"),
+        data=str(data), clients=4, per_round=4, tiers=str(_tiers(pool, tmp_path / "t.json")),
+        local_steps=3, max_length=64, fit_samples=8, candidates=2, test_limit=24,
+    )  # fmt: skip
+    grid = InProcessGrid(cfg.clients)
+    lines: list[str] = []
+    state = run_server(grid, cfg, lines.append)
+    history = state.history
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    proposals = state.facts["assy"]["proposals"]
+    assert set(proposals) == {"big", "small"}
+    small = proposals["small"]
+    assert small and all(c["seams"] >= 1 for c in small)  # no whole model fits
+    budget_small = next(t["budget"] for t in state.facts["tiers"] if t["name"] == "small")
+    assert all(c["total_bytes"] <= budget_small for c in small)
+
+    select = history[1]
+    assert select["aggregation"] == "votes" and len(select["accepted"]) == 4
+    assert set(select["chosen"]) == {"big", "small"}
+    assert select["chosen"]["small"] in {c["key"] for c in small}
+    # a vote is a few numbers: no adapters go up in a selection round
+    assert select["bytes_up"] < 2000, select["bytes_up"]
+    # selection ran within each client's budget, through the swapper
+    small_clients = [r for r in grid.sent if "score:" + small[0]["key"] in r.content["metrics"]]
+    assert small_clients
+    for reply in small_clients:
+        assert 0 < reply.content["metrics"]["peak-resident-bytes"] <= budget_small
+
+    adapt = history[2]
+    assert adapt["aggregation"] == "fedavg" and not adapt["rejected"], adapt
+    assert adapt["global_sha256"] != select["global_sha256"]
+    assert history[3]["chosen"] == select["chosen"]
+    for r in history:
+        assert 0.0 <= r["accuracy"] <= 1.0 and set(r["per_tier"]) == {"big", "small"}
+
+    final = Path(cfg.out) / "final"
+    summary = json.loads((final / "recipe.json").read_text())
+    opened = Pool(pool)
+    for tier, entry in summary["tiers"].items():
+        assembly = load_assembly(opened, final / entry["assembly"])
+        assert entry["assembly"] == select["chosen"][tier]
+        assert len(assembly.adapters) == len(assembly.recipe.seams)
+
+    examples = task.federated_data(cfg).clients[0]
+    assert_private(grid.sent, examples, opened.tokenizer("llama"))
+
+
+def test_assy_needs_a_round_after_selection(two_family_fed, tmp_path):
+    from assy.errors import UsageError
+
+    pool, data = two_family_fed
+    with pytest.raises(UsageError, match="give --rounds more than 1"):
+        FederationConfig(
+            pool=str(pool), task="arc_easy", method="assy", rounds=1, out=str(tmp_path),
+            data=str(data),
+        )  # fmt: skip
