@@ -345,10 +345,10 @@ CASES = {
         ["lots"],
     ),
     # federate: refused before any engine starts or anything is written
-    "federate method assy": (
+    "federate assy without adapter rounds": (
         ("federate", "{pool}", "--task", "arc_easy", "--method", "assy", "--rounds", "1")
         + ("--out", "{new}"),
-        ["--method assy", "assy assemble"],
+        ["--method assy runs 1 selection round(s)", "--rounds more than 1"],
     ),
     "federate out is a file": (
         ("federate", "{pool}", "--task", "arc_easy", "--method", "fedit", "--rounds", "1")

@@ -218,11 +218,16 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
     state = ServerState.open(cfg)
     if cfg.engine == "simulation" and not state.round:  # measure here: fail before Ray starts
         plan_population(cfg, pool, data, state, log)
+        if cfg.method == "assy":  # propose and fit before Ray starts (it competes for CPUs)
+            from assy.federation.methods import AssyRounds
+
+            AssyRounds.prepare(cfg, pool, state, log)
         state.save()
     sizes = sorted(len(c) for c in data.clients)
     resumed = f", resuming after round {state.round}" if state.round else ""
+    what = f"assemblies of {', '.join(sorted(pool.models))}" if cfg.method == "assy" else anchor
     return (
-        f"{cfg.method} on {cfg.task} with {anchor}: {cfg.clients} clients "
+        f"{cfg.method} on {cfg.task} with {what}: {cfg.clients} clients "
         f"({sizes[0]}-{sizes[-1]} examples each, {cfg.split} Dirichlet α={cfg.alpha:g}), "
         f"{cfg.per_round} per round, {cfg.rounds} rounds, {len(data.test)} held-out examples, "
         f"tiers {', '.join(t.describe() for t in tiers)}, {cfg.engine} engine{resumed}"

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from flwr.app import Message, RecordDict
 
-from assy.assembly.recipe import recipe_to_dict
+from assy.assembly.recipe import recipe_from_dict, recipe_to_dict
 from assy.federation import task
 from assy.federation.config import FederationConfig
 from assy.federation.records import (
@@ -150,34 +150,49 @@ class AssyRounds:
     """
 
     def __init__(self, cfg, pool, anchor, data, state: ServerState) -> None:
-        from assy.data import heldout_text
         from assy.federation import selection
 
         self.cfg, self.pool, self.test = cfg, pool, data.test
-        self.facts = state.facts
-        tiers = state.facts["tiers"]
-        self.shares = {t["name"]: t["share"] for t in tiers}
-        if "assy" not in state.facts:
-            proposals = selection.propose(pool, {t["name"]: t["budget"] for t in tiers}, cfg)
-            state.facts["assy"] = {
-                "proposals": {t: [c.to_json() for c in cs] for t, cs in proposals.items()},
-                "chosen": {},
-            }
+        self.prepare(cfg, pool, state)
+        self.shares = {t["name"]: t["share"] for t in state.facts["tiers"]}
         facts = state.facts["assy"]
         self.proposals = {t: [c["key"] for c in cs] for t, cs in facts["proposals"].items()}
         self.recipes = selection.recipes_from_json(
             json.dumps({c["key"]: c["recipe"] for cs in facts["proposals"].values() for c in cs})
         )
         self.chosen: dict[str, str] = facts["chosen"]
-        if state.global_state:
-            self.global_state = dict(state.global_state)
-        else:
-            seen = {k: self.recipes[k] for ks in self.proposals.values() for k in ks}
-            fits = [selection.Candidate(k, r, 0.0, len(r.seams), 0) for k, r in seen.items()]
-            text = heldout_text(200_000)
-            self.global_state = selection.fit_candidates(pool, fits, cfg, text)
+        self.global_state = dict(state.global_state)
         self._scores: dict[str, dict[str, float]] = {}
         self._phase = "select"
+
+    @staticmethod
+    def prepare(cfg, pool, state: ServerState, log=lambda _m: None) -> None:
+        """Propose candidates per tier and fit their adapters, once: kept in ``state``
+        (``facts["assy"]`` and the global state), so that a resumed run, and the server
+        after ``check_run`` did it before the engine started, reuse them."""
+        from assy.data import heldout_text
+        from assy.federation import selection
+
+        if "assy" not in state.facts:
+            tiers = {t["name"]: t["budget"] for t in state.facts["tiers"]}
+            proposals = selection.propose(pool, tiers, cfg)
+            state.facts["assy"] = {
+                "proposals": {t: [c.to_json() for c in cs] for t, cs in proposals.items()},
+                "chosen": {},
+            }
+            for tier, cs in proposals.items():
+                names = ", ".join(f"{c.key} ({c.seams} seams)" for c in cs) or "none fits"
+                log(f"tier {tier}: {names}")
+        if not state.global_state:
+            seen = {
+                c["key"]: recipe_from_dict(c["recipe"])
+                for cs in state.facts["assy"]["proposals"].values()
+                for c in cs
+            }
+            fits = [selection.Candidate(k, r, 0.0, len(r.seams), 0) for k, r in seen.items()]
+            log(f"fitting the adapters of {sum(bool(f.recipe.seams) for f in fits)} candidates "
+                "in closed form on public text ...")  # fmt: skip
+            state.global_state = selection.fit_candidates(pool, fits, cfg, heldout_text(200_000))
 
     def takes_part(self, tier: str) -> bool:
         """Whether clients of ``tier`` have a candidate (their budget holds an assembly)."""
