@@ -181,7 +181,7 @@ class AssyRounds:
                 "chosen": {},
             }
             for tier, cs in proposals.items():
-                names = ", ".join(f"{c.key} ({c.seams} seams)" for c in cs) or "none fits"
+                names = ", ".join(f"{c.key} ({_describe(c.recipe)})" for c in cs) or "none fits"
                 log(f"tier {tier}: {names}")
         if not state.global_state:
             seen = {
@@ -351,6 +351,13 @@ class AssyRounds:
 
 ROUNDS = {"assy": AssyRounds, "fedit": FeditRounds, "local": LocalRounds}
 """Method name -> its server side."""
+
+
+def _describe(recipe) -> str:
+    """``gemma3-270m 0-17 <- smollm2-135m 20-23, 1 seam``: a recipe on one line."""
+    slices = " + ".join(f"{s.source} {s.layers[0]}-{s.layers[1]}" for s in recipe.slices)
+    n = len(recipe.seams)
+    return f"{recipe.anchor}: {slices}, {n} seam{'s' if n != 1 else ''}"
 
 
 def _write_final(out: Path, cfg: FederationConfig, anchor: str, model) -> Path:

@@ -18,6 +18,7 @@ recipe's fingerprint, :func:`candidate_key`).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -92,8 +93,9 @@ def propose(
 ) -> dict[str, list[Candidate]]:
     """Per tier, the planner's best distinct assemblies that fit its budget.
 
-    For ``seams`` = 0, 1, ..., ``cfg.max_seams`` the planner's best chain with at most that
-    many seams, deduplicated, ranked by the planner's score; the top ``cfg.candidates``.
+    For every causal anchor and ``seams`` = 0, 1, ..., ``cfg.max_seams``, the planner's best
+    chain with at most that many seams, deduplicated, ranked by the planner's score; the
+    top ``cfg.candidates``.
     A tier whose budget holds no assembly gets none (its clients sit out).
     """
     from assy.assembly.planner import plan_assembly, pool_candidates
@@ -104,9 +106,12 @@ def propose(
     out: dict[str, list[Candidate]] = {}
     for tier, budget in budgets.items():
         found: dict[str, Candidate] = {}
-        for seams in range(cfg.max_seams + 1):
+        anchors = sorted(c.name for c in cands if c.causal and c.n)
+        for seams, anchor in itertools.product(range(cfg.max_seams + 1), anchors):
             try:
-                plan = plan_assembly(cands, budget or unlimited, max_seams=seams, seed=cfg.seed)
+                plan = plan_assembly(
+                    cands, budget or unlimited, max_seams=seams, seed=cfg.seed, anchors=[anchor]
+                )
             except UsageError:
                 continue
             recipe = pin_blocks(plan.recipe, pool)
