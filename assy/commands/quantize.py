@@ -91,10 +91,9 @@ def quantize_cmd(
     wait: bool,
     as_json: bool,
 ) -> None:
-    """Write --out: POOL's blocks quantized (int8, nf4/fp4 in bitsandbytes' formats), or
-    add one model's quantized variant to POOL itself with --as NAME.
+    """Write a quantized pool (--out), or add a model's quantized variant to POOL (--as).
 
-    --precision P quantizes every block; --auto plans per-block precisions from weight
+    Precisions: int8, nf4/fp4 in bitsandbytes' formats. --precision P quantizes every block; --auto plans per-block precisions from weight
     statistics and activation sensitivity on calibration text, within --target-bits or
     --pool-budget (plan in OUT/plan.json). Each new block records its parent.
 

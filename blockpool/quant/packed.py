@@ -39,8 +39,8 @@ __all__ = [
     "transient_bytes",
 ]
 
-CHUNK_ELEMENTS = 1 << 21
-"""The most weights one linear call dequantizes at once (8 MiB at float32)."""
+CHUNK_ELEMENTS = 1 << 20
+"""The most weights one linear call dequantizes at once (4 MiB at float32)."""
 
 _PACKED_CLASSES: dict[type, type] = {}
 
@@ -310,7 +310,9 @@ def transient_bytes(
         per = 4 + (dtype.itemsize if dtype != torch.float32 else 0)
     else:
         per = dtype.itemsize + (0 if in_f % 64 == 0 else 24)
-    if rows is None:
+    if rows is not None:
+        per += 1  # the gathered codes (and absmax) of the rows, copied before dequantizing
+    else:
         align = 64 // math.gcd(in_f, 64) if precision != "int8" else 1
         rows = max(align, CHUNK_ELEMENTS // in_f // align * align)
         per += dtype.itemsize  # a transposed copy or the chunk's output slice: bounded by it
