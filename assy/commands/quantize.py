@@ -104,8 +104,7 @@ def quantize_cmd(
     """
     from assy.errors import UsageError
     from assy.quantization import CalibrationOptions, quantize
-    from blockpool import parse_size, use_threads
-    from blockpool.quant.formats import normalize_precision
+    from blockpool import normalize_precision, parse_size, use_threads
 
     if auto == (precision is not None) or (not auto and (target_bits or pool_budget)):
         raise UsageError("give --precision P, or --auto with --target-bits B or --pool-budget SIZE")
@@ -157,9 +156,7 @@ def quantize_cmd(
 def _add_variant(
     pool: Path, model: str, precision: str, name: str, wait: bool, as_json: bool
 ) -> None:
-    from blockpool import Pool, add_quantized_variant, summarize
-    from blockpool.offload import chain_nbytes
-    from blockpool.quant.formats import normalize_precision
+    from blockpool import Pool, add_quantized_variant, chain_nbytes, normalize_precision, summarize
 
     opened = Pool(pool)
     add_quantized_variant(opened, model, precision, name, progress=progress_bars(), wait=wait)
