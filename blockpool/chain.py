@@ -41,6 +41,12 @@ from torch import nn
 from blockpool.errors import UsageError, arg
 from blockpool.families import FamilySpec, import_object
 from blockpool.pool import Pool
+from blockpool.quant.packed import (
+    PackedWeight,
+    packed_matrices,
+    packed_weight_of,
+    transient_bytes,
+)
 from blockpool.sizes import format_size as format_bytes
 
 __all__ = [
@@ -233,6 +239,7 @@ class ChainRunner:
         self._observers: dict[int, Callable[[BlockCall], None]] = {}
         self._standalone: dict[tuple, dict[str, dict[str, Any]]] = {}
         self.memory: Any = None  # a swapper: working memory is reserved out of its budget
+        self._matrices: list[tuple[tuple[int, int], str, bool]] | None = None
 
     # --- description ------------------------------------------------------------------
     def _check_items(self) -> None:
@@ -470,7 +477,24 @@ class ChainRunner:
             vocab = getattr(self._configs[self.pool.blocks[last].model], "vocab_size", 0) or 0
         else:
             vocab = max(getattr(c, "vocab_size", 0) or 0 for c in self._configs.values())
-        return (largest + 2 * logit_rows * vocab) * size
+        return (largest + 2 * logit_rows * vocab) * size + self.dequant_bytes(batch * length)
+
+    def dequant_bytes(self, tokens: int) -> int:
+        """Memory the dequantization of packed weights takes during a call of ``tokens``
+        tokens: the largest matrix (or chunk of one) dequantized at once, or the rows of the
+        tokens present gathered from a packed embedding."""
+        if self._matrices is None:
+            self._matrices = packed_matrices(self.pool, self.block_ids)
+        return max(
+            (
+                max(
+                    transient_bytes(shape, precision, self.dtype),
+                    transient_bytes(shape, precision, self.dtype, rows=tokens) if embed else 0,
+                )
+                for shape, precision, embed in self._matrices
+            ),
+            default=0,
+        )
 
     def cache_bytes(self, batch: int, tokens: int) -> int:
         """Bytes of the KV cache of ``tokens`` tokens (sliding layers capped at their window)."""
@@ -667,27 +691,38 @@ class _Handle:
         self.remove()
 
 
-def tied_sources(pool: Pool, bid: str, built: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """``"<block>:<name>"`` -> the tensor, for the weights ``bid`` is tied to that live in
-    one of the ``built`` modules."""
+def tied_sources(
+    pool: Pool, bid: str, built: Mapping[str, nn.Module]
+) -> dict[str, torch.Tensor | PackedWeight]:
+    """``"<block>:<name>"`` -> the tensor (or packed weight), for the weights ``bid`` is
+    tied to that live in one of the ``built`` modules."""
     shared = {}
     for ref in pool.blocks[bid].tied.values():
         src, _, name = ref.partition(":")
         if src in built:
-            shared[ref] = built[src].get_parameter(name)
+            owner = built[src].get_submodule(name.rpartition(".")[0])
+            packed = packed_weight_of(owner)
+            shared[ref] = packed if packed is not None else built[src].get_parameter(name)
     return shared
 
 
 def build_block(
-    pool: Pool, bid: str, runner: ChainRunner, built: Mapping[str, nn.Module]
+    pool: Pool,
+    bid: str,
+    runner: ChainRunner,
+    built: Mapping[str, nn.Module],
+    *,
+    packed: bool = True,
 ) -> nn.Module:
     """Block ``bid``'s module at the runner's dtype on its device, sharing tied weights with
-    the ``built`` modules."""
+    the ``built`` modules; quantized matrices stay packed unless ``packed`` is false (code
+    that trains or rewrites the weights themselves)."""
     module = pool.build_module(
         bid,
         dtype=runner.dtype,
         config=runner.config_of(bid),
         shared=tied_sources(pool, bid, built),
+        packed=packed,
     )
     return module.to(runner.device)
 
@@ -753,8 +788,8 @@ class ChainModule(nn.Module):
 
         built: dict[str, nn.Module] = {}  # a block repeated in the chain is one module
         for bid in self.block_ids:
-            if bid not in built:
-                built[bid] = build_block(pool, bid, runner, built)
+            if bid not in built:  # dense: peft wraps and merges into the weights themselves
+                built[bid] = build_block(pool, bid, runner, built, packed=False)
         self._by_id = built
         self.embed = built[self.block_ids[0]]
         self.layer_ids = [b for b, k in zip(self.block_ids, kinds, strict=True) if k == "layer"]

@@ -1,10 +1,13 @@
 """Run a pool model within a memory budget: block sizes, pieces, and the runner factory.
 
-Blocks are sized as they sit in memory at the compute dtype (read from the safetensors
-headers, nothing loaded). An embedding or LM head that would take more than half the
-budget is served in pieces straight from its memory-mapped file: the embedding gathers only
-the rows of the tokens present, the LM head multiplies vocabulary chunks sized to the room
-left. Everything else goes through the :class:`~blockpool.swapper.BlockSwapper`.
+Blocks are sized as they sit in memory (read from the safetensors headers, nothing
+loaded): floating tensors at the compute dtype, quantized matrices packed (int8 and its row
+scales, 4-bit codes and their absmax; :mod:`blockpool.quant.packed`). A dense embedding or
+LM head that would take more than half the budget is served in pieces straight from its
+file: the embedding gathers only the rows of the tokens present, the LM head multiplies
+vocabulary chunks sized to the room left (a packed one is held whole: it already
+dequantizes only the rows it needs, and large matrices in chunks). Everything else goes
+through the :class:`~blockpool.swapper.BlockSwapper`.
 """
 
 from __future__ import annotations
@@ -21,16 +24,24 @@ from torch import nn
 from blockpool.chain import ChainRunner, build_block
 from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
+from blockpool.quant.formats import companions
+from blockpool.quant.packed import packed_nbytes
 from blockpool.reads import TensorInfo, read_header, read_rows, read_tensors
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
 from blockpool.swapper import DEFAULT_POLICY, BlockSwapper
 
-__all__ = ["ChunkedHead", "GatheredEmbed", "block_nbytes", "budgeted_runner", "min_budget"]
+__all__ = [
+    "ChunkedHead",
+    "GatheredEmbed",
+    "block_nbytes",
+    "budgeted_runner",
+    "chain_nbytes",
+    "min_budget",
+]
 
 _TOKEN_TABLE = "tokens.weight"
 _MIN_CHUNK_ROWS = 256
-_DENSE = {"fp32", "fp16", "bf16"}
 
 
 def _header(pool: Pool, bid: str) -> dict[str, TensorInfo]:
@@ -38,25 +49,26 @@ def _header(pool: Pool, bid: str) -> dict[str, TensorInfo]:
 
 
 def block_nbytes(pool: Pool, bid: str, dtype: torch.dtype, skip: tuple[str, ...] = ()) -> int:
-    """In-memory bytes of a block's weights at ``dtype`` (tied aliases included)."""
-    entry = pool.blocks[bid]
-    if entry.quant or any(
-        pool.blocks[ref.partition(":")[0]].get("quant") for ref in entry.tied.values()
-    ):
-        # Quantized blocks are dequantized at load: count every weight at the compute dtype
-        # (a tied alias at the size of the whole block it lives in: an upper bound).
-        refs = {ref.partition(":")[0] for ref in entry.tied.values()}
-        return sum(pool.params(b) for b in {bid} | refs) * dtype.itemsize
-    tensors = {k: v for k, v in _header(pool, bid).items() if k not in skip}
-    for local, ref in entry.tied.items():
+    """In-memory bytes of a block's weights as the runners hold them at ``dtype`` (tied
+    aliases included, those named in ``skip`` not): floating tensors at ``dtype``,
+    quantized matrices packed (:func:`blockpool.quant.packed.packed_nbytes`)."""
+    total = packed_nbytes(_header(pool, bid), dtype, skip)
+    for local, ref in pool.blocks[bid].tied.items():
         if local not in skip:
             src, _, name = ref.partition(":")
-            tensors[local] = _header(pool, src)[name]
+            infos = _header(pool, src)
+            total += packed_nbytes({n: infos[n] for n in companions(name, infos)}, dtype)
+    return total
+
+
+def chain_nbytes(pool: Pool, ids: Sequence[str], dtype: torch.dtype) -> int:
+    """In-memory bytes of all the weights of blocks ``ids`` held at once (as
+    :func:`block_nbytes`; a weight tied to one of the blocks counted once)."""
+    inside = set(ids)
     total = 0
-    for info in tensors.values():
-        numel = int(torch.Size(info.shape).numel())
-        itemsize = dtype.itemsize if info.dtype.is_floating_point else info.dtype.itemsize
-        total += numel * itemsize
+    for b in dict.fromkeys(ids):
+        tied = tuple(n for n, r in pool.blocks[b].tied.items() if r.split(":")[0] in inside)
+        total += block_nbytes(pool, b, dtype, skip=tied)
     return total
 
 
@@ -109,12 +121,6 @@ class _Piecewise(nn.Module):
         device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
-        entry = pool.blocks[bid]
-        if entry.precision not in _DENSE:
-            raise UsageError(
-                f"block {bid} ({entry.precision}) is too large for the budget and quantized "
-                f"blocks cannot be served in pieces yet; raise {arg('budget')}"
-            )
         self.inner = pool.empty_module(bid, config)
         self.src, self.table = _table_ref(pool, bid)
         self.pool, self.dtype, self.swapper = pool, dtype, swapper
@@ -214,7 +220,11 @@ def min_budget(
     ids = _chain_blocks(pool, target)
     layers = [block_nbytes(pool, b, dtype) for b in ids if pool.blocks[b].kind == "layer"]
     ends = [b for b in ids if pool.blocks[b].kind != "layer"]
-    pinned = sum(block_nbytes(pool, b, dtype, skip=(_TOKEN_TABLE, "lm_head.weight")) for b in ends)
+    pinned = 0
+    for b in ends:  # a packed end is held whole (its tied table once); others in pieces
+        tied = tuple(n for n, r in pool.blocks[b].tied.items() if r.split(":")[0] in ends)
+        skip = tied if _packed(pool, b) else (_TOKEN_TABLE, "lm_head.weight")
+        pinned += block_nbytes(pool, b, dtype, skip=skip)
     width = max(pool.blocks[b].hidden_size for b in ends or ids)
     # room for a gathered or chunked piece: the read buffer (<= 4 B a weight) and its cast
     piece = _MIN_CHUNK_ROWS * width * (4 + dtype.itemsize)
@@ -336,7 +346,14 @@ def _readahead(path) -> None:
             os.close(fd)
 
 
+def _packed(pool: Pool, bid: str) -> bool:
+    """Whether the block (or the table it is tied to) is quantized: the runner holds it
+    packed, whole, and never reads it in pieces."""
+    refs = [r.partition(":")[0] for r in pool.blocks[bid].tied.values()]
+    return any(pool.blocks[b].quant for b in (bid, *refs))
+
+
 def _piecewise(pool: Pool, bid: str, large: bool) -> bool:
     entry = pool.blocks[bid]
     causal = pool.family(entry.model).causal
-    return large and causal and entry.kind in ("embed", "head")
+    return large and causal and entry.kind in ("embed", "head") and not _packed(pool, bid)

@@ -27,6 +27,7 @@ from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file, write_manifest
 from blockpool.quant.formats import companions, dequantize_block, logical_params
+from blockpool.quant.packed import PackedWeight, pack_module
 from blockpool.reads import read_header, read_tensors
 
 __all__ = ["BadBlock", "Pool", "empty_weights", "rehash_pool", "summarize"]
@@ -312,17 +313,25 @@ class Pool:
         dtype: torch.dtype = torch.float32,
         config: Any = None,
         fresh: bool = False,
-        shared: Mapping[str, torch.Tensor] | None = None,
+        shared: Mapping[str, torch.Tensor | PackedWeight] | None = None,
+        packed: bool = False,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
         Layers are transformers' own layer classes (``LlamaDecoderLayer``, ``BertLayer``, …);
         embeddings and heads are the family's small wrappers. ``fresh``: see
-        :meth:`load_tensors`. ``shared``: tensors already in memory by ``"<block>:<name>"``
-        (a tied LM head then uses its embedding's tensor instead of a second copy).
+        :meth:`load_tensors`. ``shared``: tensors (or packed weights) already in memory by
+        ``"<block>:<name>"`` (a tied LM head then uses its embedding's tensor instead of a
+        second copy). ``packed``: quantized matrices stay packed and are dequantized at each
+        use (:mod:`blockpool.quant.packed`; what the runners do); otherwise they are
+        dequantized here, once (what code that reads or changes weights needs).
         """
         module = self.empty_module(bid, config)
         entry = self.blocks[bid]
+        if packed and (
+            entry.quant or any(self.blocks[r.split(":")[0]].quant for r in entry.tied.values())
+        ):
+            return self._build_packed(bid, module, dtype, shared or {})
         tied = {local: shared[ref] for local, ref in entry.tied.items() if shared and ref in shared}
         loaded = self.load_tensors(bid, fresh=fresh, tied=not tied)
         for local, ref in entry.tied.items() if tied else ():
@@ -340,20 +349,77 @@ class Pool:
             )
         return module.eval()
 
+    def _build_packed(
+        self,
+        bid: str,
+        module: nn.Module,
+        dtype: torch.dtype,
+        shared: Mapping[str, torch.Tensor | PackedWeight],
+    ) -> nn.Module:
+        """:meth:`build_module` with the block's quantized matrices (and those of the
+        weights it is tied to) kept packed."""
+        entry = self.blocks[bid]
+        stored = self._read(bid, verify=True)
+        state: dict[str, torch.Tensor | PackedWeight] = {}
+        for name in (entry.quant or {}).get("tensors", ()):
+            if name in stored:
+                state[name] = _pack(name, stored, entry.quant, dtype)
+        for local, ref in entry.tied.items():
+            if ref in shared:
+                state[local] = shared[ref]
+                continue
+            src_bid, _, src_local = ref.partition(":")
+            src = self._read(src_bid, True, only=src_local)
+            quant = self.blocks[src_bid].quant
+            if quant and src_local in quant["tensors"]:
+                state[local] = _pack(src_local, src, quant, dtype)
+            else:
+                state[local] = src[src_local]
+        for name, t in stored.items():
+            state[name] = t.to(dtype) if t.is_floating_point() else t
+        self._check_shapes(bid, module, state)
+        plain = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        missing, unexpected = module.load_state_dict(plain, strict=False, assign=True)
+        missing = [k for k in missing if k not in state]
+        if missing or unexpected:
+            raise IntegrityError(
+                f"block {bid}: tensors do not fit its {type(module).__name__} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        for name, weight in state.items():
+            if isinstance(weight, PackedWeight):
+                pack_module(module.get_submodule(name.rpartition(".")[0]), weight)
+        return module.eval()
+
     def _check_shapes(self, bid: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Refuse, before anything is loaded into ``module``, a tensor whose shape is not the
         one the block's family and its model's config give it."""
         expected = module.state_dict()
         for name, tensor in state.items():
             want = expected.get(name)
-            if want is not None and tuple(want.shape) != tuple(tensor.shape):
+            shape = tensor.shape if isinstance(tensor, torch.Tensor) else tensor.layout_shape
+            if want is not None and tuple(want.shape) != tuple(shape):
                 entry = self.blocks[bid]
                 raise IntegrityError(
-                    f"block {bid}: tensor {name} has shape {tuple(tensor.shape)}, but the "
+                    f"block {bid}: tensor {name} has shape {tuple(shape)}, but the "
                     f"{entry.family} config of model {entry.model!r} implies "
                     f"{tuple(want.shape)}; the block file or the model's config in pool.json "
                     f"was changed: run assy verify-pool {self.root} and rebuild the model"
                 )
+
+
+def _pack(
+    name: str, stored: dict[str, torch.Tensor], quant: Mapping[str, Any], dtype: torch.dtype
+) -> PackedWeight:
+    """Take logical tensor ``name``'s stored tensors out of ``stored``, as a packed weight."""
+    prefix = name[: -len("weight")]
+    own = {k[len(prefix) :]: stored.pop(k) for k in companions(name, list(stored))}
+    if len(own) < 2:
+        raise IntegrityError(
+            f"tensor {name} is listed as {quant['precision']} but its quantization state "
+            "is missing; the block was written inconsistently, rebuild it"
+        )
+    return PackedWeight(own, dtype, transposed=name in quant.get("transposed", ()))
 
 
 def rehash_pool(root: str | Path, *, wait: bool = False) -> list[BadBlock]:

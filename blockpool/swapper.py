@@ -1,8 +1,9 @@
 """A memory-budgeted block cache, so that a model larger than the budget can run.
 
 The swapper serves runnable blocks to a :class:`~blockpool.runner.BlockRunner` (as its
-``fetch``) while the bytes of resident weights (at the compute dtype, as they sit in
-memory) never exceed the budget. Policies, each a refinement of the one before:
+``fetch``) while the bytes of resident weights (as they sit in memory: floating tensors at
+the compute dtype, quantized matrices packed) never exceed the budget. Policies, each a
+refinement of the one before:
 
 - ``on-demand``: load a block when it is needed, keep nothing else.
 - ``lru``: keep blocks while they fit; evict the least recently used.
@@ -74,7 +75,7 @@ class BlockSwapper:
     """Serve blocks within a budget.
 
     Args:
-        load: ``block_id -> module`` (reads, verifies, dequantizes, builds).
+        load: ``block_id -> module`` (reads, verifies, builds).
         sizes: in-memory bytes of each block's weights once loaded.
         file_bytes: bytes read from disk to load each block.
         order: the execution order of one forward pass (repeated cyclically).
@@ -187,9 +188,12 @@ class BlockSwapper:
             self._cond.notify_all()
         return module
 
-    def _reserve(self, bid: str | None, nbytes: int, *, demand: bool) -> bool:
-        """Make room for ``nbytes`` and count them (lock held). A pre-load gives up
-        (returns False) rather than evict a block needed sooner than ``bid``."""
+    def _reserve(
+        self, bid: str | None, nbytes: int, *, demand: bool, working: bool = False
+    ) -> bool:
+        """Make room for ``nbytes`` and count them (lock held), as working memory with
+        ``working``. A pre-load gives up (returns False) rather than evict a block needed
+        sooner than ``bid``."""
         while self._used + nbytes > self.budget:
             victim = self._victim(bid, demand)
             if victim is not None:
@@ -206,6 +210,8 @@ class BlockSwapper:
             else:
                 return False
         self._used += nbytes
+        if working:
+            self._working += nbytes
         self._note_peaks()
         return True
 
@@ -274,10 +280,7 @@ class BlockSwapper:
         block served in pieces) or, with ``working``, the run's working memory (activations,
         attention scores, logits), evicting cached blocks to make room."""
         with self._cond:
-            self._reserve(None, nbytes, demand=True)
-            if working:
-                self._working += nbytes
-                self._note_peaks()
+            self._reserve(None, nbytes, demand=True, working=working)
         try:
             yield
         finally:
@@ -297,10 +300,10 @@ class BlockSwapper:
         with self._cond:
             old = self._holds.get(key, 0)
             if nbytes > old:
-                self._reserve(None, nbytes - old, demand=True)
+                self._reserve(None, nbytes - old, demand=True, working=True)
             else:
                 self._used -= old - nbytes
-            self._working += nbytes - old
+                self._working -= old - nbytes
             self._holds[key] = nbytes
             self._note_peaks()
             self._cond.notify_all()

@@ -22,6 +22,7 @@ from blockpool.families import get_family
 from blockpool.lock import pool_lock
 from blockpool.pool import Pool
 from blockpool.quant.formats import (
+    FLOAT_PRECISIONS,
     encode_quant,
     logical_params,
     normalize_precision,
@@ -29,7 +30,13 @@ from blockpool.quant.formats import (
 )
 from blockpool.variants import check_variant_target, write_variant_model
 
-__all__ = ["quantize_pool", "quantized_block", "tied_sources", "variant_bytes"]
+__all__ = [
+    "add_quantized_variant",
+    "quantize_pool",
+    "quantized_block",
+    "tied_sources",
+    "variant_bytes",
+]
 
 
 def quantized_block(
@@ -127,6 +134,41 @@ def quantize_pool(
 
             manifest = write_variant_model(pool, name, transform, out=out, progress=progress)
     return manifest
+
+
+def add_quantized_variant(
+    pool: Pool,
+    model: str,
+    precision: str,
+    name: str,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    wait: bool = False,
+) -> Manifest:
+    """Add ``model`` quantized at ``precision`` to its own pool as model ``name``.
+
+    Written as ``assy prune --as`` writes (:func:`~blockpool.variants.write_variant_model`):
+    under the pool's write lock, new content-addressed block files beside the others, the
+    manifest switched once at the end; every block records its parent.
+
+    Raises:
+        UsageError: an unknown model or precision, a source that is already quantized, a
+            bad ``name`` or one the pool already holds. PoolBusy: another writer.
+    """
+    precision = normalize_precision(precision)
+    entry = pool.model(model)
+    check_variant_target(pool, model, None, name)
+    quantized = sorted({pool.blocks[b].precision for b in entry.blocks} - set(FLOAT_PRECISIONS))
+    if quantized:
+        raise UsageError(
+            f"model {model!r} has {'/'.join(quantized)} blocks; quantize a full-precision "
+            f"model (fp32/bf16/fp16){f' such as {entry.parent_model!r}' if entry.parent_model else ''}"
+        )
+
+    def transform(bid, state):
+        return quantized_block(pool, bid, state, precision)
+
+    return write_variant_model(pool, model, transform, name=name, progress=progress, wait=wait)
 
 
 def _resolve(pool: Pool, precisions: str | Mapping[str, str], models: list[str]) -> dict[str, str]:
