@@ -132,6 +132,7 @@ def test_assy_selects_per_tier_then_trains_and_averages_adapters(two_family_fed,
     assert small_clients
     for reply in small_clients:
         assert 0 < reply.content["metrics"]["peak-resident-bytes"] <= budget_small
+    assert 0 < select["peak_resident_bytes"]["small"] <= budget_small
 
     adapt = history[2]
     assert adapt["aggregation"] == "fedavg" and not adapt["rejected"], adapt

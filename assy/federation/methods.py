@@ -259,6 +259,7 @@ class AssyRounds:
             "global_sha256": state_digest(self.global_state) if self.global_state else None,
             "chosen": dict(sorted(self._current().items())),
             "votes": {t: dict(c.tally) for t, c in choices.items()},
+            "peak_resident_bytes": _peaks(replies, pop),
             **self.evaluate(self.global_state),
         }
 
@@ -351,6 +352,17 @@ class AssyRounds:
 
 ROUNDS = {"assy": AssyRounds, "fedit": FeditRounds, "local": LocalRounds}
 """Method name -> its server side."""
+
+
+def _peaks(replies: dict[int, Message], pop: Population) -> dict[str, int]:
+    """Tier -> the largest resident weight bytes a client of it held while scoring."""
+    peaks: dict[str, int] = {}
+    for p, reply in replies.items():
+        value = metric(reply, "peak-resident-bytes")
+        if value is not None:
+            tier = pop.tiers[pop.tier_of[p]].name
+            peaks[tier] = max(peaks.get(tier, 0), int(value))
+    return dict(sorted(peaks.items()))
 
 
 def _describe(recipe) -> str:

@@ -119,6 +119,10 @@ def _free_pending(grid: Grid, pending: dict[int, str], log: Log) -> None:
         del pending[p]
 
 
+EXTRA_FIELDS = ("chosen", "votes", "peak_resident_bytes", "per_tier")
+"""A method's own fields of a round's record (``assy``: choices, votes, per-tier scores)."""
+
+
 def run_round(
     grid: Grid,
     method,
@@ -167,7 +171,7 @@ def run_round(
         "rejected": fields["rejected"],
         "aggregation": fields["aggregation"],
         "global_sha256": fields.get("global_sha256"),
-        **{k: fields[k] for k in ("chosen", "votes", "per_tier") if k in fields},
+        **{k: fields[k] for k in EXTRA_FIELDS if k in fields},
         "accuracy": fields.get("acc"),
         "acc_norm": fields.get("acc_norm"),
         "n_test": fields.get("n"),
