@@ -15,9 +15,12 @@ __all__ = ["federate_cmd"]
 @click.command("federate")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option(
-    "--task", type=click.Choice(["arc_easy", "obqa", "boolq", "piqa", "mix"]), required=True
+    "--task",
+    type=click.Choice(["arc_easy", "obqa", "boolq", "piqa", "mix", "dolly"]),
+    required=True,
+    help="A multiple-choice task, or dolly: instructions (databricks-dolly-15k) for lego.",
 )
-@click.option("--method", type=click.Choice(["assy", "fedit", "local"]), required=True)
+@click.option("--method", type=click.Choice(["assy", "fedit", "local", "lego"]), required=True)
 @click.option(
     "--rounds", type=int, required=True, help="Rounds to run (a resumed run may add more)."
 )
@@ -27,9 +30,12 @@ __all__ = ["federate_cmd"]
     "--per-round", default=5, show_default=True, help="Clients sampled per round (the seed: 20)."
 )
 @click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration (non-IID).")
-@click.option("--split", type=click.Choice(["labels", "tasks"]), default="labels", show_default=True,
-              help="Skew answer labels, or mix tasks per client (--task mix).")  # fmt: skip
-@click.option("--tiers", default="seed", show_default=True, help="seed | none | FILE.json.")
+@click.option("--split", type=click.Choice(["labels", "tasks", "fed10", "iid", "categories"]),
+              help="Multiple choice: labels (default; skew answer labels) or tasks (mix tasks "
+              "per client, --task mix). dolly: fed10 (default; FedIT's 10 category-skewed "
+              "clients), iid, or categories (one client per category).")  # fmt: skip
+@click.option("--tiers", help="seed | lego | none | FILE.json (default: lego for --method lego, "
+              "else seed).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--engine",
@@ -37,7 +43,9 @@ __all__ = ["federate_cmd"]
     default="simulation",
     show_default=True,
 )
-@click.option("--data", type=click.Path(path_type=Path), help="Your own multiple-choice .jsonl.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Your own multiple-choice .jsonl; for dolly the directory of FedIT's split "
+              "(default ../shared/data/dolly-fed10).")  # fmt: skip
 @click.option("--anchor", default="", help="Pool model fedit/local train (default: the largest).")
 @click.option("--limit", default=0, help="First N examples of each task only (0: all).")
 @click.option("--test-limit", default=200, show_default=True, help="Held-out examples scored.")
@@ -49,6 +57,22 @@ __all__ = ["federate_cmd"]
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--max-length", default=256, show_default=True, help="Tokens per training example.")
 @click.option("--round-timeout", default=0.0, help="Seconds to wait for clients (0: all).")
+@click.option(
+    "--sparsities",
+    default="0,0.25,0.5,0.75",
+    show_default=True,
+    help="lego: the variants' sparsities, taken by the tiers from the largest.",
+)
+@click.option(
+    "--prune",
+    type=click.Choice(["sparsegpt", "wanda", "magnitude"]),
+    default="sparsegpt",
+    show_default=True,
+    help="lego: how the variants are pruned (made into the pool once, reused).",
+)
+@click.option("--heteagg", type=click.Choice(["masked", "factors", "exact"]), default="masked",
+              show_default=True, help="lego: Algorithm 2 on (s·B·A)⊙M, on A and B apart (= "
+              "FedAvg), or on the masked products re-factored by SVD.")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )
@@ -64,7 +88,13 @@ __all__ = ["federate_cmd"]
 def federate_cmd(
     pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
 ) -> None:
-    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg) or local.
+    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg), local, or
+    lego (--task dolly).
+
+    lego: each client's tier holds a pruned variant of the anchor, trains a
+    sparsity-preserving LoRA on its instructions; the server aggregates with HeteAgg and
+    writes the update back to every variant (only where non-zero) and to the dense
+    anchor; rounds report the held-out instruction loss of both.
 
     --method assy needs the assembly planner of `assy assemble` (not yet available).
 
@@ -76,6 +106,9 @@ def federate_cmd(
     from assy.federation.engine import SuperLinkTarget, check_run, run_federation
     from assy.federation.progress import RoundProgress
 
+    lego = settings["method"] == "lego"
+    settings["tiers"] = settings["tiers"] or ("lego" if lego else "seed")
+    settings["split"] = settings["split"] or ("fed10" if settings["task"] == "dolly" else "labels")
     cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
     summary = check_run(cfg, lambda line: click.echo(line, err=as_json))
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None

@@ -18,9 +18,11 @@ from assy.errors import UsageError
 
 __all__ = ["METHODS", "MIX_TASKS", "TASK_CHOICES", "FederationConfig"]
 
-METHODS = ("assy", "fedit", "local")
+METHODS = ("assy", "fedit", "local", "lego")
 MIX_TASKS = ("arc_easy", "obqa", "boolq", "piqa")
-TASK_CHOICES = (*MIX_TASKS, "mix")
+TASK_CHOICES = (*MIX_TASKS, "mix", "dolly")
+MC_SPLITS = ("labels", "tasks")
+INSTRUCTION_SPLITS = ("fed10", "iid", "categories")
 
 # Fields that do not change what a run computes: a resumed run may differ in them.
 _RUN_ONLY = ("rounds", "engine", "out", "round_timeout")
@@ -32,13 +34,17 @@ class FederationConfig:
 
     Attributes:
         pool: the pool directory (on every host, or given per SuperNode as node config).
-        task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four).
-        method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation) or
-            ``assy`` (needs the assembly planner).
+        task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four), or
+            ``dolly``: instruction data (:mod:`assy.federation.instructions`), for ``lego``.
+        method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation),
+            ``lego`` (pruned variants per tier, sparse LoRA, HeteAgg:
+            :mod:`assy.federation.lego`) or ``assy`` (needs the assembly planner).
         rounds: rounds to run (a resumed run may ask for more).
         out: the output directory (the server's state lives there).
         clients, per_round: the population and how many are sampled each round.
-        alpha, split: Dirichlet(α) non-IID partition over ``labels`` or ``tasks``.
+        alpha, split: Dirichlet(α) non-IID partition over ``labels`` or ``tasks``; for
+            ``dolly``: ``fed10`` (FedIT's 10 category-skewed clients), ``iid`` or
+            ``categories`` (one client per category).
         tiers: ``seed``, ``none`` or a JSON tiers file (:mod:`assy.federation.tiers`).
         seed: every draw (split, partition, tiers, sampling, training) derives from it.
         engine: ``simulation`` (in-process, Ray) or ``deployment`` (Flower SuperLink).
@@ -50,6 +56,11 @@ class FederationConfig:
         local_steps, batch_size, lr, max_length: local training per round.
         round_timeout: seconds to wait for replies in a round (``None``: wait for all).
         client_dir: where clients keep their own state (``local``); default ``out/clients``.
+        sparsities: ``lego``: the variants' sparsities, taken by the tiers from the largest.
+        prune: ``lego``: how the variants are pruned (``sparsegpt``, ``wanda``,
+            ``magnitude``).
+        heteagg: ``lego``: ``masked`` (Algorithm 2 on ``(s·B·A) ⊙ M``), ``factors``
+            (Algorithm 2 on A and B) or ``exact`` (masked products, SVD-refactored).
     """
 
     pool: str
@@ -76,6 +87,9 @@ class FederationConfig:
     max_length: int = 256
     round_timeout: float = 0.0
     client_dir: str = ""
+    sparsities: str = "0,0.25,0.5,0.75"
+    prune: str = "sparsegpt"
+    heteagg: str = "masked"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,8 +100,23 @@ class FederationConfig:
             raise UsageError(f"--task must be one of {', '.join(TASK_CHOICES)}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-        if self.split not in ("labels", "tasks"):
-            raise UsageError("--split must be labels or tasks")
+        instruction = self.task == "dolly"
+        if instruction != (self.method == "lego"):
+            raise UsageError(
+                "--method lego fine-tunes on instructions: use it with --task dolly (and "
+                "--task dolly only with --method lego)"
+            )
+        splits = INSTRUCTION_SPLITS if instruction else MC_SPLITS
+        if self.split not in splits:
+            raise UsageError(f"--split must be one of {', '.join(splits)} for --task {self.task}")
+        if instruction:
+            from assy.federation.lego import PRUNE_METHODS, parse_sparsities
+
+            parse_sparsities(self.sparsities)
+            if self.prune not in PRUNE_METHODS:
+                raise UsageError(f"--prune must be one of {', '.join(PRUNE_METHODS)}")
+            if self.heteagg not in ("masked", "factors", "exact"):
+                raise UsageError("--heteagg must be masked, factors or exact")
         if self.split == "tasks" and self.task != "mix":
             raise UsageError("--split tasks mixes tasks per client: use it with --task mix")
         if self.task == "mix" and self.data:

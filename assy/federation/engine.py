@@ -222,14 +222,26 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
     data = task.federated_data(cfg)
     tiers = load_tiers(cfg.tiers, list(task.model_bytes(pool).values()))
     state = ServerState.open(cfg)
+    if cfg.method == "lego":  # the variants go into the pool once, before any client starts
+        from assy.federation.lego import ensure_variants, parse_sparsities
+
+        made = ensure_variants(pool, anchor, cfg.prune, parse_sparsities(cfg.sparsities), log)
+        state.facts.setdefault("variants", {str(k): v for k, v in made.items()})
     if cfg.engine == "simulation" and not state.round:  # measure here: fail before Ray starts
         plan_population(cfg, pool, data, state, log)
         state.save()
     sizes = sorted(len(c) for c in data.clients)
     resumed = f", resuming after round {state.round}" if state.round else ""
+    split = (
+        f"{cfg.split} split" if cfg.task == "dolly" else f"{cfg.split} Dirichlet α={cfg.alpha:g}"
+    )
+    lego = (
+        f", {cfg.prune} variants at sparsities {cfg.sparsities}, HeteAgg {cfg.heteagg}"
+        if cfg.method == "lego" else ""
+    )  # fmt: skip
     return (
         f"{cfg.method} on {cfg.task} with {anchor}: {cfg.clients} clients "
-        f"({sizes[0]}-{sizes[-1]} examples each, {cfg.split} Dirichlet α={cfg.alpha:g}), "
+        f"({sizes[0]}-{sizes[-1]} examples each, {split}){lego}, "
         f"{cfg.per_round} per round, {cfg.rounds} rounds, {len(data.test)} held-out examples, "
         f"tiers {', '.join(t.describe() for t in tiers)}, {cfg.engine} engine{resumed}"
     )
