@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from test_federation import make_tiny_federation
+from test_federation import _one_thread, make_tiny_federation  # noqa: F401 (autouse)
 
 from assy.cli import cli
 from assy.errors import UsageError
@@ -57,14 +57,6 @@ def lego_fed(tmp_path_factory):
 
     made = lego.ensure_variants(Pool(pool_dir), "llama", "magnitude", SPARSITIES, print)
     return pool_dir, make_dolly_dir(root / "dolly"), made
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(lego_fed, tmp_path, **kw) -> FederationConfig:

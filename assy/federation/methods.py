@@ -66,6 +66,21 @@ def metric(reply: Message, key: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def parse_updates(replies: dict[int, Message], model_of) -> tuple[list[Update], list[Rejection]]:
+    """The adapters of the replies as updates (``model_of(partition)``: the model
+    it trained); a reply without a readable adapter is rejected as malformed."""
+    updates, rejected = [], []
+    for p, reply in sorted(replies.items()):
+        try:
+            state = record_tensors(reply.content[ARRAYS])
+            count = metric(reply, "num-examples")
+            n = int(count) if count is not None and count == int(count) else -1
+            updates.append(Update(p, state, n, payload_bytes(reply), model_of(p)))
+        except (KeyError, TypeError, ValueError) as e:
+            rejected.append(Rejection(p, f"malformed payload: {e}"))
+    return updates, rejected
+
+
 class FeditRounds:
     """FedIT: sampled clients train the global LoRA of the anchor; FedAvg of the screened."""
 
@@ -82,15 +97,7 @@ class FeditRounds:
         )
 
     def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
-        updates, rejected = [], []
-        for p, reply in sorted(replies.items()):
-            try:
-                state = record_tensors(reply.content[ARRAYS])
-                count = metric(reply, "num-examples")
-                n = int(count) if count is not None and count == int(count) else -1
-                updates.append(Update(p, state, n, payload_bytes(reply), self.anchor))
-            except (KeyError, TypeError, ValueError) as e:
-                rejected.append(Rejection(p, f"malformed payload: {e}"))
+        updates, rejected = parse_updates(replies, lambda p: self.anchor)
         sizes = dict(enumerate(pop.sizes))
         kept, screened = screen_updates(
             self.global_state, updates, max_bytes=self.max_bytes, max_examples=sizes
@@ -216,15 +223,7 @@ class LegoRounds:
     def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
         from assy.federation.lego import add_update, aggregate_round
 
-        updates, rejected = [], []
-        for p, reply in sorted(replies.items()):
-            try:
-                state = record_tensors(reply.content[ARRAYS])
-                count = metric(reply, "num-examples")
-                n = int(count) if count is not None and count == int(count) else -1
-                updates.append(Update(p, state, n, payload_bytes(reply), self.variant_of[p]))
-            except (KeyError, TypeError, ValueError) as e:
-                rejected.append(Rejection(p, f"malformed payload: {e}"))
+        updates, rejected = parse_updates(replies, self.variant_of.__getitem__)
         sizes = dict(enumerate(pop.sizes))
         kept, screened = screen_updates(
             self.zero, updates, max_bytes=self.max_bytes, max_examples=sizes
