@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import user_errors
+from assy.commands.common import progress_bars, user_errors
 
 __all__ = ["federate_cmd"]
 
@@ -110,7 +110,7 @@ def federate_cmd(
     settings["tiers"] = settings["tiers"] or ("lego" if lego else "seed")
     settings["split"] = settings["split"] or ("fed10" if settings["task"] == "dolly" else "labels")
     cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
-    summary = check_run(cfg, lambda line: click.echo(line, err=as_json))
+    summary = check_run(cfg, lambda line: click.echo(line, err=as_json), progress_bars())
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
     with RoundProgress(cfg.rounds, stderr=as_json) as progress:
         progress.log(summary)

@@ -204,10 +204,11 @@ def _finished_rounds(cfg: FederationConfig) -> int:
     return ServerState.open(cfg).round if (Path(cfg.out) / "state").is_dir() else 0
 
 
-def check_run(cfg: FederationConfig, log: Log = print) -> str:
+def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
     """Every user error a run can hit at its start, raised before anything starts or is
     written: the method, the pool and anchor, the data and its partition, the tiers, and a
-    previous run in ``out`` with other settings. Returns a one-line summary of the run."""
+    previous run in ``out`` with other settings; ``lego``'s pruned variants are made here
+    (``progress`` follows the pruning). Returns a one-line summary of the run."""
     from assy.federation import task
     from assy.federation.state import ServerState
     from assy.federation.tiers import load_tiers
@@ -225,7 +226,8 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
     if cfg.method == "lego":  # the variants go into the pool once, before any client starts
         from assy.federation.lego import ensure_variants, parse_sparsities
 
-        made = ensure_variants(pool, anchor, cfg.prune, parse_sparsities(cfg.sparsities), log)
+        sparsities = parse_sparsities(cfg.sparsities)
+        made = ensure_variants(pool, anchor, cfg.prune, sparsities, log, progress)
         state.facts.setdefault("variants", {str(k): v for k, v in made.items()})
     if cfg.engine == "simulation" and not state.round:  # measure here: fail before Ray starts
         plan_population(cfg, pool, data, state, log)

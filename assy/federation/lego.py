@@ -113,10 +113,13 @@ def client_variants(cfg, pool, anchor: str) -> list[str]:
     return [variant_name(anchor, cfg.prune, per_tier[t]) for t in tier_of]
 
 
-def ensure_variants(pool, anchor: str, prune: str, sparsities: Sequence[float], log) -> dict:
+def ensure_variants(
+    pool, anchor: str, prune: str, sparsities: Sequence[float], log, progress=None
+) -> dict:
     """Make the pruned variants the run needs into the pool once; reuse those there.
 
-    A model of the variant's name is reused only if it was pruned from ``anchor``.
+    A model of the variant's name is reused only if it was pruned from ``anchor``;
+    ``progress(label, blocks_done, blocks_total)`` follows each pruning.
 
     Returns:
         sparsity -> ``{"model", "made", "seconds"}``.
@@ -141,7 +144,9 @@ def ensure_variants(pool, anchor: str, prune: str, sparsities: Sequence[float], 
             text = calibration_text().text
             ids = calibration_windows(pool.tokenizer(anchor), text, **CALIBRATION)
         log(f"pruning {anchor} to {s:.0%} with {prune} into the pool as {name} (once) ...")
-        report = prune_pool_model(pool, anchor, prune, parse_sparsity(str(s)), name, calib_ids=ids)
+        report = prune_pool_model(
+            pool, anchor, prune, parse_sparsity(str(s)), name, calib_ids=ids, progress=progress
+        )
         pool = Pool(pool.root)
         log(f"  {report.summary()}")
         done[s] = {"model": name, "made": True, "seconds": report.seconds}
