@@ -67,15 +67,18 @@ def _cfg(lego_fed, tmp_path, **kw) -> FederationConfig:
     return FederationConfig(**(settings | kw))
 
 
-def _one_round(cfg):
-    """Every client's round (Flower-free): variants, uploaded adapters, masks."""
+@pytest.fixture(scope="module")
+def one_round(lego_fed, tmp_path_factory):
+    """Every client's first round (Flower-free): ``(cfg, pool, variants, masks, adapters)``."""
     from blockpool import Pool
 
+    torch.set_num_threads(1)
+    cfg = _cfg(lego_fed, tmp_path_factory.mktemp("round"))
     pool = Pool(cfg.pool)
     variants = lego.client_variants(cfg, pool, "llama")
     masks = [lego.module_masks(PoolModule(pool, v)) for v in variants]
     states = [lego.lego_round(cfg, p, v, {}, 1)[0] for p, v in enumerate(variants)]
-    return pool, variants, masks, states
+    return cfg, pool, variants, masks, states
 
 
 def test_variants_are_made_once_and_each_tier_gets_its_sparsity(lego_fed, tmp_path):
@@ -99,9 +102,8 @@ def test_variants_are_made_once_and_each_tier_gets_its_sparsity(lego_fed, tmp_pa
     assert lego.tier_sparsities([None, 8, 4, 2, 1], [0, 0.5]) == [0, 0, 0, 0.5, 0.5]
 
 
-def test_one_round_keeps_every_sparsity_pattern_and_the_global_dense(lego_fed, tmp_path):
-    cfg = _cfg(lego_fed, tmp_path)
-    pool, variants, masks, states = _one_round(cfg)
+def test_one_round_keeps_every_sparsity_pattern_and_the_global_dense(one_round):
+    cfg, pool, variants, masks, states = one_round
     scaling = cfg.lora_alpha / cfg.lora_rank
     for s, m in zip(states, masks, strict=True):  # every upload is non-trivial and masked
         upd = lego.masked_updates(s, m, scaling)
@@ -123,9 +125,8 @@ def test_one_round_keeps_every_sparsity_pattern_and_the_global_dense(lego_fed, t
         assert bool((delta[k][u] != 0).float().mean() > 0.99)
 
 
-def test_aggregation_is_algorithm_2_on_the_uploaded_adapters(lego_fed, tmp_path):
-    cfg = _cfg(lego_fed, tmp_path)
-    _, _, masks, states = _one_round(cfg)
+def test_aggregation_is_algorithm_2_on_the_uploaded_adapters(one_round):
+    cfg, _, _, masks, states = one_round
     scaling = cfg.lora_alpha / cfg.lora_rank
     delta = lego.aggregate_round(states, masks, scaling, "masked")
     for prefix in (p for p in states[0] if p.endswith("lora_A.weight")):
@@ -144,9 +145,8 @@ def test_aggregation_is_algorithm_2_on_the_uploaded_adapters(lego_fed, tmp_path)
             torch.testing.assert_close((delta[name] * m[name]).double(), back, rtol=1e-5, atol=1e-8)
 
 
-def test_algorithm_2_on_dense_factors_is_fedavg(lego_fed, tmp_path):
-    cfg = _cfg(lego_fed, tmp_path)
-    _, _, masks, states = _one_round(cfg)
+def test_algorithm_2_on_dense_factors_is_fedavg(one_round):
+    cfg, _, _, masks, states = one_round
     zero = {k: torch.zeros_like(v) for k, v in states[0].items()}
     factors = heteagg(zero, states, write_back=False)[0]
     averaged = fedavg(states)
@@ -163,9 +163,8 @@ def test_algorithm_2_on_dense_factors_is_fedavg(lego_fed, tmp_path):
     assert set(exact) == set(masked)
 
 
-def test_a_nan_adapter_is_rejected_and_the_rest_aggregated(lego_fed, tmp_path):
-    cfg = _cfg(lego_fed, tmp_path)
-    _, variants, _, states = _one_round(cfg)
+def test_a_nan_adapter_is_rejected_and_the_rest_aggregated(one_round):
+    _, _, variants, _, states = one_round
     bad = {k: v.clone() for k, v in states[2].items()}
     next(t for k, t in bad.items() if "lora_B" in k)[0, 0] = float("nan")
     updates = [Update(p, s, 12, 100, variants[p]) for p, s in enumerate(states[:2] + [bad])]
