@@ -88,8 +88,9 @@ __all__ = ["federate_cmd"]
 def federate_cmd(
     pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
 ) -> None:
-    """Federate POOL's anchor model on --task: --method fedit (LoRA + FedAvg), local, or
-    lego (--task dolly).
+    """Federate POOL's anchor model on --task: --method fedit, local or lego (--task dolly).
+
+    fedit: LoRA on the anchor, FedAvg; local: each client alone (the baseline).
 
     lego: each client's tier holds a pruned variant of the anchor, trains a
     sparsity-preserving LoRA on its instructions; the server aggregates with HeteAgg and
