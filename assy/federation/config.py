@@ -16,13 +16,34 @@ from typing import Any
 
 from assy.errors import UsageError
 
-__all__ = ["METHODS", "MIX_TASKS", "TASK_CHOICES", "FederationConfig"]
+__all__ = [
+    "METHODS",
+    "MIX_TASKS",
+    "PRUNE_METHODS",
+    "TASK_CHOICES",
+    "FederationConfig",
+    "parse_sparsities",
+]
 
 METHODS = ("assy", "fedit", "local", "lego")
 MIX_TASKS = ("arc_easy", "obqa", "boolq", "piqa")
 TASK_CHOICES = (*MIX_TASKS, "mix", "dolly")
 MC_SPLITS = ("labels", "tasks")
 INSTRUCTION_SPLITS = ("fed10", "iid", "categories")
+
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """``--sparsities "0,0.25,0.5,0.75"`` -> ``[0.0, 0.25, 0.5, 0.75]`` (each in ``[0, 1)``)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise UsageError(f"--sparsities {text!r}: give fractions in [0, 1), e.g. 0,0.25,0.5,0.75")
+    return values
+
 
 # Fields that do not change what a run computes: a resumed run may differ in them.
 _RUN_ONLY = ("rounds", "engine", "out", "round_timeout")
@@ -110,8 +131,6 @@ class FederationConfig:
         if self.split not in splits:
             raise UsageError(f"--split must be one of {', '.join(splits)} for --task {self.task}")
         if instruction:
-            from assy.federation.lego import PRUNE_METHODS, parse_sparsities
-
             parse_sparsities(self.sparsities)
             if self.prune not in PRUNE_METHODS:
                 raise UsageError(f"--prune must be one of {', '.join(PRUNE_METHODS)}")

@@ -43,6 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from assy.errors import UsageError
+from assy.federation.config import PRUNE_METHODS, parse_sparsities
 from assy.lego import fedavg, heteagg, heteagg_exact, prunable_linears
 from assy.lego.heteagg import lora_pairs
 
@@ -65,7 +66,6 @@ __all__ = [
 ]
 
 AGGREGATIONS = ("masked", "factors", "exact", "fedavg")
-PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
 CALIBRATION = {"samples": 16, "seq_len": 128}
 """SparseGPT/Wanda calibration for the variants: windows of public text (the sciq task's,
 as ``assy prune`` by default), never the clients' data."""
@@ -74,17 +74,6 @@ _PEFT_PREFIX = "base_model.model."
 
 
 # --------------------------------------------------------------------------- variants
-
-
-def parse_sparsities(text: str) -> list[float]:
-    """``"0,0.25,0.5,0.75"`` -> ``[0.0, 0.25, 0.5, 0.75]`` (each in ``[0, 1)``)."""
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(0.0 <= v < 1.0 for v in values):
-        raise UsageError(f"--sparsities {text!r}: give fractions in [0, 1), e.g. 0,0.25,0.5,0.75")
-    return values
 
 
 def variant_name(anchor: str, prune: str, sparsity: float) -> str:
@@ -350,6 +339,7 @@ def lego_round(
     total = sum(m.numel() for m in masks.values())
     metrics |= {
         "num-examples": float(len(examples)),
+        "step_seconds": metrics["seconds"] / cfg.local_steps,
         "sparsity": zeros / total if total else 0.0,
         "adapter-bytes": float(sum(v.numel() * v.element_size() for v in state.values())),
         "peak-rss-bytes": float(_peak_rss()),

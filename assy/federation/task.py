@@ -245,8 +245,8 @@ def train_encoded(
     every layer from the head down to the first layer holding LoRA factors.
 
     Returns:
-        ``{"loss_first", "loss_last", "steps", "seconds", "step_seconds",
-        "trainable_params", "frozen_params"}``.
+        ``{"loss_first", "loss_last", "steps", "seconds", "trainable_params",
+        "frozen_params"}``.
     """
     if not encoded:
         raise UsageError("no local examples to train on")
@@ -268,14 +268,12 @@ def train_encoded(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     model.eval()
-    seconds = time.perf_counter() - start
     trainable = sum(p.numel() for p in params)
     return {
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "steps": float(steps),
-        "seconds": seconds,
-        "step_seconds": seconds / steps,
+        "seconds": time.perf_counter() - start,
         "trainable_params": float(trainable),
         "frozen_params": float(sum(p.numel() for p in model.parameters()) - trainable),
     }
