@@ -1,18 +1,18 @@
 """LEGO's federated fine-tuning in miniature: the paper's Tables 1-2 and Figures 3 and 5.
 
-Reproduce the small run recorded in ``benchmarks/README.md`` (about 20 minutes on a
-shared 2-core CPU)::
+Reproduce the small run recorded in ``benchmarks/README.md`` (19 minutes on a shared
+2-core CPU, after the variants exist; making them takes another ~10 minutes once)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lego_fl.py \\
-        --pool /tmp/legofl/pool --limit 24 --test-limit 40 --steps 6 --rounds 1 \\
-        --skip-categories --out results/lego_fl.json
+        --pool /tmp/legofl/pool --limit 8 --test-limit 8 --steps 3 --batch-size 2 \\
+        --max-length 64 --rounds 1 --skip-categories --out results/lego_fl.json
 
-and the longer one (Table 1's task-dependent rows and two rounds for Figure 3; about
-1-2 hours)::
+and a longer one (Table 1's task-dependent rows, two rounds for Figure 3, the whole
+held-out set; several hours on that machine)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lego_fl.py \\
-        --pool /tmp/legofl/pool --limit 64 --test-limit 80 --steps 16 --rounds 2 \\
-        --out results/lego_fl_long.json
+        --pool /tmp/legofl/pool --limit 64 --test-limit 80 --steps 16 --batch-size 4 \\
+        --max-length 256 --rounds 2 --out results/lego_fl_long.json
 
 The global model is SmolLM2-135M from the real pool (``--pool``: built here from the
 installed checkpoint when it does not exist). Its pruned variants (SparseGPT by default,
