@@ -178,8 +178,8 @@ def masked_updates(
     out = {}
     for prefix, (ka, kb) in lora_pairs(list(state)).items():
         name = _module_name(prefix)
-        delta = (state[kb].float() @ state[ka].float()) * scaling
-        out[name] = delta * masks[name] if name in masks else delta
+        delta = (state[kb].float() @ state[ka].float()).mul_(scaling)
+        out[name] = delta.mul_(masks[name]) if name in masks else delta
     return out
 
 
@@ -209,9 +209,7 @@ def aggregate_round(
         return {}
     zero_adapter = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in states[0].items()}
     if how == "masked":
-        updates = [masked_updates(s, m, scaling) for s, m in zip(states, masks, strict=True)]
-        zero = {k: torch.zeros_like(v) for k, v in updates[0].items()}
-        return heteagg(zero, updates, write_back=False)[0]
+        return _heteagg_masked(states, masks, scaling)
     if how == "factors":
         return _product(heteagg(zero_adapter, list(states), write_back=False)[0], scaling)
     if how == "fedavg":
@@ -219,6 +217,22 @@ def aggregate_round(
     prefixes = lora_pairs(list(states[0]))
     by_prefix = [{p: m[_module_name(p)] for p in prefixes if _module_name(p) in m} for m in masks]
     return _product(heteagg_exact(zero_adapter, list(states), by_prefix)[0], scaling)
+
+
+def _heteagg_masked(states, masks, scaling: float) -> dict[str, torch.Tensor]:
+    """Algorithm 2 on the masked updates, one client's ``ΔW_i`` in memory at a time (as
+    :func:`assy.lego.heteagg` reads clients from files): per module ``sums += ΔW_i``,
+    ``counts += (ΔW_i != 0)``, ``δ = sums / max(counts, 1)`` (0 where no client counts)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, torch.Tensor] = {}
+    for state, mask in zip(states, masks, strict=True):
+        for name, update in masked_updates(state, mask, scaling).items():
+            if name not in sums:
+                sums[name] = torch.zeros_like(update)
+                counts[name] = torch.zeros(update.shape, dtype=torch.int16)
+            sums[name] += update
+            counts[name] += update != 0
+    return {name: total.div_(counts.pop(name).clamp_min(1)) for name, total in sums.items()}
 
 
 def add_update(

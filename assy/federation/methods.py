@@ -192,7 +192,7 @@ class LegoRounds:
         size = sum(v.numel() * v.element_size() + len(k) for k, v in template.items())
         self.max_bytes = 2 * size + 65536
         self._masks: dict[str, dict[str, torch.Tensor]] = {}
-        self._values: tuple[int, dict[str, dict[str, torch.Tensor]]] = (-1, {})
+        self._values: tuple[int, dict[str, Any]] = (-1, {})
 
     def masks(self, variant: str) -> dict[str, torch.Tensor]:
         """The variant's non-zero pattern per module (read from the pool once)."""
@@ -213,12 +213,12 @@ class LegoRounds:
         variant = self.variant_of[partition]
         if self._values[0] != round_:
             self._values = (round_, {})
-        cache = self._values[1]
+        cache = self._values[1]  # one record per variant and round, shared by its clients
         if variant not in cache:
-            cache[variant] = variant_values(self.global_state, self.masks(variant))
+            cache[variant] = arrays_record(variant_values(self.global_state, self.masks(variant)))
         settings = config_record(self.cfg, round_)
         settings["variant"] = variant
-        return RecordDict({CONFIG: settings, ARRAYS: arrays_record(cache[variant])})
+        return RecordDict({CONFIG: settings, ARRAYS: cache[variant]})
 
     def aggregate(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
         from assy.federation.lego import add_update, aggregate_round
