@@ -135,7 +135,8 @@ def run_round(
     available = [p for p in pop.eligible if p in pop.node_of and p not in pending]
     picked = sample_clients(available, cfg.per_round, cfg.seed, round_)
     per_client = getattr(method, "content_for", None)  # lego: each variant its own part
-    contents = {p: per_client(round_, p) if per_client else method.content(round_) for p in picked}
+    shared = None if per_client else method.content(round_)
+    contents = {p: per_client(round_, p) if per_client else shared for p in picked}
     down = sum(content_bytes(c) for c in contents.values())
     sent = {
         p: Message(contents[p], pop.node_of[p], MessageType.TRAIN, group_id=str(round_))
