@@ -88,6 +88,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-categories", action="store_true", help="leave out Table 1's 8 clients")
+    p.add_argument(
+        "--only-categories", action="store_true", help="only Table 1's 8 clients (and Figure 3)"
+    )
     return p.parse_args()
 
 
@@ -233,7 +236,14 @@ def _fmt(x: dict | None) -> str:
 def report(results: dict[str, Any]) -> str:
     """The tables as markdown (ours: held-out loss, lower is better; paper: accuracy)."""
     lines = []
-    t2 = results["table2"]
+    t2 = results.get("table2")
+    if t2:
+        lines += _table2_lines(t2)
+    return "\n".join(lines + _table1_lines(results))
+
+
+def _table2_lines(t2: dict[str, Any]) -> list[str]:
+    lines = []
     lines += ["Table 2 (held-out loss; paper: accuracy, higher is better)", "",
               "| stage | 0% | 25% | 50% | 75% | paper 0/25/50/75% |", "|---|---|---|---|---|---|"]  # fmt: skip
     agg = t2["aggregation"]["masked"]
@@ -255,6 +265,11 @@ def report(results: dict[str, Any]) -> str:
     for name, row in t2["leave_one_out"].items():
         cells = " | ".join(_fmt(row[str(s)]) for s in SPARSITIES)
         lines.append(f"| {name} | {cells} |")
+    return lines
+
+
+def _table1_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
     for key in ("table1_iid", "table1_categories"):
         t1 = results.get(key)
         if not t1:
@@ -273,7 +288,7 @@ def report(results: dict[str, Any]) -> str:
         if len(t1["lego"]) > 1:
             per = ", ".join(_fmt(r["slms_globally_updated"]) for r in t1["lego"])
             lines.append(f"\nFigure 3: SLMs after each global update: {per}")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -291,8 +306,9 @@ def main() -> None:
         "prune_seconds": round(b.prune_seconds, 1),
         "test_rows": len(b.test),
     }
-    results["table2"] = table2(b)
-    results["table1_iid"] = table1(b, "iid", 4)
+    if not args.only_categories:
+        results["table2"] = table2(b)
+        results["table1_iid"] = table1(b, "iid", 4)
     if not args.skip_categories:
         results["table1_categories"] = table1(b, "categories", 8)
     results["evaluations"] = b.evals
