@@ -244,4 +244,10 @@ def test_federate_lego_user_errors(lego_fed, tmp_path):
     assert result.exit_code == 2 and "no instruction data in" in result.output
     result = CliRunner().invoke(cli, [*base, "--task", "arc_easy"])
     assert result.exit_code == 2 and "use it with --task dolly" in result.output
+    result = CliRunner().invoke(cli, [*base, "--task", "dolly", "--sparsities", "0,1.5"])
+    assert result.exit_code == 2 and "give fractions in [0, 1)" in result.output
+    result = CliRunner().invoke(cli, [*base, "--task", "dolly", "--split", "labels"])
+    assert (
+        result.exit_code == 2 and "--split must be one of fed10, iid, categories" in result.output
+    )
     assert not (tmp_path / "o").exists()
