@@ -175,7 +175,7 @@ def test_tiers_file_and_errors(tmp_path):
     bad.write_text(json.dumps([{"share": 0.5, "budget": "1GB"}]))
     with pytest.raises(UsageError, match="sum to 0.5"):
         load_tiers(str(bad), [1])
-    with pytest.raises(UsageError, match="not 'seed', 'none'"):
+    with pytest.raises(UsageError, match="not 'seed', 'lego', 'none'"):
         load_tiers("nonsense", [1])
 
 
@@ -413,7 +413,7 @@ def _federate(tiny_fed, out, *extra):
         (["--method", "fedit", "--clients", "500"], "cannot give 500 clients"),
         (["--method", "fedit", "--split", "tasks"], "--split tasks mixes tasks"),
         (["--method", "fedit", "--anchor", "nope"], "--anchor 'nope' is not in the pool"),
-        (["--method", "fedit", "--tiers", "nope"], "--tiers nope: not 'seed', 'none'"),
+        (["--method", "fedit", "--tiers", "nope"], "--tiers nope: not 'seed', 'lego', 'none'"),
     ],
 )
 def test_federate_user_errors_exit_2_with_one_line_and_write_nothing(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from assy.commands.common import user_errors
+from assy.commands.common import progress_bars, user_errors
 
 __all__ = ["federate_cmd"]
 
@@ -15,9 +15,12 @@ __all__ = ["federate_cmd"]
 @click.command("federate")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option(
-    "--task", type=click.Choice(["arc_easy", "obqa", "boolq", "piqa", "mix"]), required=True
+    "--task",
+    type=click.Choice(["arc_easy", "obqa", "boolq", "piqa", "mix", "dolly"]),
+    required=True,
+    help="A multiple-choice task, or dolly: instructions (databricks-dolly-15k) for lego.",
 )
-@click.option("--method", type=click.Choice(["assy", "fedit", "local"]), required=True)
+@click.option("--method", type=click.Choice(["assy", "fedit", "local", "lego"]), required=True)
 @click.option(
     "--rounds", type=int, required=True, help="Rounds to run (a resumed run may add more)."
 )
@@ -27,9 +30,12 @@ __all__ = ["federate_cmd"]
     "--per-round", default=5, show_default=True, help="Clients sampled per round (the seed: 20)."
 )
 @click.option("--alpha", default=1.0, show_default=True, help="Dirichlet concentration (non-IID).")
-@click.option("--split", type=click.Choice(["labels", "tasks"]), default="labels", show_default=True,
-              help="Skew answer labels, or mix tasks per client (--task mix).")  # fmt: skip
-@click.option("--tiers", default="seed", show_default=True, help="seed | none | FILE.json.")
+@click.option("--split", type=click.Choice(["labels", "tasks", "fed10", "iid", "categories"]),
+              help="Multiple choice: labels (default; skew answer labels) or tasks (mix tasks "
+              "per client, --task mix). dolly: fed10 (default; FedIT's 10 category-skewed "
+              "clients), iid, or categories (one client per category).")  # fmt: skip
+@click.option("--tiers", help="seed | lego | none | FILE.json (default: lego for --method lego, "
+              "else seed).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--engine",
@@ -37,7 +43,9 @@ __all__ = ["federate_cmd"]
     default="simulation",
     show_default=True,
 )
-@click.option("--data", type=click.Path(path_type=Path), help="Your own multiple-choice .jsonl.")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="Your own multiple-choice .jsonl; for dolly the directory of FedIT's split "
+              "(default ../shared/data/dolly-fed10).")  # fmt: skip
 @click.option("--anchor", default="", help="Pool model fedit/local train (default: the largest).")
 @click.option("--limit", default=0, help="First N examples of each task only (0: all).")
 @click.option("--test-limit", default=200, show_default=True, help="Held-out examples scored.")
@@ -58,6 +66,22 @@ __all__ = ["federate_cmd"]
 @click.option("--fit-samples", default=32, show_default=True,
               help="assy: public-text windows the server fits candidates' adapters on.")  # fmt: skip
 @click.option(
+    "--sparsities",
+    default="0,0.25,0.5,0.75",
+    show_default=True,
+    help="lego: the variants' sparsities, taken by the tiers from the largest.",
+)
+@click.option(
+    "--prune",
+    type=click.Choice(["sparsegpt", "wanda", "magnitude"]),
+    default="sparsegpt",
+    show_default=True,
+    help="lego: how the variants are pruned (made into the pool once, reused).",
+)
+@click.option("--heteagg", type=click.Choice(["masked", "factors", "exact"]), default="masked",
+              show_default=True, help="lego: Algorithm 2 on (s·B·A)⊙M, on A and B apart (= "
+              "FedAvg), or on the masked products re-factored by SVD.")  # fmt: skip
+@click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )
 @click.option("--superlink", help="Deployment: the SuperLink's HOST:PORT.")
@@ -72,13 +96,19 @@ __all__ = ["federate_cmd"]
 def federate_cmd(
     pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
 ) -> None:
-    """Federate on --task: --method assy, fedit (LoRA + FedAvg) or local.
+    """Federate on --task: --method assy, fedit, local, or lego (--task dolly).
 
     assy (AssyLLM): the server proposes, per device tier, the planner's best assemblies
     within the tier's budget (adapters fitted in closed form on public text); clients score
     them forward-only on their data within their budget and vote; the winners' adapters
-    are then trained by the clients and averaged. fedit trains LoRA on the anchor model;
-    local trains alone.
+    are then trained by the clients and averaged.
+
+    fedit: LoRA on the anchor, FedAvg; local: each client alone (the baseline).
+
+    lego: each client's tier holds a pruned variant of the anchor, trains a
+    sparsity-preserving LoRA on its instructions; the server aggregates with HeteAgg and
+    writes the update back to every variant (only where non-zero) and to the dense
+    anchor; rounds report the held-out instruction loss of both.
 
     Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
     final adapter under OUT/final; the server's state is saved after every round, so a
@@ -88,8 +118,11 @@ def federate_cmd(
     from assy.federation.engine import SuperLinkTarget, check_run, run_federation
     from assy.federation.progress import RoundProgress
 
+    lego = settings["method"] == "lego"
+    settings["tiers"] = settings["tiers"] or ("lego" if lego else "seed")
+    settings["split"] = settings["split"] or ("fed10" if settings["task"] == "dolly" else "labels")
     cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
-    summary = check_run(cfg, lambda line: click.echo(line, err=as_json))
+    summary = check_run(cfg, lambda line: click.echo(line, err=as_json), progress_bars())
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
     with RoundProgress(cfg.rounds, stderr=as_json) as progress:
         progress.log(summary)

@@ -66,6 +66,13 @@ def train(msg: Message, context: Context) -> Message:
         global_state = msg.content[ARRAYS].to_torch_state_dict()
         state, metrics = task.fedit_round(cfg, pid, global_state, round_, **local)
         content[ARRAYS] = arrays_record(state)
+    elif cfg.method == "lego":
+        from assy.federation.lego import lego_round
+
+        values = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
+        variant = str(msg.content[CONFIG]["variant"])
+        state, metrics = lego_round(cfg, pid, variant, values, round_, **local)
+        content[ARRAYS] = arrays_record(state)
     elif cfg.method == "local":
         metrics = task.local_round(cfg, pid, round_, client_dir=paths.get("client_dir"), **local)
     elif cfg.method == "assy":

@@ -16,11 +16,34 @@ from typing import Any
 
 from assy.errors import UsageError
 
-__all__ = ["METHODS", "MIX_TASKS", "TASK_CHOICES", "FederationConfig"]
+__all__ = [
+    "METHODS",
+    "MIX_TASKS",
+    "PRUNE_METHODS",
+    "TASK_CHOICES",
+    "FederationConfig",
+    "parse_sparsities",
+]
 
-METHODS = ("assy", "fedit", "local")
+METHODS = ("assy", "fedit", "local", "lego")
 MIX_TASKS = ("arc_easy", "obqa", "boolq", "piqa")
-TASK_CHOICES = (*MIX_TASKS, "mix")
+TASK_CHOICES = (*MIX_TASKS, "mix", "dolly")
+MC_SPLITS = ("labels", "tasks")
+INSTRUCTION_SPLITS = ("fed10", "iid", "categories")
+
+PRUNE_METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """``--sparsities "0,0.25,0.5,0.75"`` -> ``[0.0, 0.25, 0.5, 0.75]`` (each in ``[0, 1)``)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        raise UsageError(f"--sparsities {text!r}: give fractions in [0, 1), e.g. 0,0.25,0.5,0.75")
+    return values
+
 
 # Fields that do not change what a run computes: a resumed run may differ in them.
 _RUN_ONLY = ("rounds", "engine", "out", "round_timeout")
@@ -32,13 +55,18 @@ class FederationConfig:
 
     Attributes:
         pool: the pool directory (on every host, or given per SuperNode as node config).
-        task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four).
-        method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation) or
-            ``assy`` (assemblies per tier: forward-only selection, then adapter rounds).
+        task: a multiple-choice task of :data:`TASK_CHOICES` (``mix``: all four), or
+            ``dolly``: instruction data (:mod:`assy.federation.instructions`), for ``lego``.
+        method: ``fedit`` (LoRA on the anchor, FedAvg), ``local`` (no federation),
+            ``lego`` (pruned variants per tier, sparse LoRA, HeteAgg:
+            :mod:`assy.federation.lego`) or ``assy`` (assemblies per tier: forward-only
+            selection, then adapter rounds: :mod:`assy.federation.selection`).
         rounds: rounds to run (a resumed run may ask for more).
         out: the output directory (the server's state lives there).
         clients, per_round: the population and how many are sampled each round.
-        alpha, split: Dirichlet(α) non-IID partition over ``labels`` or ``tasks``.
+        alpha, split: Dirichlet(α) non-IID partition over ``labels`` or ``tasks``; for
+            ``dolly``: ``fed10`` (FedIT's 10 category-skewed clients), ``iid`` or
+            ``categories`` (one client per category).
         tiers: ``seed``, ``none`` or a JSON tiers file (:mod:`assy.federation.tiers`).
         seed: every draw (split, partition, tiers, sampling, training) derives from it.
         engine: ``simulation`` (in-process, Ray) or ``deployment`` (Flower SuperLink).
@@ -54,6 +82,11 @@ class FederationConfig:
         max_seams: ``assy``: the most seams a proposed assembly may have.
         select_rounds: ``assy``: forward-only selection rounds before the adapter rounds.
         fit_samples: ``assy``: public-text windows the server fits candidates' adapters on.
+        sparsities: ``lego``: the variants' sparsities, taken by the tiers from the largest.
+        prune: ``lego``: how the variants are pruned (``sparsegpt``, ``wanda``,
+            ``magnitude``).
+        heteagg: ``lego``: ``masked`` (Algorithm 2 on ``(s·B·A) ⊙ M``), ``factors``
+            (Algorithm 2 on A and B) or ``exact`` (masked products, SVD-refactored).
     """
 
     pool: str
@@ -84,6 +117,9 @@ class FederationConfig:
     max_seams: int = 2
     select_rounds: int = 1
     fit_samples: int = 32
+    sparsities: str = "0,0.25,0.5,0.75"
+    prune: str = "sparsegpt"
+    heteagg: str = "masked"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,8 +130,21 @@ class FederationConfig:
             raise UsageError(f"--task must be one of {', '.join(TASK_CHOICES)}")
         if self.method not in METHODS:
             raise UsageError(f"--method must be one of {', '.join(METHODS)}")
-        if self.split not in ("labels", "tasks"):
-            raise UsageError("--split must be labels or tasks")
+        instruction = self.task == "dolly"
+        if instruction != (self.method == "lego"):
+            raise UsageError(
+                "--method lego fine-tunes on instructions: use it with --task dolly (and "
+                "--task dolly only with --method lego)"
+            )
+        splits = INSTRUCTION_SPLITS if instruction else MC_SPLITS
+        if self.split not in splits:
+            raise UsageError(f"--split must be one of {', '.join(splits)} for --task {self.task}")
+        if instruction:
+            parse_sparsities(self.sparsities)
+            if self.prune not in PRUNE_METHODS:
+                raise UsageError(f"--prune must be one of {', '.join(PRUNE_METHODS)}")
+            if self.heteagg not in ("masked", "factors", "exact"):
+                raise UsageError("--heteagg must be masked, factors or exact")
         if self.split == "tasks" and self.task != "mix":
             raise UsageError("--split tasks mixes tasks per client: use it with --task mix")
         if self.task == "mix" and self.data:

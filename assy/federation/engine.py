@@ -200,10 +200,11 @@ def _finished_rounds(cfg: FederationConfig) -> int:
     return ServerState.open(cfg).round if (Path(cfg.out) / "state").is_dir() else 0
 
 
-def check_run(cfg: FederationConfig, log: Log = print) -> str:
+def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
     """Every user error a run can hit at its start, raised before anything starts or is
     written: the method, the pool and anchor, the data and its partition, the tiers, and a
-    previous run in ``out`` with other settings. Returns a one-line summary of the run."""
+    previous run in ``out`` with other settings; ``lego``'s pruned variants are made here
+    (``progress`` follows the pruning). Returns a one-line summary of the run."""
     from assy.federation import task
     from assy.federation.state import ServerState
     from assy.federation.tiers import load_tiers
@@ -216,6 +217,12 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
     data = task.federated_data(cfg)
     tiers = load_tiers(cfg.tiers, list(task.model_bytes(pool).values()))
     state = ServerState.open(cfg)
+    if cfg.method == "lego":  # the variants go into the pool once, before any client starts
+        from assy.federation.lego import ensure_variants, parse_sparsities
+
+        sparsities = parse_sparsities(cfg.sparsities)
+        made = ensure_variants(pool, anchor, cfg.prune, sparsities, log, progress)
+        state.facts.setdefault("variants", {str(k): v for k, v in made.items()})
     if cfg.engine == "simulation" and not state.round:  # measure here: fail before Ray starts
         plan_population(cfg, pool, data, state, log)
         if cfg.method == "assy":  # propose and fit before Ray starts (it competes for CPUs)
@@ -225,10 +232,17 @@ def check_run(cfg: FederationConfig, log: Log = print) -> str:
         state.save()
     sizes = sorted(len(c) for c in data.clients)
     resumed = f", resuming after round {state.round}" if state.round else ""
+    split = (
+        f"{cfg.split} split" if cfg.task == "dolly" else f"{cfg.split} Dirichlet α={cfg.alpha:g}"
+    )
+    lego = (
+        f", {cfg.prune} variants at sparsities {cfg.sparsities}, HeteAgg {cfg.heteagg}"
+        if cfg.method == "lego" else ""
+    )  # fmt: skip
     what = f"assemblies of {', '.join(sorted(pool.models))}" if cfg.method == "assy" else anchor
     return (
         f"{cfg.method} on {cfg.task} with {what}: {cfg.clients} clients "
-        f"({sizes[0]}-{sizes[-1]} examples each, {cfg.split} Dirichlet α={cfg.alpha:g}), "
+        f"({sizes[0]}-{sizes[-1]} examples each, {split}){lego}, "
         f"{cfg.per_round} per round, {cfg.rounds} rounds, {len(data.test)} held-out examples, "
         f"tiers {', '.join(t.describe() for t in tiers)}, {cfg.engine} engine{resumed}"
     )

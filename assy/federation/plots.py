@@ -13,7 +13,7 @@ from typing import Any
 
 from blockpool import atomic_write_bytes
 
-__all__ = ["plot_accuracy", "plot_bytes", "plot_participation", "plot_run"]
+__all__ = ["plot_accuracy", "plot_bytes", "plot_losses", "plot_participation", "plot_run"]
 
 History = Sequence[Mapping[str, Any]]
 
@@ -44,6 +44,24 @@ def plot_accuracy(runs: Mapping[str, History], path: Path, title: str = "") -> N
     ax.set(xlabel="round", ylabel="held-out accuracy", title=title or "accuracy per round")
     ax.grid(alpha=0.3)
     ax.legend()
+    _write(fig, path)
+
+
+def plot_losses(history: History, path: Path, title: str = "") -> None:
+    """Held-out instruction loss per round (lego): the dense global model and each client
+    variant with the global update written back (the paper's Figure 3)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    rows = [r for r in history if r.get("heldout_loss") is not None]
+    ax.plot([r["round"] for r in rows], [r["heldout_loss"] for r in rows], marker="o",
+            color="black", label="global (dense)")  # fmt: skip
+    for variant in sorted({v for r in rows for v in r.get("client_loss") or {}}):
+        points = [(r["round"], r["client_loss"][variant]) for r in rows
+                  if variant in (r.get("client_loss") or {})]  # fmt: skip
+        ax.plot(*zip(*points, strict=True), marker=".", linestyle="--", label=variant)
+    ax.set(xlabel="round", ylabel="held-out loss (nats/token)", title=title or "loss per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     _write(fig, path)
 
 
@@ -79,9 +97,13 @@ def plot_bytes(runs: Mapping[str, History], path: Path, title: str = "") -> None
 
 
 def plot_run(out: Path, method: str, history: History, tiers: Sequence[str]) -> list[Path]:
-    """The three PNGs of one run under ``out``; returns their paths."""
-    paths = [out / "accuracy.png", out / "participation.png", out / "bytes.png"]
-    plot_accuracy({method: history}, paths[0])
+    """The three PNGs of one run under ``out`` (loss instead of accuracy for lego)."""
+    if any(r.get("heldout_loss") is not None for r in history):
+        paths = [out / "loss.png", out / "participation.png", out / "bytes.png"]
+        plot_losses(history, paths[0])
+    else:
+        paths = [out / "accuracy.png", out / "participation.png", out / "bytes.png"]
+        plot_accuracy({method: history}, paths[0])
     plot_participation(history, tiers, paths[1])
     plot_bytes({method: history}, paths[2])
     return paths

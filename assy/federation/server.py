@@ -138,10 +138,13 @@ def run_round(
     _free_pending(grid, pending, log)
     available = [p for p in pop.eligible if p in pop.node_of and p not in pending]
     picked = sample_clients(available, cfg.per_round, cfg.seed, round_)
-    content = method.content(round_)
-    down = content_bytes(content) * len(picked)
+    per_client = getattr(method, "content_for", None)  # lego: each variant its own part
+    shared = None if per_client else method.content(round_)
+    contents = {p: per_client(round_, p) if per_client else shared for p in picked}
+    down = sum(content_bytes(c) for c in contents.values())
     sent = {
-        p: Message(content, pop.node_of[p], MessageType.TRAIN, group_id=str(round_)) for p in picked
+        p: Message(contents[p], pop.node_of[p], MessageType.TRAIN, group_id=str(round_))
+        for p in picked
     }
     comm_start = time.perf_counter()
     replies = grid.send_and_receive(list(sent.values()), timeout=cfg.round_timeout or None)
@@ -183,7 +186,19 @@ def run_round(
         "engine_seconds": engine,
         "engine_share": engine / comm if comm > 0 else 0.0,
         "wall_seconds": time.perf_counter() - start,
+        **_client_metrics(ok),
+        **fields.get("extra", {}),
     }
+
+
+def _client_metrics(ok: dict[int, Message]) -> dict[str, Any]:
+    """Resource accounting per client (lego): step time, peak memory, adapter bytes."""
+    keys = ("step_seconds", "peak-rss-bytes", "adapter-bytes", "sparsity", "loss_last")
+    rows = {
+        str(p): {k: v for k in keys if (v := metric(r, k)) is not None}
+        for p, r in sorted(ok.items())
+    }
+    return {"clients": rows} if any("sparsity" in r for r in rows.values()) else {}
 
 
 def _mean(values) -> float | None:
@@ -216,7 +231,9 @@ def plan_population(cfg, pool, data, state: ServerState, log: Log) -> Population
     memory need is measured once (in a fresh process) and kept in ``state.facts``."""
     tiers = load_tiers(cfg.tiers, list(task.model_bytes(pool).values()))
     tier_of = assign_tiers(cfg.clients, tiers, cfg.seed)
-    need = _memory_need(cfg, tiers, state, log)
+    # lego: a tier picks the sparsity of its variant; pruned weights are stored dense, so
+    # every variant needs the anchor's memory and no tier is measured against a budget
+    need = 0 if cfg.method == "lego" else _memory_need(cfg, tiers, state, log)
     fits = [t.budget is None or t.budget >= need for t in tiers]
     eligible = [p for p in range(cfg.clients) if fits[tier_of[p]]]
     state.facts["tiers"] = [
@@ -235,13 +252,18 @@ def plan_population(cfg, pool, data, state: ServerState, log: Log) -> Population
 
 
 def _progress_line(record: dict[str, Any], rounds: int) -> str:
-    acc = record["accuracy"]
+    acc, loss = record["accuracy"], record.get("heldout_loss")
     parts = ", ".join(f"{t} {n}" for t, n in record["participants"].items() if n)
+    score = f"held-out loss {loss:.4f}" if loss is not None else (
+        f"accuracy {'-' if acc is None else f'{acc:.4f}'}"
+    )  # fmt: skip
     line = (
-        f"round {record['round']}/{rounds}: accuracy {'-' if acc is None else f'{acc:.4f}'}, "
+        f"round {record['round']}/{rounds}: {score}, "
         f"{len(record['accepted'])} aggregated ({parts or 'none'}), "
         f"up {record['bytes_up']} B, down {record['bytes_down']} B, {record['wall_seconds']:.1f} s"
     )
+    if record.get("client_loss"):
+        line += "; variants " + ", ".join(f"{v} {x:.4f}" for v, x in record["client_loss"].items())
     problems = len(record["failed"]) + len(record["missing"]) + len(record["rejected"])
     if problems:
         line += (
@@ -268,15 +290,16 @@ def _round_zero(method, state: ServerState) -> dict[str, Any]:
         "aggregation": "none",
         "global_sha256": state_digest(method.global_state) if method.global_state else None,
         **({"per_tier": scores["per_tier"]} if "per_tier" in scores else {}),
-        "accuracy": scores["acc"],
-        "acc_norm": scores["acc_norm"],
-        "n_test": scores["n"],
+        "accuracy": scores.get("acc"),
+        "acc_norm": scores.get("acc_norm"),
+        "n_test": scores.get("n"),
         "train_loss": None,
         "bytes_down": 0,
         "bytes_up": 0,
         **timing,
         "engine_share": 0.0,
         "wall_seconds": 0.0,
+        **scores.get("extra", {}),
     }
 
 

@@ -40,7 +40,9 @@ __all__ = [
     "load_adapter_state",
     "model_bytes",
     "score_under_budget",
+    "sequence_loss",
     "train_adapter",
+    "train_encoded",
 ]
 
 
@@ -65,7 +67,17 @@ def federated_data(cfg: FederationConfig, data_file: str | None = None) -> Feder
 
     Returns:
         :class:`FederatedData`; the test set is shuffled by seed and cut to ``test_limit``.
+        For ``--task dolly`` the clients' instruction rows and the held-out rows
+        (:func:`assy.federation.instructions.instruction_splits`).
     """
+    if cfg.task == "dolly":
+        from assy.federation.instructions import instruction_splits
+
+        data = data_file if data_file is not None else cfg.data
+        parts, test = instruction_splits(
+            data, cfg.split, cfg.clients, cfg.seed, cfg.limit, cfg.test_limit
+        )
+        return FederatedData(parts, test)
     tasks = MIX_TASKS if cfg.task == "mix" else (cfg.task,)
     data_file = data_file if data_file is not None else cfg.data
     pool: list[MCExample] = []
@@ -96,7 +108,8 @@ def model_bytes(pool) -> dict[str, int]:
 
 
 def anchor_model(pool, name: str = "") -> str:
-    """``name`` checked, or the pool's largest causal model (by stored bytes)."""
+    """``name`` checked, or the pool's largest causal model (by stored bytes; a pruned or
+    merged variant only when the pool holds nothing else)."""
     sizes = model_bytes(pool)
     causal = [m for m in sizes if pool.family(m).causal]
     if name:
@@ -107,7 +120,8 @@ def anchor_model(pool, name: str = "") -> str:
         return name
     if not causal:
         raise UsageError("the pool holds no causal LM to federate (only encoders)")
-    return max(causal, key=lambda m: (sizes[m], m))
+    originals = [m for m in causal if pool.model(m).parent_model is None] or causal
+    return max(originals, key=lambda m: (sizes[m], m))
 
 
 def lora_model(pool, anchor: str, cfg: FederationConfig) -> torch.nn.Module:
@@ -200,6 +214,33 @@ def train_adapter(
 ) -> dict[str, float]:
     """``steps`` AdamW steps on the NLL of each example's correct choice given its context.
 
+    See :func:`train_encoded` (which this calls on the encoded examples).
+    """
+    if not examples:
+        raise UsageError("no local examples to train on")
+    encoded = _encode(tokenizer, examples, max_length)
+    return train_encoded(
+        model, encoded, _pad_id(tokenizer), steps=steps, batch_size=batch_size, lr=lr, seed=seed
+    )
+
+
+def _pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def train_encoded(
+    model: torch.nn.Module,
+    encoded: Sequence[tuple[list, int]],
+    pad: int,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> dict[str, float]:
+    """``steps`` AdamW steps on the NLL of each sequence's trailing target tokens.
+
+    ``encoded`` holds ``(token ids, number of trailing ids that carry the loss)``.
     Batches are drawn by ``seed`` (reshuffled each pass over the data); only parameters
     with ``requires_grad`` (the LoRA factors) are updated. Gradients flow back through
     every layer from the head down to the first layer holding LoRA factors.
@@ -208,11 +249,9 @@ def train_adapter(
         ``{"loss_first", "loss_last", "steps", "seconds", "trainable_params",
         "frozen_params"}``.
     """
-    if not examples:
+    if not encoded:
         raise UsageError("no local examples to train on")
     torch.manual_seed(seed)
-    encoded = _encode(tokenizer, examples, max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -241,7 +280,6 @@ def train_adapter(
     }
 
 
-@torch.no_grad()
 def choice_loss(
     model: torch.nn.Module,
     tokenizer,
@@ -251,14 +289,21 @@ def choice_loss(
 ) -> float:
     """Mean NLL (nats per token) of the correct choices given their contexts."""
     encoded = _encode(tokenizer, examples, max_length)
-    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return sequence_loss(model, encoded, _pad_id(tokenizer), batch_size)[0]
+
+
+@torch.no_grad()
+def sequence_loss(
+    model: torch.nn.Module, encoded: Sequence[tuple[list, int]], pad: int, batch_size: int = 8
+) -> tuple[float, int]:
+    """``(mean NLL in nats per target token, target tokens)`` of encoded sequences."""
     total = tokens = 0.0
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start : start + batch_size]
         n = sum(n_cont for _, n_cont in batch)
         total += float(_batch_loss(model, batch, pad)) * n
         tokens += n
-    return total / tokens
+    return total / max(tokens, 1), int(tokens)
 
 
 def accuracy(

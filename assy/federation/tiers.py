@@ -21,6 +21,7 @@ from assy.errors import UsageError
 from blockpool import format_size, parse_size
 
 __all__ = [
+    "LEGO_TIERS",
     "REFERENCE_BYTES",
     "SEED_TIERS",
     "Population",
@@ -61,6 +62,13 @@ SEED_TIERS: tuple[Tier, ...] = (
     Tier("8GB", 0.30, 8 * 10**9),
     Tier("4GB", 0.30, 4 * 10**9),
 )
+
+
+LEGO_TIERS: tuple[Tier, ...] = tuple(
+    Tier(n, 0.25, None) for n in ("large", "medium", "small", "tiny")
+)
+"""LEGO's four device classes (seed 001, Table 2), a quarter of the clients each, from the
+largest: with ``--method lego`` they hold the 0/25/50/75% sparse variants."""
 
 
 def pool_scale(model_bytes: Sequence[int]) -> float:
@@ -107,7 +115,8 @@ def load_tiers(spec: str, model_bytes: Sequence[int]) -> list[Tier]:
     """Tiers from ``--tiers``: ``seed`` (scaled to the pool), ``none``, or a JSON file.
 
     Args:
-        spec: ``"seed"``, ``"none"`` (one unlimited tier) or a JSON file path holding
+        spec: ``"seed"``, ``"lego"`` (:data:`LEGO_TIERS`), ``"none"`` (one unlimited
+            tier) or a JSON file path holding
             ``[{"name": "big", "share": 0.5, "budget": "2GB"}, ...]`` (budgets as given,
             not scaled; ``null`` for unlimited).
         model_bytes: stored bytes of each model in the pool (for ``seed``).
@@ -117,12 +126,14 @@ def load_tiers(spec: str, model_bytes: Sequence[int]) -> list[Tier]:
     """
     if spec == "seed":
         tiers = scaled_seed_tiers(pool_scale(model_bytes))
+    elif spec == "lego":
+        tiers = list(LEGO_TIERS)
     elif spec == "none":
         tiers = [Tier("all", 1.0, None)]
     else:
         path = Path(spec)
         if not path.is_file():
-            raise UsageError(f"--tiers {spec}: not 'seed', 'none' or an existing JSON file")
+            raise UsageError(f"--tiers {spec}: not 'seed', 'lego', 'none' or an existing JSON file")
         tiers = _from_file(path)
     total = sum(t.share for t in tiers)
     if abs(total - 1.0) > 1e-6:
