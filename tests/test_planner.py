@@ -247,3 +247,42 @@ def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
     assert (out / "recipe.yaml").is_file()
     assembly = load_assembly(plan_pool, out)
     assert assembly.recipe.seams  # the plan dropped or replaced layers, with adapters
+
+
+# --------------------------------------------------------------------------- the measured proxy
+
+
+def _plan_of(recipe):
+    from assy.assembly.planner import Plan
+
+    return Plan(recipe, 0.0, {}, len(recipe.seams), (), 0)
+
+
+def test_proxy_shares_the_forward_passes_of_a_common_prefix(plan_pool):
+    from assy.assembly import FitData, FitOptions
+    from assy.assembly.proxy import score_plans
+    from assy.assembly.recipe import Recipe, SeamSpec, Slice
+    from assy.assembly.states import StateCache
+
+    def recipe(first):
+        slices = (Slice("llama", (0, 0)), Slice("gemma3", (first, 2)))
+        return Recipe("llama", slices, (SeamSpec(1, "affine"), SeamSpec(2, "affine")))
+
+    data = FitData(" ".join(["the quick brown fox jumps over the lazy dog."] * 120))
+    fit = FitOptions(samples=6, seq_len=24)
+    a, b = _plan_of(recipe(1)), _plan_of(recipe(2))
+
+    def forwards(plans, cache=None):
+        scored = score_plans(plan_pool, plans, data, fit, score_windows=3, cache=cache)
+        return [s.forwards for s in scored], scored
+
+    alone_b, _ = forwards([b], StateCache())
+    (first, after_a, again), scored = forwards([a, b, a], StateCache())
+    # b after a: the embedding and llama's layer 0 over every fitting and scoring window
+    # (and the anchor's own states) come from a's cache
+    assert after_a < alone_b[0]
+    assert alone_b[0] - after_a >= 2 * (6 + 3)
+    # a again: every state is cached; only the head runs, once per scored window
+    assert again == 3
+    assert scored[0].bits_per_byte == pytest.approx(scored[2].bits_per_byte)
+    assert all(0 < s.bits_per_byte < 20 and s.tokens == 3 * 23 for s in scored)
