@@ -5,6 +5,7 @@ candidates read from a real manifest and a plan that validates as a recipe again
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -301,3 +302,59 @@ def test_proxy_shares_the_forward_passes_of_a_common_prefix(plan_pool):
     assert again == 3
     assert scored[0].bits_per_byte == pytest.approx(scored[2].bits_per_byte)
     assert all(0 < s.bits_per_byte < 20 and s.tokens == 3 * 23 for s in scored)
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--budget", "12XB", "--dry-run"], r"cannot read size '12XB'"),
+        (["--budget", "1KB", "--dry-run"], r"below the smallest runnable assembly .*use --budget"),
+        (["--budget", "1GB", "--max-seams", "-1", "--dry-run"], r"--max-seams must be 0 or more"),
+        (["--budget", "1GB", "--data", "EMPTY"], r"empty"),
+        (["--budget", "1GB", "--data", "SHORT", "--samples", "64"], r"data too short to fit"),
+        (["--budget", "1GB"], r"give --data or --task"),
+        (["--budget", "1GB", "--candidates", "-1", "--dry-run"], r"--candidates must be"),
+    ],
+)
+def test_assemble_bad_input_is_one_line_and_writes_nothing(plan_pool, tmp_path, args, pattern):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+
+    (tmp_path / "EMPTY").write_text("")
+    (tmp_path / "SHORT").write_text("the quick brown fox. " * 20)
+    args = [str(tmp_path / a) if a in ("EMPTY", "SHORT") else a for a in args]
+    out = tmp_path / "asm"
+    result = CliRunner().invoke(
+        cli, ["assemble", str(plan_pool.root), "--seq-len", "32", "--out", str(out), *args]
+    )
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["EMPTY", "SHORT"]
+
+
+def test_assemble_refuses_a_pool_without_a_decoder_and_max_seams_0_is_one_model(
+    plan_pool, tmp_path
+):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+
+    build_pool([f"bert={plan_pool.root.parent / 'bert'}"], tmp_path / "enc", dtype="fp32")
+    result = CliRunner().invoke(
+        cli, ["assemble", str(tmp_path / "enc"), "--budget", "1GB", "--dry-run"]
+    )
+    assert result.exit_code == 2 and "no decoder" in result.stderr
+    result = CliRunner().invoke(
+        cli,
+        ["assemble", str(plan_pool.root), "--budget", "1GB", "--max-seams", "0", "--dry-run"]
+        + ["--json", "--allow-swap"],
+    )
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["seams"] == 0 and len(plan["recipe"]["slices"]) == 1
+    assert plan["bytes"]["working_set"] <= plan["bytes"]["total"]
+    assert plan["bytes"]["read_per_token"] == 0  # everything fits 1 GB
