@@ -358,3 +358,15 @@ def test_assemble_refuses_a_pool_without_a_decoder_and_max_seams_0_is_one_model(
     assert plan["seams"] == 0 and len(plan["recipe"]["slices"]) == 1
     assert plan["bytes"]["working_set"] <= plan["bytes"]["total"]
     assert plan["bytes"]["read_per_token"] == 0  # everything fits 1 GB
+
+
+def test_plan_chain_scores_and_sizes_a_chain_as_the_search_does():
+    from assy.assembly.planner import plan_chain
+
+    cands = _pool_of_two()
+    table = _table(cands, seed=2)
+    for budget in (300, 500, 700):
+        plan = plan_assembly(cands, budget, compat=table, max_seams=3)
+        again = plan_chain(cands, plan.recipe.anchor, plan.chain, budget, compat=table)
+        assert again.objective == pytest.approx(plan.objective)
+        assert again.bytes == plan.bytes and again.recipe == plan.recipe

@@ -19,7 +19,7 @@ from typing import Any
 
 from assy.errors import UsageError
 
-__all__ = ["measure_assembly", "tiny_config"]
+__all__ = ["measure_assembly", "measure_runs", "tiny_config"]
 
 _WORKER = r"""
 import json, sys
@@ -58,13 +58,16 @@ except OSError:
     pass
 options = RunOptions(budget=args["budget"], dtype=args["dtype"], batch_size=1,
                      threads=args["threads"])
-result = evaluate_pool_model(
-    Path(args["pool"]), None, args["task"], assembly=Path(args["assembly"]),
-    data=Path(args["data"]) if args["data"] else None, limit=args["limit"],
-    max_tokens=args["max_tokens"], window=args["window"], options=options, progress=False,
-)
+results = []
+for run in args["runs"]:
+    results.append(evaluate_pool_model(
+        Path(args["pool"]), None, run["task"], assembly=Path(args["assembly"]),
+        data=Path(run["data"]) if run.get("data") else None, limit=run.get("limit"),
+        max_tokens=run.get("max_tokens", 1024), window=run.get("window", 256), options=options,
+        progress=False, log_samples=Path(run["log"]) if run.get("log") else None,
+    ))
 print(json.dumps({"floor_rss_bytes": floor, "peak_rss_over_floor_bytes": status("VmHWM:") - floor,
-                  "result": result}))
+                  "results": results}))
 """
 
 
@@ -119,6 +122,49 @@ def measure_assembly(
     Raises:
         UsageError: the run failed (its last line of error output is named).
     """
+    run = {"task": task, "data": str(data) if data is not None else None, "limit": limit}
+    run |= {"max_tokens": tokens, "window": window}
+    doc = measure_runs(pool, assembly, budget, [run], dtype=dtype, threads=threads, timeout=timeout)
+    result = doc["results"][0]
+    metrics = ("bits_per_byte", "perplexity") if task == "perplexity" else ("acc", "acc_norm")
+    return {
+        "task": task,
+        "budget": budget,
+        "weights_resident_peak_bytes": result.get("weights_resident_peak_bytes"),
+        "budget_used_peak_bytes": result.get("budget_used_peak_bytes"),
+        "bytes_read": result.get("bytes_read"),
+        "floor_rss_bytes": doc["floor_rss_bytes"],
+        "peak_rss_over_floor_bytes": doc["peak_rss_over_floor_bytes"],
+        "peak_rss_bytes": result.get("peak_rss_bytes"),
+        "seconds": result.get("seconds"),
+        "n": result.get("n") or result.get("tokens"),
+        "score": {m: result.get(m) for m in metrics}
+        | {f"{m}_stderr": result.get(f"{m}_stderr") for m in metrics},
+    }
+
+
+def measure_runs(
+    pool: Path,
+    assembly: Path,
+    budget: int | None,
+    runs: list[dict[str, Any]],
+    *,
+    dtype: str = "fp32",
+    threads: int = 1,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Several evaluations of ``assembly`` in one fresh process within ``budget``
+    (``None``: unbudgeted). Each run: ``task``, and ``data``, ``limit``, ``max_tokens``,
+    ``window``, ``log`` (a ``--log-samples`` path) as :func:`evaluate_pool_model` takes
+    them.
+
+    Returns:
+        ``floor_rss_bytes``, ``peak_rss_over_floor_bytes`` (over all runs) and
+        ``results`` (each run's :func:`evaluate_pool_model` result).
+
+    Raises:
+        UsageError: the process failed (its last line of error output is named).
+    """
     from assy.assembly.recipe import load_recipe
 
     args = {
@@ -126,11 +172,7 @@ def measure_assembly(
         "pool": str(pool),
         "assembly": str(assembly),
         "budget": budget,
-        "task": task,
-        "data": str(data) if data is not None else None,
-        "limit": limit,
-        "max_tokens": tokens,
-        "window": window,
+        "runs": runs,
         "dtype": dtype,
         "threads": threads,
     }
@@ -150,20 +192,4 @@ def measure_assembly(
             f"measuring {assembly} within {budget} bytes failed: "
             + (lines[-1] if lines else f"exit {done.returncode}")
         )
-    doc = json.loads(done.stdout.strip().splitlines()[-1])
-    result = doc["result"]
-    metrics = ("bits_per_byte", "perplexity") if task == "perplexity" else ("acc", "acc_norm")
-    return {
-        "task": task,
-        "budget": budget,
-        "weights_resident_peak_bytes": result.get("weights_resident_peak_bytes"),
-        "budget_used_peak_bytes": result.get("budget_used_peak_bytes"),
-        "bytes_read": result.get("bytes_read"),
-        "floor_rss_bytes": doc["floor_rss_bytes"],
-        "peak_rss_over_floor_bytes": doc["peak_rss_over_floor_bytes"],
-        "peak_rss_bytes": result.get("peak_rss_bytes"),
-        "seconds": result.get("seconds"),
-        "n": result.get("n") or result.get("tokens"),
-        "score": {m: result.get(m) for m in metrics}
-        | {f"{m}_stderr": result.get(f"{m}_stderr") for m in metrics},
-    }
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -79,6 +79,7 @@ __all__ = [
     "load_compat",
     "plan_assembly",
     "plan_candidates",
+    "plan_chain",
     "pool_candidates",
     "quality_prior",
     "swap_ends_bytes",
@@ -580,6 +581,54 @@ def plan_candidates(
         if len(plans) == k:
             break
     return plans
+
+
+def plan_chain(
+    candidates: Sequence[Candidate],
+    anchor: str,
+    chain: Sequence[tuple[str, int]],
+    budget: int,
+    *,
+    compat: CompatTable | None = None,
+    swap_ends: Mapping[str, int] | None = None,
+) -> Plan:
+    """The :class:`Plan` of a given chain (``(candidate, layer)`` in order, under
+    ``anchor``'s ends), scored and sized as the search scores and sizes its own -- for
+    baselines and random recipes to be compared with the planner's (the budget is not
+    enforced: compare ``plan.bytes`` with it)."""
+    real = {c.name: c for c in candidates}
+    pool_for = [c for c in candidates if c.n]
+    if swap_ends is not None:
+        pool_for = [replace(c, layer_bytes=(0,) * c.n) for c in pool_for]
+    head = next(c for c in pool_for if c.name == anchor)
+    search = _Search(pool_for, head, compat, 0)
+    index = {(c.name, i): k for k, (c, i) in enumerate(search.nodes)}
+    label: _Label | None = None
+    previous = -1
+    for name, i in chain:
+        b = index[(name, i)]
+        value, _, seam = search.step(previous, b)
+        extra = search.nodes[b][0].layer_bytes[i] + search.seam_bytes(previous, b, seam)
+        label = _Label(
+            (label.bytes if label else 0) + extra,
+            (label.seams if label else 0) + int(seam is not None),
+            (label.score if label else 0.0) + search.gain(b, value),
+            0.0,
+            b,
+            label,
+        )
+        previous = b
+    value, _, seam = search.step(previous, -1)
+    done = _Label(
+        (label.bytes if label else 0) + search.seam_bytes(previous, -1, seam),
+        (label.seams if label else 0) + int(seam is not None),
+        ((label.score if label else 0.0) - (1.0 - value) / head.n) * head.ends_quality,
+        0.0,
+        -1,
+        label,
+    )
+    level = max((real[name].layer_work for name, _ in chain), default=head.layer_work)
+    return _to_plan(done, search, level, budget, real, swap_ends)
 
 
 class _SortKey:
