@@ -33,7 +33,7 @@ from assy.assembly.states import FORWARDS, StateCache
 from assy.errors import UsageError
 from blockpool import Pool, RunOptions, open_runner
 
-__all__ = ["SCORE_SHARE", "Scored", "chain_loss", "score_plans", "split_text"]
+__all__ = ["SCORE_SHARE", "Scored", "chain_loss", "score_plans", "split_text", "window_losses"]
 
 SCORE_SHARE = 0.2  # the last fifth of the data is held back to score the candidates
 
@@ -104,14 +104,28 @@ def chain_loss(
     options: RunOptions,
     cache: StateCache,
 ) -> tuple[float, int, int]:
-    """Summed next-token loss (nats), tokens and bytes of a fitted assembly on ``windows``.
+    """Summed next-token loss (nats), tokens and bytes of a fitted assembly on ``windows``
+    (:func:`window_losses`, summed)."""
+    nats, tokens, nbytes = window_losses(pool, fitted, windows, options, cache)
+    return float(sum(nats)), int(sum(tokens)), int(sum(nbytes))
+
+
+def window_losses(
+    pool: Pool,
+    fitted: Fitted,
+    windows: Windows,
+    options: RunOptions,
+    cache: StateCache,
+) -> tuple[list[float], list[int], list[int]]:
+    """Per window: next-token loss (nats), tokens and bytes of a fitted assembly.
 
     The stream entering every seam and the head is taken from ``cache`` when a chain that
     shares the prefix left it there, else computed and left there.
     """
     items = build_items(fitted.recipe, pool, fitted.adapters)
     seams = [i for i, item in enumerate(items) if not isinstance(item, str)]
-    nats, tokens = 0.0, 0
+    nats: list[float] = []
+    tokens: list[int] = []
     with open_runner(pool, items, options) as run:
         stream = ChainStream(run.runner, pool, items, windows, cache, options)
         for position in seams:
@@ -124,9 +138,9 @@ def chain_loss(
                 FORWARDS.add(1, 1)
                 logp = torch.log_softmax(logits[0, :-1].float(), -1)
                 target = windows.ids[w, 1:].to(logp.device)
-                nats -= float(logp.gather(-1, target[:, None]).sum())
-                tokens += int(target.numel())
-    nbytes = sum(_scored_bytes(windows, w) for w in range(windows.ids.shape[0]))
+                nats.append(-float(logp.gather(-1, target[:, None]).sum()))
+                tokens.append(int(target.numel()))
+    nbytes = [_scored_bytes(windows, w) for w in range(windows.ids.shape[0])]
     return nats, tokens, nbytes
 
 
