@@ -135,7 +135,9 @@ def measure_assembly(
         "bytes_read": result.get("bytes_read"),
         "floor_rss_bytes": doc["floor_rss_bytes"],
         "peak_rss_over_floor_bytes": doc["peak_rss_over_floor_bytes"],
-        "peak_rss_bytes": result.get("peak_rss_bytes"),
+        # VmHWM, reset after the floor: the child's ru_maxrss is not its own (Linux keeps
+        # it across exec, so it starts at the parent's resident set when forked)
+        "peak_rss_bytes": doc["floor_rss_bytes"] + doc["peak_rss_over_floor_bytes"],
         "seconds": result.get("seconds"),
         "n": result.get("n") or result.get("tokens"),
         "score": {m: result.get(m) for m in metrics}

@@ -122,8 +122,7 @@ def assemble_cmd(
     overwrite,
     as_json,
 ) -> None:
-    """Plan the assembly of POOL's blocks that fits --budget best, fit it, write it to --out
-    and measure it within the budget.
+    """Plan the assembly of POOL's blocks that fits --budget best; fit, write and measure it.
 
     The planner maximizes the compatibility along the chain (the comparator's scores with
     --compat, a depth fallback otherwise) under resident bytes of weights + adapters + one
