@@ -796,7 +796,7 @@ def _torch_dtype(name: str):
 def swap_ends_bytes(pool, name: str, *, dtype: str = "fp32") -> int:
     """What a model's embedding and head pin when the swapper serves them in pieces (their
     small tensors and one piece; :func:`blockpool.offload.min_budget` of the two alone)."""
-    from blockpool.offload import min_budget
+    from blockpool import min_budget
 
     ends = [b for b in pool.model(name).blocks if pool.blocks[b].kind != "layer"]
     return min_budget(pool, ends, _torch_dtype(dtype))
