@@ -512,8 +512,9 @@ def markdown(doc) -> str:
     lines = [
         "| budget | method | recipe | bits/byte | "
         + " | ".join(doc["args"]["tasks"])
-        + " | weights resident peak | peak RSS over floor | within |",
-        "|" + "---|" * (6 + len(doc["args"]["tasks"])),
+        + " | weights resident peak | weights within | peak RSS over floor"
+        + " | RSS within budget + max(10%, 32 MB) |",
+        "|" + "---|" * (8 + len(doc["args"]["tasks"])),
     ]
     for r in doc.get("rows", []):
         if "note" in r:
