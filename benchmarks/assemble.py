@@ -104,9 +104,13 @@ def random_chain(cands, rng: random.Random, max_seams: int) -> tuple[str, list[t
     return anchor.name, chain
 
 
-def sample_plans(cands, budget, compat, swap, rng, n, *, near=None, max_seams=4, tries=20000):
-    """``n`` distinct random feasible plans (weights within 15% of ``near``, if given)."""
-    out, seen = [], set()
+def sample_plans(
+    cands, budget, compat, swap, rng, n, *, near=None, max_seams=4, tries=20000, exclude=()
+):
+    """``n`` distinct random feasible plans (weights within 15% of ``near``, if given),
+    none of them one of the plans in ``exclude``."""
+    out = []
+    seen = {(p.recipe.anchor, tuple(p.chain)) for p in exclude}
     for _ in range(tries):
         anchor, chain = random_chain(cands, rng, max_seams)
         if not chain:
@@ -226,7 +230,14 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
         cases: list[tuple[str, Any, Any]] = [("planned", planned.plan, planned.plan.recipe)]
         rng = random.Random(args.seed)
         randoms = sample_plans(
-            cands, budget, compat, swap, rng, 1, near=planned.plan.bytes["weights"]
+            cands,
+            budget,
+            compat,
+            swap,
+            rng,
+            1,
+            near=planned.plan.bytes["weights"],
+            exclude=[planned.plan],
         )
         if randoms:
             cases.append(("random", randoms[0], randoms[0].recipe))
@@ -330,7 +341,9 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
     planned = plan_candidates(cands, budget, 1, compat=compat, seed=args.seed)[0]
-    randoms = sample_plans(cands, budget, compat, None, random.Random(args.seed + 1), args.random)
+    randoms = sample_plans(
+        cands, budget, compat, None, random.Random(args.seed + 1), args.random, exclude=[planned]
+    )
     plans = [planned] + randoms
     print(f"[quality at {format_size(budget)}] planned + {len(randoms)} random recipes", flush=True)
     before = FORWARDS.value
