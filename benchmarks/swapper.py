@@ -68,26 +68,6 @@ def _read_bytes() -> int:
     return 0
 
 
-def _tiny_config(config_dict: dict[str, Any]):
-    """A random model of the same family, tiny: what the warm floor runs once."""
-    from transformers import AutoConfig
-
-    cfg = {k: v for k, v in config_dict.items() if k != "assy_converted_from"}
-    small = {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 32,
-        "vocab_size": 512,
-    }
-    cfg.update({k: v for k, v in small.items() if k in cfg})
-    if cfg.get("layer_types"):
-        cfg["layer_types"] = cfg["layer_types"][:1]
-    return AutoConfig.for_model(**cfg)
-
-
 def _drop(files: list[Path]) -> None:
     for f in files:
         fd = os.open(f, os.O_RDONLY)
@@ -126,12 +106,13 @@ def worker(case: dict[str, Any]) -> dict[str, Any]:
     import transformers
 
     import assy  # noqa: F401 - part of the warm floor
+    from assy.assembly.measure import tiny_config
     from blockpool import Pool, RunOptions, open_runner
 
     pool = Pool(case["pool"])
     model = case["model"]
     tiny = transformers.AutoModelForCausalLM.from_config(
-        _tiny_config(dict(pool.model(model).config))
+        tiny_config(dict(pool.model(model).config))
     )
     with torch.inference_mode():
         tiny(input_ids=torch.ones(1, 4, dtype=torch.long))

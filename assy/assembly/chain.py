@@ -16,7 +16,13 @@ from tqdm import tqdm
 from assy.assembly.adapter import ElasticAdapter
 from assy.assembly.calibration import Windows
 from assy.assembly.recipe import Recipe, SeamSpec, chain_layout, n_layers, width
-from assy.assembly.states import StateCache, block_digest, module_digest, state_key
+from assy.assembly.states import (
+    FORWARDS,
+    StateCache,
+    block_digest,
+    module_digest,
+    prefix_keys,
+)
 from blockpool import Pool, RunOptions, SeamContext
 
 __all__ = [
@@ -66,6 +72,7 @@ def run_tail(runner, items: Sequence, h: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
     for item in items:
         if isinstance(item, str):
+            FORWARDS.add(1, h.shape[0])
             h = runner.run_block(item, h)
         else:
             h = item(h, SeamContext(None, positions, 0, {}))
@@ -108,32 +115,34 @@ class ChainStream:
         self.runner, self.pool, self.items = runner, pool, items
         self.windows, self.cache, self.options = windows, cache, options
         self._inputs = windows.digest()
-        self._known: dict[int, str] = {}  # position -> key of the state held for it
 
     def _digest(self, item) -> str:
         return block_digest(self.pool, item) if isinstance(item, str) else module_digest(item)
 
-    def key(self, position: int) -> str:
+    def keys(self, position: int) -> list[str]:
+        """The cache keys of the stream entering ``items[0..position]`` (adapters read as
+        they are now), one pass over the digests."""
         digests = [self._digest(i) for i in self.items[:position]]
-        return state_key(
+        return prefix_keys(
             self._inputs, digests, causal=self.runner.is_causal, dtype=self.options.dtype
         )
 
+    def key(self, position: int) -> str:
+        return self.keys(position)[position]
+
     def at(self, position: int) -> torch.Tensor:
-        """The stream entering ``items[position]``, ``[n, T, d]``."""
-        key = self.key(position)
-        found = self.cache.get(key)
+        """The stream entering ``items[position]``, ``[n, T, d]``, computed from the deepest
+        state already cached before it: this chain's own, or one another chain sharing
+        this prefix left (same blocks, same adapters: same key)."""
+        keys = self.keys(position)
+        found = self.cache.get(keys[position])
         if found is not None:
-            self._known[position] = key
             return found
         start, base = 0, self.windows.ids
-        for p in sorted(self._known, reverse=True):
-            if (
-                p < position
-                and self.cache.get(self._known[p]) is not None
-                and self.key(p) == self._known[p]
-            ):
-                start, base = p, self.cache.get(self._known[p])
+        for p in range(position - 1, 0, -1):
+            found = self.cache.get(keys[p])
+            if found is not None:
+                start, base = p, found
                 break
         state = run_items(
             self.runner,
@@ -142,6 +151,5 @@ class ChainStream:
             batch_size=self.options.batch_size,
             desc=f"chain {start}->{position}",
         )
-        self.cache.put(key, state)
-        self._known[position] = key
+        self.cache.put(keys[position], state)
         return state

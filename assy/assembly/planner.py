@@ -61,7 +61,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -78,8 +78,11 @@ __all__ = [
     "adapter_nbytes",
     "load_compat",
     "plan_assembly",
+    "plan_candidates",
+    "plan_chain",
     "pool_candidates",
     "quality_prior",
+    "swap_ends_bytes",
 ]
 
 CROSS_TRUST = 0.5  # γ of an unmeasured seam between model lines
@@ -329,11 +332,13 @@ class _Search:
         return compat * c.layer_quality[i] / c.n
 
     # the DP -------------------------------------------------------------------------------
-    def run(self, allowed: set[str], room: int, max_seams: int) -> _Label | None:
-        """The best complete chain using candidates in ``allowed`` within ``room`` bytes
-        (beside the anchor's ends and the working memory)."""
+    def run(self, allowed: set[str], room: int, max_seams: int, top: int = 1) -> list[_Label]:
+        """The ``top`` best complete chains using candidates in ``allowed`` within ``room``
+        bytes (beside the anchor's ends and the working memory), best first. Beyond the
+        first they are the best the Pareto sets hold (a chain dominated at some layer by
+        another of no more bytes and seams is not among them)."""
         fronts: list[list[_Label]] = [[] for _ in self.nodes]
-        best: _Label | None = None
+        best: list[_Label] = []
         for b, (cb, ib) in enumerate(self.nodes):
             if cb.name not in allowed:
                 continue
@@ -379,9 +384,18 @@ class _Search:
                 done = _Label(
                     lab.bytes + extra, lab.seams + k, lab.score - penalty, lab.tie, -1, lab
                 )
-                if best is None or _better(done, best):
-                    best = done
+                _keep(best, done, top)
         return best
+
+
+def _keep(best: list[_Label], label: _Label, k: int) -> None:
+    """Insert ``label`` into ``best`` (best first), keeping at most ``k``."""
+    at = len(best)
+    while at and _better(label, best[at - 1]):
+        at -= 1
+    if at < k:
+        best.insert(at, label)
+        del best[k:]
 
 
 def _better(x: _Label, y: _Label) -> bool:
@@ -454,6 +468,7 @@ def plan_assembly(
     max_seams: int = 4,
     seed: int = 0,
     anchors: Sequence[str] | None = None,
+    swap_ends: Mapping[str, int] | None = None,
 ) -> Plan:
     """The best assembly of ``candidates`` whose resident bytes fit ``budget``.
 
@@ -464,13 +479,46 @@ def plan_assembly(
         max_seams: most adapters in the chain; 0: the best whole single model or variant.
         seed: breaks ties between equally scored chains (same seed, same plan).
         anchors: the models that may give embedding and head (default: every causal one).
+        swap_ends: plan for the swapper (``--allow-swap``): per anchor, the bytes its
+            embedding and head pin when served in pieces (:func:`swap_ends_bytes`). Then
+            the *working set* must fit -- the chain's largest layer, those pinned parts,
+            the adapters and the working memory -- not every weight; the plan's bytes add
+            ``working_set`` and ``read_per_token`` (an estimate: what does not fit beside
+            the working set is read again on every pass).
 
     Raises:
         UsageError: no causal candidate, a negative ``max_seams``, or a budget below the
             smallest runnable assembly (the message names it).
     """
+    return plan_candidates(
+        candidates,
+        budget,
+        1,
+        compat=compat,
+        max_seams=max_seams,
+        seed=seed,
+        anchors=anchors,
+        swap_ends=swap_ends,
+    )[0]
+
+
+def plan_candidates(
+    candidates: Sequence[Candidate],
+    budget: int,
+    k: int,
+    *,
+    compat: CompatTable | None = None,
+    max_seams: int = 4,
+    seed: int = 0,
+    anchors: Sequence[str] | None = None,
+    swap_ends: Mapping[str, int] | None = None,
+) -> list[Plan]:
+    """The ``k`` best plans (best first, distinct recipes) for the measured proxy to rank;
+    see :func:`plan_assembly` for the arguments. The first is :func:`plan_assembly`'s."""
     if max_seams < 0:
         raise UsageError(f"{arg('max_seams')} must be 0 or more, got {max_seams}")
+    if k < 1:
+        raise UsageError(f"{arg('candidates')} must be at least 1, got {k}")
     pool_anchors = [c for c in candidates if c.causal and c.n]
     if anchors is not None:
         pool_anchors = [c for c in pool_anchors if c.name in set(anchors)]
@@ -480,47 +528,146 @@ def plan_assembly(
             "(its tokenizer, embedding and head)"
         )
     layers = [c for c in candidates if c.n]
-    best: tuple[_Label, _Search, int, int] | None = None
+    real = {c.name: c for c in candidates}
+    found: list[tuple[_Label, _Search, int]] = []
     floor: int | None = None
     for anchor in sorted(pool_anchors, key=lambda c: c.name):
         pool_for = layers if max_seams else [anchor]
+        if swap_ends is not None:  # only adapters are held whole; layers pass through
+            pool_for = [replace(c, layer_bytes=(0,) * c.n) for c in pool_for]
+            anchor = next(c for c in pool_for if c.name == anchor.name)
         search = _Search(pool_for, anchor, compat, seed)
-        for level in _work_levels(pool_for):
-            allowed = {c.name for c in pool_for if c.layer_work <= level}
-            fixed = anchor.ends_bytes + level + anchor.logit_work
+        for level, largest in _levels(pool_for, real, swap_ends is not None):
+            allowed = {
+                c.name
+                for c in pool_for
+                if c.layer_work <= level
+                and (swap_ends is None or max(real[c.name].layer_bytes) <= largest)
+            }
+            ends = anchor.ends_bytes if swap_ends is None else swap_ends[anchor.name]
+            fixed = ends + level + anchor.logit_work + largest
             need = _minimum(search, allowed, max_seams)
             if need is not None and (floor is None or fixed + need < floor):
                 floor = fixed + need
             if need is None or fixed + need > budget:
                 continue
-            label = search.run(allowed, budget - fixed, max_seams)
-            if label is None:
-                continue
-            label.score *= anchor.ends_quality
-            if best is None or _better(label, best[0]):
-                best = (label, search, fixed, level)
-    if best is None:
+            for label in search.run(allowed, budget - fixed, max_seams, k):
+                label.score *= anchor.ends_quality
+                found.append((label, search, level))
+    if not found:
         if floor is None:
             raise UsageError(
                 f"no assembly can be made with {arg('max_seams')} {max_seams} from this pool"
             )
+        what = "working set" if swap_ends is not None else "runnable assembly"
         raise UsageError(
-            f"{arg('budget')} {format_size(budget)} is below the smallest runnable assembly "
+            f"{arg('budget')} {format_size(budget)} is below the smallest {what} "
             f"of this pool ({format_size(floor)}: weights, adapters and one forward call's "
             f"working memory); use {arg('budget')} {format_size(floor)} or more"
         )
-    label, search, fixed, level = best
-    return _to_plan(label, search, level, budget)
+    order = sorted(
+        range(len(found)),
+        key=lambda i: _SortKey(found[i][0]),
+    )
+    plans: list[Plan] = []
+    seen: set[tuple] = set()
+    for i in order:
+        label, search, level = found[i]
+        plan = _to_plan(label, search, level, budget, real, swap_ends)
+        key = (plan.recipe.anchor, plan.recipe.slices, plan.recipe.seams)
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
+        if len(plans) == k:
+            break
+    return plans
 
 
-def _to_plan(label: _Label, search: _Search, level: int, budget: int) -> Plan:
+def plan_chain(
+    candidates: Sequence[Candidate],
+    anchor: str,
+    chain: Sequence[tuple[str, int]],
+    budget: int,
+    *,
+    compat: CompatTable | None = None,
+    swap_ends: Mapping[str, int] | None = None,
+) -> Plan:
+    """The :class:`Plan` of a given chain (``(candidate, layer)`` in order, under
+    ``anchor``'s ends), scored and sized as the search scores and sizes its own -- for
+    baselines and random recipes to be compared with the planner's (the budget is not
+    enforced: compare ``plan.bytes`` with it)."""
+    real = {c.name: c for c in candidates}
+    pool_for = [c for c in candidates if c.n]
+    if swap_ends is not None:
+        pool_for = [replace(c, layer_bytes=(0,) * c.n) for c in pool_for]
+    head = next(c for c in pool_for if c.name == anchor)
+    search = _Search(pool_for, head, compat, 0)
+    index = {(c.name, i): k for k, (c, i) in enumerate(search.nodes)}
+    label: _Label | None = None
+    previous = -1
+    for name, i in chain:
+        b = index[(name, i)]
+        value, _, seam = search.step(previous, b)
+        extra = search.nodes[b][0].layer_bytes[i] + search.seam_bytes(previous, b, seam)
+        label = _Label(
+            (label.bytes if label else 0) + extra,
+            (label.seams if label else 0) + int(seam is not None),
+            (label.score if label else 0.0) + search.gain(b, value),
+            0.0,
+            b,
+            label,
+        )
+        previous = b
+    value, _, seam = search.step(previous, -1)
+    done = _Label(
+        (label.bytes if label else 0) + search.seam_bytes(previous, -1, seam),
+        (label.seams if label else 0) + int(seam is not None),
+        ((label.score if label else 0.0) - (1.0 - value) / head.n) * head.ends_quality,
+        0.0,
+        -1,
+        label,
+    )
+    level = max((real[name].layer_work for name, _ in chain), default=head.layer_work)
+    return _to_plan(done, search, level, budget, real, swap_ends)
+
+
+class _SortKey:
+    """Orders labels best first (by :func:`_better`)."""
+
+    def __init__(self, label: _Label) -> None:
+        self.label = label
+
+    def __lt__(self, other: _SortKey) -> bool:
+        return _better(self.label, other.label)
+
+
+def _levels(
+    cands: Sequence[Candidate], real: Mapping[str, Candidate], swap: bool
+) -> list[tuple[int, int]]:
+    """(working memory, largest layer held in flight) levels the search runs at: the
+    largest layer is 0 for resident plans (every layer is counted by the search)."""
+    works = _work_levels(cands)
+    if not swap:
+        return [(w, 0) for w in works]
+    largest = sorted({max(real[c.name].layer_bytes) for c in cands})
+    return [(w, m) for w in works for m in largest]
+
+
+def _to_plan(
+    label: _Label,
+    search: _Search,
+    level: int,
+    budget: int,
+    real: Mapping[str, Candidate],
+    swap_ends: Mapping[str, int] | None = None,
+) -> Plan:
     path: list[int] = []
     node: _Label | None = label.prev
     while node is not None:
         path.append(node.node)
         node = node.prev
     path.reverse()
-    anchor = search.anchor
+    anchor = real[search.anchor.name]
     steps: list[Step] = []
     adapters = 0
     seams: list[SeamSpec] = []
@@ -549,24 +696,31 @@ def _to_plan(label: _Label, search: _Search, level: int, budget: int) -> Plan:
         elif seam is not None:
             seams.append(SeamSpec(len(slices), seam))
         previous = b
-    weights = anchor.ends_bytes + sum(
-        search.nodes[b][0].layer_bytes[search.nodes[b][1]] for b in path
-    )
+    chain = [(search.nodes[b][0].name, search.nodes[b][1]) for b in path]
+    layer_bytes = [real[name].layer_bytes[i] for name, i in chain]
+    weights = anchor.ends_bytes + sum(layer_bytes)
     work = level + anchor.logit_work
     recipe = Recipe(anchor.name, tuple(slices), tuple(seams))
+    sizes = {
+        "weights": weights,
+        "adapters": adapters,
+        "work": work,
+        "total": weights + adapters + work,
+    }
+    if swap_ends is not None:
+        pinned = swap_ends[anchor.name] + adapters + work
+        sizes["working_set"] = pinned + max(layer_bytes, default=0)
+        # what does not fit beside the pinned parts is read again on every pass
+        swappable = weights - swap_ends[anchor.name]
+        sizes["read_per_token"] = max(0, swappable - (budget - pinned))
     return Plan(
         recipe=recipe,
         objective=label.score,
-        bytes={
-            "weights": weights,
-            "adapters": adapters,
-            "work": work,
-            "total": weights + adapters + work,
-        },
+        bytes=sizes,
         seams=len(seams),
         steps=tuple(steps),
         budget=budget,
-        chain=tuple((search.nodes[b][0].name, search.nodes[b][1]) for b in path),
+        chain=tuple(chain),
     )
 
 
@@ -637,3 +791,12 @@ def _torch_dtype(name: str):
     options = RunOptions(dtype=name)
     options.validate()
     return options.torch_dtype
+
+
+def swap_ends_bytes(pool, name: str, *, dtype: str = "fp32") -> int:
+    """What a model's embedding and head pin when the swapper serves them in pieces (their
+    small tensors and one piece; :func:`blockpool.offload.min_budget` of the two alone)."""
+    from blockpool import min_budget
+
+    ends = [b for b in pool.model(name).blocks if pool.blocks[b].kind != "layer"]
+    return min_budget(pool, ends, _torch_dtype(dtype))

@@ -22,13 +22,30 @@ from tqdm import tqdm
 from blockpool import Pool, RunOptions, open_runner
 
 __all__ = [
+    "FORWARDS",
     "StateCache",
     "block_digest",
     "default_cache_dir",
     "module_digest",
     "own_states",
+    "prefix_keys",
     "state_key",
 ]
+
+
+class ForwardCounter:
+    """Block forward passes run in this process, one per block per window (a layer run
+    over a batch of 8 windows counts 8): what a state found in a :class:`StateCache`
+    saves. :data:`FORWARDS` is the process's counter; read it before and after."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def add(self, blocks: int, windows: int) -> None:
+        self.value += blocks * windows
+
+
+FORWARDS = ForwardCounter()
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +75,16 @@ def state_key(inputs: str, items: Sequence[str], *, causal: bool, dtype: str) ->
     for item in items:
         h.update(b"|" + item.encode())
     return h.hexdigest()
+
+
+def prefix_keys(inputs: str, items: Sequence[str], *, causal: bool, dtype: str) -> list[str]:
+    """:func:`state_key` of every prefix of ``items`` (``[0]``: the inputs alone)."""
+    h = hashlib.sha256(f"{inputs}|causal={causal}|{dtype}".encode())
+    keys = [h.copy().hexdigest()]
+    for item in items:
+        h.update(b"|" + item.encode())
+        keys.append(h.copy().hexdigest())
+    return keys
 
 
 class StateCache:
@@ -165,6 +192,7 @@ def own_states(
                     m = mask[s : s + batch].to(runner.device) if mask is not None else None
                     x = state[s : s + batch].to(runner.device)
                     outs.append(runner.run_block(bid, x, attention_mask=m).float().cpu())
+                    FORWARDS.add(1, x.shape[0])
             state = torch.cat(outs)
             if depth in todo:
                 cache.put(key(depth), state)

@@ -1,8 +1,13 @@
-"""``assy assemble``: plan the best assembly that fits a memory budget, then stitch it."""
+"""``assy assemble``: plan the best assembly that fits a memory budget, fit it, measure it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import click
@@ -18,10 +23,8 @@ __all__ = ["assemble_cmd"]
 @click.option(
     "--budget", required=True, help="Memory for weights, adapters and working memory: 4GB, 512MB."
 )
-@click.option(
-    "--data", type=click.Path(path_type=Path), help="Fitting data: text, .jsonl or .json."
-)
-@click.option("--task", type=click.Choice(sorted(TASKS)), help="Fit on a task's validation split.")
+@click.option("--data", type=click.Path(path_type=Path), help="Your data: text, .jsonl or .json.")
+@click.option("--task", type=click.Choice(sorted(TASKS)), help="Or a task's validation split.")
 @click.option(
     "--compat",
     type=click.Path(path_type=Path),
@@ -34,22 +37,66 @@ __all__ = ["assemble_cmd"]
     type=int,
     help="Most adapters in the chain; 0: the best whole single model or variant.",
 )
-@click.option("--samples", default=64, show_default=True, help="Calibration windows.")
+@click.option(
+    "--candidates",
+    default=3,
+    show_default=True,
+    type=int,
+    help="Plans the measured proxy scores on your data (the planner's best, plus the best "
+    "single model); 0: take the planner's best unmeasured.",
+)
+@click.option(
+    "--samples", default=32, show_default=True, help="Calibration windows per candidate fit."
+)
+@click.option(
+    "--score-windows",
+    default=8,
+    show_default=True,
+    help="Held-back windows each candidate's bits per byte is measured on.",
+)
 @click.option(
     "--seq-len", default=256, show_default=True, help="Tokens per window (and per planned call)."
+)
+@click.option(
+    "--fit",
+    "fit_mode",
+    type=click.Choice(["closed-form", "train"]),
+    default="closed-form",
+    show_default=True,
+    help="train: after the closed form, train the chosen plan's adapters (objective hidden).",
+)
+@click.option("--steps", default=20, show_default=True, help="Training steps with --fit train.")
+@click.option(
+    "--allow-swap",
+    is_flag=True,
+    help="Plan for the swapper: the working set (largest layer, pinned parts, adapters, "
+    "working memory) must fit, not every weight; the plan shows the bytes read per token.",
+)
+@click.option(
+    "--measure",
+    default=20,
+    show_default=True,
+    help="Examples (--task) or windows (--data) of the real run within --budget that "
+    "measures the result; 0: skip it.",
 )
 @click.option(
     "--dtype",
     type=click.Choice(["fp32", "bf16", "fp16"]),
     default="fp32",
     show_default=True,
-    help="Compute dtype the bytes are counted at.",
+    help="Compute dtype the bytes are counted at and the assembly runs at.",
 )
+@click.option("--threads", type=int, help="Intra-op threads (default: torch's).")
 @click.option("--seed", default=0, show_default=True, help="Breaks ties between equal plans.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and stop.")
 @click.option("--out", type=click.Path(path_type=Path), help="Assembly directory to write.")
+@click.option(
+    "--png", type=click.Path(path_type=Path), help="The plan's picture (default OUT/plan.png)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the plan (and fit) as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the plan, fit and measurement as JSON."
+)
 @user_errors
 def assemble_cmd(
     pool,
@@ -58,25 +105,41 @@ def assemble_cmd(
     task,
     compat,
     max_seams,
+    candidates,
     samples,
+    score_windows,
     seq_len,
+    fit_mode,
+    steps,
+    allow_swap,
+    measure,
     dtype,
+    threads,
     seed,
     dry_run,
     out,
+    png,
     overwrite,
     as_json,
 ) -> None:
-    """Plan the assembly of POOL's blocks that fits --budget best; fit and write it to --out.
+    """Plan the assembly of POOL's blocks that fits --budget best; fit, write and measure it.
 
-    The plan maximizes the compatibility along the chain (the comparator's scores with
-    --compat, a depth fallback otherwise) under resident bytes of weights + adapters +
-    one forward call's working memory <= --budget. The adapters are then fitted in
-    closed form on --data or --task. --dry-run prints the plan only.
+    The planner maximizes the compatibility along the chain (the comparator's scores with
+    --compat, a depth fallback otherwise) under resident bytes of weights + adapters + one
+    forward call's working memory <= --budget (with --allow-swap: the swapper's working
+    set). Its best --candidates plans and the best single model that fits are then fitted
+    in closed form on the first 80% of --data or --task and scored in bits per byte on the
+    rest; states shared by candidates are computed once. The best is written, then
+    evaluated in a fresh process within --budget: peak resident weights and peak RSS are
+    printed beside the plan's prediction. --dry-run prints the plan only.
     """
-    from assy.assembly import FitOptions, load_fit_data, stitch
-    from assy.assembly.planner import load_compat, plan_assembly, pool_candidates
-    from assy.assembly.states import default_cache_dir
+    from assy.assembly import FitOptions, load_fit_data
+    from assy.assembly.planner import (
+        load_compat,
+        plan_candidates,
+        pool_candidates,
+        swap_ends_bytes,
+    )
     from assy.errors import UsageError
     from blockpool import Pool, parse_size
 
@@ -85,6 +148,11 @@ def assemble_cmd(
         raise UsageError(f"--max-seams must be 0 or more, got {max_seams}")
     if seq_len < 1:
         raise UsageError(f"--seq-len must be at least 1, got {seq_len}")
+    for flag, value in (("--candidates", candidates), ("--measure", measure)):
+        if value < 0:
+            raise UsageError(f"{flag} must be 0 or more, got {value}")
+    if score_windows < 1 or steps < 1:
+        raise UsageError("--score-windows and --steps must be at least 1")
     if not dry_run:
         if out is None:
             raise UsageError("--out is needed to write the assembly (or pass --dry-run)")
@@ -94,78 +162,350 @@ def assemble_cmd(
             raise UsageError("give --data or --task to fit the adapters (or pass --dry-run)")
     fit = FitOptions(samples=samples, seq_len=seq_len, seed=seed)
     fit.validate()
+    fit_data = load_fit_data(data, task) if (data or task) and not dry_run else None
     opened = Pool(pool)
     table = load_compat(compat) if compat is not None else None
     cands = pool_candidates(opened, dtype=dtype, tokens=seq_len)
-    plan = plan_assembly(cands, size, compat=table, max_seams=max_seams, seed=seed)
-    alone = plan if plan.seams == 0 else _single(cands, size, seed)
-    doc = {
+    swap = (
+        {c.name: swap_ends_bytes(opened, c.name, dtype=dtype) for c in cands if c.causal}
+        if allow_swap
+        else None
+    )
+    tic = time.perf_counter()
+    plans = plan_candidates(
+        cands,
+        size,
+        max(candidates, 1),
+        compat=table,
+        max_seams=max_seams,
+        seed=seed,
+        swap_ends=swap,
+    )
+    plan = plans[0]
+    alone = plan if plan.seams == 0 else _single(cands, size, seed, swap)
+    planning = time.perf_counter() - tic
+    doc: dict = {
         "plan": plan.to_json(),
         "single_model": alone.to_json() if alone else None,
         "compatibility": str(compat) if compat else "fallback (no --compat)",
+        "planning_seconds": round(planning, 3),
+        "allow_swap": allow_swap,
     }
-    if not as_json:
-        _print_plan(plan, alone, doc["compatibility"])
+    say = _Say(as_json)
+    say.plan(plan, alone, doc["compatibility"], planning)
+    by_name = {c.name: c for c in cands}
     if dry_run:
+        if png is not None:
+            from assy.assembly.plot import plot_plan
+
+            plot_plan(plan, by_name, png)
+            say.line(f"plan picture: {png}")
         if as_json:
             click.echo(json.dumps(doc))
         return
-    fit_data = load_fit_data(data, task)
-    report = stitch(
+    from assy.assembly.states import FORWARDS, StateCache, default_cache_dir
+
+    cache = StateCache(default_cache_dir())
+    options = _run_options(dtype, threads)
+    start = time.perf_counter()
+    forwards0 = FORWARDS.value
+    if candidates:
+        chosen, scored = _measured_choice(
+            opened, plans, alone, fit_data, fit, score_windows, options, cache, say
+        )
+        doc["candidates"] = [s.to_json() for s in scored]
+        fitted, plan = chosen.fitted, chosen.plan
+        doc["chosen"] = scored.index(chosen)
+    else:
+        from assy.assembly import fit_assembly
+
+        fitted = fit_assembly(opened, plan.recipe, fit_data, fit, options=options, cache=cache)
+    if fit_mode == "train":
+        from dataclasses import replace
+
+        from assy.assembly import fit_assembly
+
+        say.line(f"training the adapters: objective hidden, {steps} steps")
+        trained = replace(fit, objective="hidden", steps=steps)
+        fitted = fit_assembly(
+            opened,
+            plan.recipe,
+            _fit_part(fit_data) if candidates else fit_data,
+            trained,
+            options=options,
+            cache=cache,
+            log=say.line,
+        )
+    doc["forwards"] = FORWARDS.value - forwards0
+    doc["fit_seconds"] = round(time.perf_counter() - start, 2)
+    fitted.report["plan"] = plan.to_json()
+    if candidates:
+        fitted.report["candidates"] = doc["candidates"]
+    doc["plan"] = plan.to_json()
+    measured = _write_and_measure(
         opened,
-        plan.recipe,
-        fit_data,
+        plan,
+        fitted,
+        by_name,
         out,
-        fit,
-        overwrite=overwrite,
-        cache_dir=default_cache_dir(),
-        log=(lambda _m: None) if as_json else click.echo,
+        png,
+        overwrite,
+        size,
+        task,
+        fit_data,
+        measure,
+        seq_len,
+        dtype,
+        threads,
+        say,
     )
+    doc["measured"] = measured
+    doc["out"] = str(out)
     if as_json:
-        click.echo(json.dumps({**doc, "fit": report}, default=str))
+        click.echo(json.dumps(doc, default=str))
         return
-    click.echo(f"wrote {out} (adapters fitted in closed form in {report['seconds']:.0f} s)")
+    say.line(
+        f"wrote {out} ({plan.seams} adapters; {doc['forwards']:,} block passes over "
+        f"windows in {doc['fit_seconds']:.0f} s)"
+    )
 
 
-def _single(cands, size, seed):
+class _Say:
+    """Lines for the user: stdout, or stderr (through rich, plain in pipes) with --json."""
+
+    def __init__(self, as_json: bool) -> None:
+        from rich.console import Console
+
+        self.as_json = as_json
+        self.console = Console(file=sys.stderr, highlight=False) if as_json else None
+
+    def line(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text, markup=False, soft_wrap=True)
+        else:
+            click.echo(text)
+
+    def plan(self, plan, alone, source: str, seconds: float) -> None:
+        if self.as_json:
+            return
+        _print_plan(plan, alone, source, seconds, self.line)
+
+
+def _run_options(dtype: str, threads):
+    from blockpool import RunOptions
+
+    options = RunOptions(dtype=dtype, threads=threads, batch_size=4)
+    options.validate()
+    return options
+
+
+def _fit_part(data):
+    from dataclasses import replace
+
+    from assy.assembly.proxy import SCORE_SHARE, split_text
+
+    text, _ = split_text(data.text)
+    return replace(data, text=text, source={**data.source, "held_back": SCORE_SHARE})
+
+
+def _measured_choice(pool, plans, alone, data, fit, score_windows, options, cache, say):
+    """Score the plans (and the best single model) on the held-back data; the best wins."""
+    from assy.assembly.proxy import score_plans
+
+    todo = list(plans)
+    if alone is not None and all(p.recipe != alone.recipe for p in todo):
+        todo.append(alone)
+    say.line(
+        f"measuring {len(todo)} candidates on your data: closed-form fit on 80%, bits per "
+        f"byte on {score_windows} windows of the last 20%"
+    )
+
+    def done(i, s) -> None:
+        kind = "single model" if s.plan.seams == 0 else f"{s.plan.seams} seams"
+        say.line(
+            f"  [{i + 1}/{len(todo)}] {_short(s.plan)} ({kind}, objective "
+            f"{s.plan.objective:.3f}): {s.bits_per_byte:.4f} bits/byte, "
+            f"{s.forwards:,} block passes run, {s.seconds:.0f} s"
+        )
+
+    scored = score_plans(
+        pool,
+        todo,
+        data,
+        fit,
+        score_windows=score_windows,
+        options=options,
+        cache=cache,
+        done=done,
+    )
+    best = min(scored, key=lambda s: s.bits_per_byte)
+    say.line(f"  chosen: [{scored.index(best) + 1}] {_short(best.plan)}")
+    return best, scored
+
+
+def _short(plan) -> str:
+    parts = []
+    for s in plan.recipe.slices:
+        a, b = s.layers
+        parts.append(f"{s.source} {a}-{b}")
+    return f"{plan.recipe.anchor}: " + ", ".join(parts)
+
+
+def _write_and_measure(
+    pool,
+    plan,
+    fitted,
+    by_name,
+    out,
+    png,
+    overwrite,
+    size,
+    task,
+    data,
+    measure,
+    seq_len,
+    dtype,
+    threads,
+    say,
+):
+    """Write the assembly (and its picture) beside ``out``, measure it there within the
+    budget, then rename it into place: all or nothing."""
+    from assy.assembly import write_assembly
+    from assy.assembly.measure import measure_assembly
+    from assy.assembly.plot import plot_plan
+    from blockpool import format_size
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.assemble.", dir=out.parent))
+    try:
+        staged = stage / out.name
+        write_assembly(staged, fitted)
+        plot_plan(plan, by_name, staged / "plan.png")
+        measured = None
+        if measure:
+            say.line(
+                f"measuring the assembly within {format_size(size)} in a fresh process "
+                f"({task or 'perplexity'}, {measure} {'examples' if task else 'windows'})"
+            )
+            if task:
+                measured = measure_assembly(
+                    pool.root,
+                    staged,
+                    size,
+                    task=task,
+                    limit=measure,
+                    dtype=dtype,
+                    threads=threads or 1,
+                )
+            else:
+                from assy.assembly.proxy import split_text
+
+                text = stage / "heldback.txt"
+                text.write_text(split_text(data.text)[1])
+                measured = measure_assembly(
+                    pool.root,
+                    staged,
+                    size,
+                    task="perplexity",
+                    data=text,
+                    tokens=measure * seq_len,
+                    window=seq_len,
+                    dtype=dtype,
+                    threads=threads or 1,
+                )
+            (staged / "measured.json").write_text(json.dumps(measured, indent=1))
+            _print_measured(plan, measured, say.line)
+        if png is not None:
+            png = Path(png)
+            shutil.copyfile(staged / "plan.png", png)
+        if out.exists():
+            if not overwrite:
+                from assy.errors import UsageError
+
+                raise UsageError(f"{out} exists; choose another --out or pass --overwrite")
+            old = stage / "old"
+            os.replace(out, old)
+        os.replace(staged, out)
+        say.line(f"plan picture: {png or out / 'plan.png'}")
+        return measured
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _print_measured(plan, m, line) -> None:
+    from blockpool import format_size
+
+    def fmt(v):
+        return format_size(v) if v is not None else "n/a"
+
+    b = plan.bytes
+    line(
+        f"  predicted: weights {fmt(b['weights'])} + adapters {fmt(b['adapters'])} + "
+        f"working memory {fmt(b['work'])} = {fmt(b['total'])} of {fmt(plan.budget)}"
+    )
+    line(
+        f"  measured:  weights resident peak {fmt(m['weights_resident_peak_bytes'])}, budget "
+        f"used peak {fmt(m['budget_used_peak_bytes'])}, peak RSS {fmt(m['peak_rss_bytes'])} "
+        f"({fmt(m['peak_rss_over_floor_bytes'])} over a warm floor of "
+        f"{fmt(m['floor_rss_bytes'])}), read {fmt(m['bytes_read'])} in {m['seconds']:.0f} s"
+    )
+    score = ", ".join(
+        f"{k} {v:.4f} ± {m['score'][k + '_stderr']:.4f}"
+        for k, v in m["score"].items()
+        if not k.endswith("_stderr") and v is not None and m["score"].get(k + "_stderr") is not None
+    )
+    if score:
+        line(
+            f"  score on {m['n']} {'examples' if m['task'] != 'perplexity' else 'tokens'}: {score}"
+        )
+
+
+def _single(cands, size, seed, swap):
     from assy.assembly.planner import plan_assembly
     from assy.errors import UsageError
 
     try:
-        return plan_assembly(cands, size, max_seams=0, seed=seed)
+        return plan_assembly(cands, size, max_seams=0, seed=seed, swap_ends=swap)
     except UsageError:
         return None
 
 
-def _print_plan(plan, alone, source: str) -> None:
+def _print_plan(plan, alone, source: str, seconds: float, line) -> None:
     from blockpool import format_size
 
     b = plan.bytes
-    click.echo(
+    line(
         f"plan for {format_size(plan.budget)}: anchor {plan.recipe.anchor}, "
         f"{len(plan.chain)} layers, {plan.seams} seams, objective {plan.objective:.3f} "
-        f"(compatibility: {source})"
+        f"(compatibility: {source}; planned in {seconds:.2f} s)"
     )
-    click.echo(
+    line(
         f"  resident {format_size(b['total'])} = weights {format_size(b['weights'])} + "
         f"adapters {format_size(b['adapters'])} + working memory {format_size(b['work'])}"
     )
+    if "working_set" in b:
+        line(
+            f"  --allow-swap: working set {format_size(b['working_set'])} of "
+            f"{format_size(plan.budget)}; expected read per token "
+            f"{format_size(b['read_per_token'])}"
+        )
     for k, s in enumerate(plan.recipe.slices):
         seam = plan.recipe.seam_at(k)
         if seam is not None:
-            click.echo(f"  seam {k}: {seam.kind}")
-        click.echo(f"  slice {k}: {s}")
+            line(f"  seam {k}: {seam.kind}")
+        line(f"  slice {k}: {s}")
     seam = plan.recipe.seam_at(len(plan.recipe.slices))
     if seam is not None:
-        click.echo(f"  seam {len(plan.recipe.slices)}: {seam.kind} (into the head)")
+        line(f"  seam {len(plan.recipe.slices)}: {seam.kind} (into the head)")
     sources: dict[str, int] = {}
     for step in plan.steps:
         sources[step.source] = sources.get(step.source, 0) + 1
-    click.echo("  transitions: " + ", ".join(f"{n} {k}" for k, n in sorted(sources.items())))
+    line("  transitions: " + ", ".join(f"{n} {k}" for k, n in sorted(sources.items())))
     if alone is None:
-        click.echo("  no whole single model or variant fits this budget")
+        line("  no whole single model or variant fits this budget")
     elif alone is not plan:
-        click.echo(
+        line(
             f"  best single model that fits: {alone.recipe.anchor} "
             f"({format_size(alone.bytes['total'])}, objective {alone.objective:.3f})"
         )

@@ -332,9 +332,24 @@ class _RunnerEngine(_Engine):
             cols.append(c + start)
         row, col = torch.cat(rows), torch.cat(cols)
         head = self.runner.fetch(self.runner.block_ids[-1])
-        lp, top = head_logprobs(
-            head, torch.cat(hidden), targets[row, col], vocab=self.vocab, head_bytes=self.head_bytes
-        )
+        memory = self.runner.memory
+        if memory is None:
+            lp, top = head_logprobs(
+                head,
+                torch.cat(hidden),
+                targets[row, col],
+                vocab=self.vocab,
+                head_bytes=self.head_bytes,
+            )
+            return row, lp, top.cpu(), cache
+        # within a budget a group's float32 logits and their log_softmax count against it
+        # (a third of the room at most: a head served in pieces needs its chunk beside)
+        group = min(self.head_bytes, max(4 * self.vocab, memory.room() // 3))
+        rows_per = max(1, group // (4 * self.vocab))
+        with memory.reserve(2 * rows_per * 4 * self.vocab, working=True):
+            lp, top = head_logprobs(
+                head, torch.cat(hidden), targets[row, col], vocab=self.vocab, head_bytes=group
+            )
         return row, lp, top.cpu(), cache
 
     def _pieces(self, shape: torch.Size) -> list[tuple[int, int]]:
