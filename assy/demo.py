@@ -4,7 +4,10 @@ Builds a pool from SmolLM2-135M, Gemma-3-270M and all-MiniLM-L6-v2, verifies it,
 evaluates every model from its blocks: perplexity on held-out Wikipedia prose and zero-shot
 PIQA for the decoders, sentence similarity for the encoder. Then it stitches an assembly --
 SmolLM2 with its layers 18-23 replaced by Gemma3's layers 11-13, adapters fitted in closed
-form on other passages -- and scores it on the same held-out text. Last, a small federation
+form on other passages -- and scores it on the same held-out text. ``assy compare`` scores
+every pair of layers (CKA + KL, forward passes only) and ``assy assemble`` plans, with those
+scores, the best assembly under a 520MB budget at fp32 (SmolLM2 whole needs ~594 MB), fits
+it and measures it within the budget in a fresh process. Last, a small federation
 (``assy federate``'s FedIT on ARC-Easy: 10 clients, 2 per round, Flower's simulation
 engine) trains a LoRA adapter of SmolLM2-135M from the same pool.
 """
@@ -71,7 +74,7 @@ def _stitch_step(
 
     fit = FitOptions(samples=32, seq_len=256)
     log(
-        f"[3/{steps}] stitching smollm2-135m layers 18-23 <- gemma3-270m layers 11-13 (closed form)"
+        f"[4/{steps}] stitching smollm2-135m layers 18-23 <- gemma3-270m layers 11-13 (closed form)"
     )
     recipe = plan_replacements(pool, "smollm2-135m", [((18, 23), "gemma3-270m:11-13")])
     data = FitData(
@@ -100,6 +103,55 @@ def _stitch_step(
         "fit_seconds": report["seconds"],
         "seams": report["seams"],
     }
+
+
+def _assy_json(args: list[str]) -> dict[str, Any]:
+    """Run an ``assy`` command in a fresh process with ``--json`` (its progress bars on
+    stderr pass through); its JSON document, or a :class:`UsageError` with its message."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "assy.cli", *args, "--json"], stdout=subprocess.PIPE, text=True
+    )
+    if done.returncode:
+        raise UsageError(f"assy {args[0]} failed (exit {done.returncode}); see above")
+    return json.loads(done.stdout)
+
+
+def _compare_step(out: Path, text: Path, log, step: str) -> dict[str, Any]:
+    """``assy compare`` on 64 held-out passages: the layers' compatibility for the planner."""
+    log(f"[{step}] comparing every layer of the three models (CKA + KL, forward passes only)")
+    tic = time.perf_counter()
+    doc = _assy_json(["compare", str(out / "pool"), "--data", str(text), "--samples", "64",
+                      "--max-tokens", "64", "--out", str(out / "compare")])  # fmt: skip
+    best = doc["top_seams"][0]
+    log(
+        f"      {len(doc['blocks'])} layer blocks in {time.perf_counter() - tic:.0f} s; most "
+        f"compatible cross-model seam {best['from']} -> {best['to']} "
+        f"(compatibility {best['compatibility']:.3f})"
+    )
+    return {"dir": str(out / "compare"), "top_seam": best}
+
+
+def _assemble_step(out: Path, text: Path, budget: str, log, step: str) -> dict[str, Any]:
+    """``assy assemble`` under ``budget`` with the comparator's scores, measured."""
+    log(f"[{step}] assembling the best chain under a {budget} budget (fp32 compute)")
+    doc = _assy_json(["assemble", str(out / "pool"), "--budget", budget, "--data", str(text),
+                      "--compat", str(out / "compare"), "--max-seams", "1", "--candidates", "2",
+                      "--samples", "16", "--seq-len", "128", "--score-windows", "4",
+                      "--measure", "4", "--out", str(out / "assembled"), "--overwrite"])  # fmt: skip
+    recipe, m = doc["plan"]["recipe"], doc["measured"]
+    chain = " + ".join(f"{s['model']} {s['layers'][0]}-{s['layers'][1]}" for s in recipe["slices"])
+    log(
+        f"      {recipe['anchor']}: {chain}, {len(recipe['seams'])} seam(s); predicted "
+        f"{doc['plan']['bytes']['total'] / 1e6:.1f} MB; measured weights peak "
+        f"{m['weights_resident_peak_bytes'] / 1e6:.1f} MB, budget used "
+        f"{m['budget_used_peak_bytes'] / 1e6:.1f} MB, peak RSS "
+        f"{m['peak_rss_over_floor_bytes'] / 1e6:.1f} MB over the floor; perplexity "
+        f"{m['score']['perplexity']:.2f}"
+    )
+    return {"dir": doc["out"], "recipe": recipe, "measured": m}
 
 
 def run_demo(
@@ -136,7 +188,7 @@ def run_demo(
         raise UsageError(f"{arg('out')} {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    steps = 5 if fed_rounds else 4
+    steps = 7 if fed_rounds else 6
     log(f"[1/{steps}] building the pool ({', '.join(BUILTIN_MODELS)}, {dtype}) in {out / 'pool'}")
     build_pool(list(BUILTIN_MODELS), out / "pool", dtype=dtype)
     pool = Pool(out / "pool")
@@ -155,9 +207,11 @@ def run_demo(
                 row = _sentence_similarity(run.runner, pool.tokenizer(name))
         results["models"][name] = row
         log(f"      {name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    results["compare"] = _compare_step(out, text, log, f"3/{steps}")
     results["assembly"] = _stitch_step(pool, out, text, max_tokens, options, log, steps)
+    results["assembled"] = _assemble_step(out, text, "520MB", log, f"5/{steps}")
     if fed_rounds:
-        log(f"[4/{steps}] a small federation: FedIT on ARC-Easy, {fed_rounds} rounds")
+        log(f"[6/{steps}] a small federation: FedIT on ARC-Easy, {fed_rounds} rounds")
         results["federation"] = _federate(out, fed_rounds, log)
     results["seconds"] = time.perf_counter() - start
     results["peak_rss_bytes"] = peak_rss_bytes()

