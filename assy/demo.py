@@ -123,8 +123,9 @@ def _compare_step(out: Path, text: Path, log, step: str) -> dict[str, Any]:
     """``assy compare`` on 64 held-out passages: the layers' compatibility for the planner."""
     log(f"[{step}] comparing every layer of the three models (CKA + KL, forward passes only)")
     tic = time.perf_counter()
-    doc = _assy_json(["compare", str(out / "pool"), "--data", str(text), "--samples", "64",
-                      "--max-tokens", "64", "--out", str(out / "compare")])  # fmt: skip
+    _assy_json(["compare", str(out / "pool"), "--data", str(text), "--samples", "64",
+                "--max-tokens", "64", "--out", str(out / "compare")])  # fmt: skip
+    doc = json.loads((out / "compare" / "compare.json").read_text())
     best = doc["top_seams"][0]
     log(
         f"      {len(doc['blocks'])} layer blocks in {time.perf_counter() - tic:.0f} s; most "
