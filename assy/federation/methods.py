@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from flwr.app import Message, RecordDict
 
-from assy.assembly.recipe import recipe_from_dict, recipe_to_dict
-from assy.federation import task
+from assy.assembly.recipe import recipe_from_dict
+from assy.federation import selection, task
 from assy.federation.config import FederationConfig
 from assy.federation.records import (
     ARRAYS,
@@ -157,19 +157,18 @@ class AssyRounds:
     """
 
     def __init__(self, cfg, pool, anchor, data, state: ServerState) -> None:
-        from assy.federation import selection
-
         self.cfg, self.pool, self.test = cfg, pool, data.test
         self.prepare(cfg, pool, state)
         self.shares = {t["name"]: t["share"] for t in state.facts["tiers"]}
         facts = state.facts["assy"]
         self.proposals = {t: [c["key"] for c in cs] for t, cs in facts["proposals"].items()}
-        self.recipes = selection.recipes_from_json(
-            json.dumps({c["key"]: c["recipe"] for cs in facts["proposals"].values() for c in cs})
-        )
+        self.recipes = {
+            c["key"]: recipe_from_dict(c["recipe"], f"candidate {c['key']}")
+            for cs in facts["proposals"].values()
+            for c in cs
+        }
         self.chosen: dict[str, str] = facts["chosen"]
         self.global_state = dict(state.global_state)
-        self._scores: dict[str, dict[str, float]] = {}
         self._phase = "select"
 
     @staticmethod
@@ -178,7 +177,6 @@ class AssyRounds:
         (``facts["assy"]`` and the global state), so that a resumed run, and the server
         after ``check_run`` did it before the engine started, reuse them."""
         from assy.data import heldout_text
-        from assy.federation import selection
 
         if "assy" not in state.facts:
             tiers = {t["name"]: t["budget"] for t in state.facts["tiers"]}
@@ -196,10 +194,9 @@ class AssyRounds:
                 for cs in state.facts["assy"]["proposals"].values()
                 for c in cs
             }
-            fits = [selection.Candidate(k, r, 0.0, len(r.seams), 0) for k, r in seen.items()]
-            log(f"fitting the adapters of {sum(bool(f.recipe.seams) for f in fits)} candidates "
+            log(f"fitting the adapters of {sum(bool(r.seams) for r in seen.values())} candidates "
                 "in closed form on public text ...")  # fmt: skip
-            state.global_state = selection.fit_candidates(pool, fits, cfg, heldout_text(200_000))
+            state.global_state = selection.fit_candidates(pool, seen, cfg, heldout_text(200_000))
 
     def takes_part(self, tier: str) -> bool:
         """Whether clients of ``tier`` have a candidate (their budget holds an assembly)."""
@@ -223,9 +220,7 @@ class AssyRounds:
             config["proposals"] = json.dumps(
                 {t: [k] for t, k in sorted(self._current().items())}, sort_keys=True
             )
-        config["recipes"] = json.dumps(
-            {k: recipe_to_dict(self.recipes[k]) for k in sorted(keys)}, sort_keys=True
-        )
+        config["recipes"] = selection.recipes_json({k: self.recipes[k] for k in keys})
         arrays = {k: v for k, v in self.global_state.items() if k.split("/", 1)[0] in keys}
         config["phase"] = self._phase
         content = RecordDict({CONFIG: config})
@@ -258,7 +253,6 @@ class AssyRounds:
         choices = aggregate_votes(kept)
         for tier, chosen in choices.items():
             self.chosen[tier] = chosen.choice
-        self._scores = {t: dict(c.mean_scores) for t, c in choices.items()}
         return {
             "accepted": [v.client for v in kept],
             "rejected": [vars(r) for r in sorted(rejected + screened, key=lambda r: r.client)],
@@ -271,8 +265,6 @@ class AssyRounds:
         }
 
     def _aggregate_adapters(self, replies: dict[int, Message], pop: Population) -> dict[str, Any]:
-        from assy.federation import selection
-
         current = self._current()
         by_key: dict[str, list[Update]] = {}
         rejected = []
@@ -313,8 +305,6 @@ class AssyRounds:
 
     def evaluate(self, state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Held-out accuracy of every tier's current assembly, and their share-weighted mean."""
-        from assy.federation import selection
-
         by_key: dict[str, dict[str, float]] = {}
         per_tier = {}
         for tier, key in sorted(self._current().items()):
@@ -335,7 +325,6 @@ class AssyRounds:
     def finish(self, out: Path) -> Path:
         """``out/final``: one assembly directory per tier's recipe, and ``recipe.json``."""
         from assy.assembly.assemble import Fitted, write_assembly
-        from assy.federation import selection
 
         final, tmp = out / "final", out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -126,9 +126,10 @@ def propose(
 
 
 def fit_candidates(
-    pool, candidates: Sequence[Candidate], cfg: FederationConfig, text: str
+    pool, recipes: Mapping[str, Recipe], cfg: FederationConfig, text: str
 ) -> dict[str, torch.Tensor]:
-    """Closed-form adapters of every candidate, fitted on public ``text`` (no client data).
+    """Closed-form adapters of every candidate (key -> recipe), fitted on public ``text``
+    (no client data).
 
     Returns:
         The flat state of all candidates' adapters (:func:`flat_state`).
@@ -139,12 +140,10 @@ def fit_candidates(
     state: dict[str, torch.Tensor] = {}
     seq_len = max(8, min(cfg.max_length, 256))
     options = FitOptions(samples=cfg.fit_samples, seq_len=seq_len, seed=cfg.seed)
-    for c in {c.key: c for c in candidates}.values():
-        if not c.recipe.seams:
-            continue
-        data = FitData(text=text, source={"public": "heldout text", "chars": len(text)})
-        fitted = fit_assembly(pool, c.recipe, data, options)
-        state |= flat_state(c.key, fitted.adapters)
+    data = FitData(text=text, source={"public": "heldout text", "chars": len(text)})
+    for key, recipe in recipes.items():
+        if recipe.seams:
+            state |= flat_state(key, fit_assembly(pool, recipe, data, options).adapters)
     return state
 
 
@@ -326,9 +325,9 @@ def adapt_round(
     return flat_state(key, adapters, trainable=True), metrics
 
 
-def recipes_json(candidates: Mapping[str, Candidate]) -> str:
-    """Candidates' recipes as one JSON string (a ConfigRecord value)."""
-    return json.dumps({k: recipe_to_dict(c.recipe) for k, c in sorted(candidates.items())})
+def recipes_json(recipes: Mapping[str, Recipe]) -> str:
+    """Recipes (key -> recipe) as one JSON string (a ConfigRecord value)."""
+    return json.dumps({k: recipe_to_dict(r) for k, r in sorted(recipes.items())}, sort_keys=True)
 
 
 def recipes_from_json(text: str) -> dict[str, Recipe]:
