@@ -2,7 +2,8 @@
 in this process by a grid that calls the handlers (the engines are tested for fedit).
 
 Two tiers: one without a limit, one whose budget holds no whole model, so its candidates
-are assemblies with seams. A selection round (forward only, within each tier's budget),
+are assemblies with seams; the planner scores seams with an ``assy compare`` output of the
+pool (``--compat``). A selection round (forward only, within each tier's budget),
 then adapter rounds (FedAvg per recipe); the final assemblies load and run.
 """
 
@@ -96,7 +97,9 @@ def _tiers(pool: Path, path: Path) -> Path:
     return path
 
 
-def test_assy_selects_per_tier_then_trains_and_averages_adapters(two_family_fed, tmp_path):
+def test_assy_selects_per_tier_then_trains_and_averages_adapters(
+    two_family_fed, compared, tmp_path
+):
     from assy.assembly import load_assembly
     from assy.federation import task
     from assy.federation.server import run_server
@@ -108,12 +111,14 @@ def test_assy_selects_per_tier_then_trains_and_averages_adapters(two_family_fed,
         pool=str(pool), task="arc_easy", method="assy", rounds=3, out=str(tmp_path / "run"),
         data=str(data), clients=4, per_round=4, tiers=str(_tiers(pool, tmp_path / "t.json")),
         local_steps=3, max_length=64, fit_samples=8, candidates=2, test_limit=24,
+        compat=str(compared / "all"),
     )  # fmt: skip
     grid = InProcessGrid(cfg.clients)
     lines: list[str] = []
     state = run_server(grid, cfg, lines.append)
     history = state.history
     assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert state.facts["assy"]["compatibility"] == cfg.compat  # the server planned with it
     proposals = state.facts["assy"]["proposals"]
     assert set(proposals) == {"big", "small"}
     small = proposals["small"]
@@ -143,6 +148,7 @@ def test_assy_selects_per_tier_then_trains_and_averages_adapters(two_family_fed,
 
     final = Path(cfg.out) / "final"
     summary = json.loads((final / "recipe.json").read_text())
+    assert summary["compatibility"] == cfg.compat
     opened = Pool(pool)
     for tier, entry in summary["tiers"].items():
         assembly = load_assembly(opened, final / entry["assembly"])
@@ -162,3 +168,80 @@ def test_assy_needs_a_round_after_selection(two_family_fed, tmp_path):
             pool=str(pool), task="arc_easy", method="assy", rounds=1, out=str(tmp_path),
             data=str(data),
         )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compared(two_family_fed, tmp_path_factory):
+    """``assy compare`` outputs of the tiny pool, made by the comparator: every model, and
+    the Llama alone (an output that does not cover the pool)."""
+    from assy.comparator import compare_pool
+
+    pool, _ = two_family_fed
+    out = tmp_path_factory.mktemp("compare")
+    texts = [f"{r['context']}{r['choices'][r['label']]}" for r in synthetic_examples(16)]
+    for name, models in (("all", None), ("llama", ["llama"])):
+        compare_pool(pool, out / name, texts, models=models, max_tokens=16, progress=False)
+    return out
+
+
+def test_assy_proposals_follow_compat(two_family_fed, compared, tmp_path):
+    """With --compat the planner scores seams by the comparator, not by depth: a chain the
+    fallback proposes (gemma3's ends around Llama's layers) is no longer proposed."""
+    from assy.assembly.planner import load_compat, plan_assembly, pool_candidates
+    from assy.federation.selection import propose
+    from blockpool import Pool
+
+    pool, data = two_family_fed
+    opened = Pool(pool)
+    cands = {c.name: c for c in pool_candidates(opened, tokens=64)}
+    whole = {n: c.bytes + c.layer_work + c.logit_work for n, c in cands.items()}
+    # room for Llama (2 layers) whole, not for gemma3 (3 layers) whole
+    budgets = {"mid": (whole["llama"] + whole["gemma3"]) // 2}
+    base = dict(
+        pool=str(pool), task="arc_easy", method="assy", rounds=2, out=str(tmp_path / "run"),
+        data=str(data), clients=4, per_round=4, max_length=64, candidates=4,
+    )  # fmt: skip
+    fallback = propose(opened, budgets, FederationConfig(**base))["mid"]
+    scored = propose(opened, budgets, FederationConfig(**base, compat=str(compared / "all")))["mid"]
+
+    def recipe(c):
+        return c.recipe.anchor, [(s.source, s.layers) for s in c.recipe.slices]
+
+    crossed = ("gemma3", [("llama", (0, 1))])
+    assert crossed in [recipe(c) for c in fallback]
+    assert crossed not in [recipe(c) for c in scored]
+    # the comparator's scores, not the depth fallback's, rank what is proposed
+    table = load_compat(compared / "all")
+    for c in scored:
+        plan = plan_assembly(
+            list(cands.values()), budgets["mid"], compat=table, max_seams=c.seams,
+            anchors=[c.recipe.anchor],
+        )  # fmt: skip
+        assert c.score == pytest.approx(plan.objective)
+    before = {c.key: c.score for c in fallback}
+    assert any(c.seams and c.score != pytest.approx(before[c.key]) for c in scored)
+
+
+def test_assy_compat_bad_input_is_one_line_before_anything_starts(
+    two_family_fed, compared, tmp_path
+):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+
+    pool, data = two_family_fed
+    out = tmp_path / "run"
+    args = ["federate", str(pool), "--task", "arc_easy", "--rounds", "2", "--clients", "4",
+            "--per-round", "4", "--data", str(data), "--out", str(out)]  # fmt: skip
+    cases = [
+        ("assy", tmp_path / "nowhere", "no comparator output"),
+        ("assy", data, "not a comparator output"),
+        ("assy", compared / "llama", "no comparator scores for the layer blocks of gemma3"),
+        ("fedit", compared / "all", "use it with --method assy"),
+    ]
+    for method, compat, message in cases:
+        result = CliRunner().invoke(cli, [*args, "--method", method, "--compat", str(compat)])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "--compat" in lines[0], lines
+        assert "Traceback" not in result.output and not out.exists()

@@ -75,7 +75,9 @@ __all__ = [
     "Candidate",
     "CompatTable",
     "Plan",
+    "FALLBACK",
     "adapter_nbytes",
+    "compat_source",
     "load_compat",
     "plan_assembly",
     "plan_candidates",
@@ -83,9 +85,11 @@ __all__ = [
     "pool_candidates",
     "quality_prior",
     "swap_ends_bytes",
+    "uncovered_models",
 ]
 
 CROSS_TRUST = 0.5  # γ of an unmeasured seam between model lines
+FALLBACK = "fallback (no --compat)"  # the compatibility source recorded without --compat
 _QUALITY = {"fp32": 1.0, "bf16": 1.0, "fp16": 1.0, "int8": 0.964, "nf4": 0.888, "fp4": 0.888}
 _EPS = 1e-12
 
@@ -175,6 +179,27 @@ def load_compat(path: str | Path) -> CompatTable:
     except (SafetensorError, KeyError, ValueError, OSError) as e:
         raise UsageError(f"{path}: not a comparator output ({e})") from None
     return CompatTable(blocks, matrix.double().tolist())
+
+
+def compat_source(path: str | Path | None) -> str:
+    """Which compatibility a plan used, as the outputs record it: the compare output's
+    path, or :data:`FALLBACK`."""
+    return str(path) if path else FALLBACK
+
+
+def uncovered_models(table: CompatTable, candidates: Sequence[Candidate]) -> list[str]:
+    """The candidates with a layer block the comparator did not score (a variant's block
+    counts as scored when its parent's is, as the planner looks it up)."""
+    by_name = {c.name: c for c in candidates}
+    missing = []
+    for c in candidates:
+        root = by_name.get(c.root)
+        parents = root.layer_ids if root is not None and root.n == c.n else (None,) * c.n
+        if any(
+            b not in table and p not in table for b, p in zip(c.layer_ids, parents, strict=True)
+        ):
+            missing.append(c.name)
+    return missing
 
 
 @lru_cache(maxsize=64)

@@ -135,6 +135,7 @@ def assemble_cmd(
     """
     from assy.assembly import FitOptions, load_fit_data
     from assy.assembly.planner import (
+        compat_source,
         load_compat,
         plan_candidates,
         pool_candidates,
@@ -187,7 +188,7 @@ def assemble_cmd(
     doc: dict = {
         "plan": plan.to_json(),
         "single_model": alone.to_json() if alone else None,
-        "compatibility": str(compat) if compat else "fallback (no --compat)",
+        "compatibility": compat_source(compat),
         "planning_seconds": round(planning, 3),
         "allow_swap": allow_swap,
     }

@@ -65,6 +65,10 @@ __all__ = ["federate_cmd"]
               help="assy: forward-only selection rounds before the adapter rounds.")  # fmt: skip
 @click.option("--fit-samples", default=32, show_default=True,
               help="assy: public-text windows the server fits candidates' adapters on.")  # fmt: skip
+@click.option("--compat", type=click.Path(path_type=Path),
+              help="assy: an assy compare output of this pool; the planner scores seams with "
+              "its compatibility matrix (as assy assemble --compat). Default: the depth "
+              "fallback.")  # fmt: skip
 @click.option(
     "--sparsities",
     default="0,0.25,0.5,0.75",
@@ -94,14 +98,15 @@ __all__ = ["federate_cmd"]
 )
 @user_errors
 def federate_cmd(
-    pool, out, data, cpus, superlink, root_certificates, insecure, as_json, **settings
+    pool, out, data, compat, cpus, superlink, root_certificates, insecure, as_json, **settings
 ) -> None:
     """Federate on --task: --method assy, fedit, local, or lego (--task dolly).
 
     assy (AssyLLM): the server proposes, per device tier, the planner's best assemblies
     within the tier's budget (adapters fitted in closed form on public text); clients score
     them forward-only on their data within their budget and vote; the winners' adapters
-    are then trained by the clients and averaged.
+    are then trained by the clients and averaged. The planner scores seams with an assy
+    compare output's compatibility (--compat DIR), else with its depth fallback.
 
     fedit: LoRA on the anchor, FedAvg; local: each client alone (the baseline).
 
@@ -121,7 +126,9 @@ def federate_cmd(
     lego = settings["method"] == "lego"
     settings["tiers"] = settings["tiers"] or ("lego" if lego else "seed")
     settings["split"] = settings["split"] or ("fed10" if settings["task"] == "dolly" else "labels")
-    cfg = FederationConfig(pool=str(pool), out=str(out), data=str(data or ""), **settings)
+    cfg = FederationConfig(
+        pool=str(pool), out=str(out), data=str(data or ""), compat=str(compat or ""), **settings
+    )
     summary = check_run(cfg, lambda line: click.echo(line, err=as_json), progress_bars())
     target = SuperLinkTarget(superlink, root_certificates, insecure) if superlink else None
     with RoundProgress(cfg.rounds, stderr=as_json) as progress:
@@ -132,4 +139,9 @@ def federate_cmd(
         rounds = (
             [json.loads(x) for x in written.read_text().splitlines()] if written.is_file() else None
         )
-        click.echo(json.dumps({"run": summary, "out": str(out), "rounds": rounds}))
+        doc = {"run": summary, "out": str(out), "rounds": rounds}
+        if cfg.method == "assy":
+            from assy.assembly.planner import compat_source
+
+            doc["compatibility"] = compat_source(cfg.compat)
+        click.echo(json.dumps(doc))

@@ -82,6 +82,10 @@ class FederationConfig:
         max_seams: ``assy``: the most seams a proposed assembly may have.
         select_rounds: ``assy``: forward-only selection rounds before the adapter rounds.
         fit_samples: ``assy``: public-text windows the server fits candidates' adapters on.
+        compat: ``assy``: an ``assy compare`` output (its directory or
+            ``matrices.safetensors``) whose compatibility matrix the server's planner scores
+            seams with, as ``assy assemble --compat`` does; ``""``: the depth fallback. A
+            path on the host the server runs on (checked by ``check_run``).
         sparsities: ``lego``: the variants' sparsities, taken by the tiers from the largest.
         prune: ``lego``: how the variants are pruned (``sparsegpt``, ``wanda``,
             ``magnitude``).
@@ -117,6 +121,7 @@ class FederationConfig:
     max_seams: int = 2
     select_rounds: int = 1
     fit_samples: int = 32
+    compat: str = ""
     sparsities: str = "0,0.25,0.5,0.75"
     prune: str = "sparsegpt"
     heteagg: str = "masked"
@@ -159,6 +164,8 @@ class FederationConfig:
             raise UsageError(f"--per-round {self.per_round} exceeds --clients {self.clients}")
         if self.max_seams < 0:
             raise UsageError("--max-seams must be 0 or more")
+        if self.compat and self.method != "assy":
+            raise UsageError("--compat scores the assy planner's seams: use it with --method assy")
         if self.method == "assy" and self.rounds <= self.select_rounds:
             raise UsageError(
                 f"--method assy runs {self.select_rounds} selection round(s) before the "

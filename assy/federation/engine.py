@@ -202,8 +202,9 @@ def _finished_rounds(cfg: FederationConfig) -> int:
 
 def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
     """Every user error a run can hit at its start, raised before anything starts or is
-    written: the method, the pool and anchor, the data and its partition, the tiers, and a
-    previous run in ``out`` with other settings; ``lego``'s pruned variants are made here
+    written: the method, the pool and anchor, the data and its partition, the tiers, the
+    ``assy`` planner's compare output (``--compat``), and a previous run in ``out`` with
+    other settings; ``lego``'s pruned variants are made here
     (``progress`` follows the pruning). Returns a one-line summary of the run."""
     from assy.federation import task
     from assy.federation.state import ServerState
@@ -216,6 +217,11 @@ def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
     anchor = task.anchor_model(pool, cfg.anchor)
     data = task.federated_data(cfg)
     tiers = load_tiers(cfg.tiers, list(task.model_bytes(pool).values()))
+    if cfg.compat:  # a bad --compat fails here, not in the server once the engine runs
+        from assy.assembly.planner import pool_candidates
+        from assy.federation.selection import federation_compat
+
+        federation_compat(cfg, pool_candidates(pool, tokens=cfg.max_length))
     state = ServerState.open(cfg)
     if cfg.method == "lego":  # the variants go into the pool once, before any client starts
         from assy.federation.lego import ensure_variants, parse_sparsities
@@ -239,7 +245,14 @@ def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
         f", {cfg.prune} variants at sparsities {cfg.sparsities}, HeteAgg {cfg.heteagg}"
         if cfg.method == "lego" else ""
     )  # fmt: skip
-    what = f"assemblies of {', '.join(sorted(pool.models))}" if cfg.method == "assy" else anchor
+    what = anchor
+    if cfg.method == "assy":
+        from assy.assembly.planner import compat_source
+
+        what = (
+            f"assemblies of {', '.join(sorted(pool.models))} "
+            f"(compatibility: {compat_source(cfg.compat)})"
+        )
     return (
         f"{cfg.method} on {cfg.task} with {what}: {cfg.clients} clients "
         f"({sizes[0]}-{sizes[-1]} examples each, {split}){lego}, "

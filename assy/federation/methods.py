@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from flwr.app import Message, RecordDict
 
+from assy.assembly.planner import compat_source
 from assy.assembly.recipe import recipe_from_dict
 from assy.federation import selection, task
 from assy.federation.config import FederationConfig
@@ -168,6 +169,7 @@ class AssyRounds:
             for c in cs
         }
         self.chosen: dict[str, str] = facts["chosen"]
+        self.compatibility = compat_source(cfg.compat)  # what prepare proposed with
         self.global_state = dict(state.global_state)
         self._phase = "select"
 
@@ -180,8 +182,11 @@ class AssyRounds:
 
         if "assy" not in state.facts:
             tiers = {t["name"]: t["budget"] for t in state.facts["tiers"]}
+            source = compat_source(cfg.compat)
+            log(f"proposing assemblies per tier (compatibility: {source}) ...")
             proposals = selection.propose(pool, tiers, cfg)
             state.facts["assy"] = {
+                "compatibility": source,
                 "proposals": {t: [c.to_json() for c in cs] for t, cs in proposals.items()},
                 "chosen": {},
             }
@@ -338,6 +343,7 @@ class AssyRounds:
         summary = {
             "method": "assy",
             "pool": str(Path(self.cfg.pool).resolve()),
+            "compatibility": self.compatibility,
             "tiers": {t: {"assembly": k} for t, k in sorted(current.items())},
         }
         (tmp / "recipe.json").write_text(json.dumps(summary, indent=1) + "\n")

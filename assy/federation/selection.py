@@ -40,6 +40,7 @@ __all__ = [
     "adapters_of",
     "candidate_key",
     "client_tier",
+    "federation_compat",
     "fit_candidates",
     "flat_state",
     "propose",
@@ -88,6 +89,31 @@ def client_tier(cfg: FederationConfig, pool, partition: int):
 # --------------------------------------------------------------------------- the server
 
 
+def federation_compat(cfg: FederationConfig, cands):
+    """``cfg.compat`` loaded, checked to score every layer block of the pool's ``cands``
+    (:func:`~assy.assembly.planner.pool_candidates`); ``None`` without it (the depth
+    fallback).
+
+    Raises:
+        UsageError: no such compare output, not one, or one of other models.
+    """
+    from assy.assembly.planner import load_compat, uncovered_models
+
+    if not cfg.compat:
+        return None
+    try:
+        table = load_compat(cfg.compat)
+    except UsageError as e:
+        raise UsageError(f"--compat {e}") from None
+    missing = uncovered_models(table, cands)
+    if missing:
+        raise UsageError(
+            f"--compat {cfg.compat}: no comparator scores for the layer blocks of "
+            f"{', '.join(missing)}; compare every model of this pool (assy compare {cfg.pool})"
+        )
+    return table
+
+
 def propose(
     pool, budgets: Mapping[str, int | None], cfg: FederationConfig
 ) -> dict[str, list[Candidate]]:
@@ -95,13 +121,15 @@ def propose(
 
     For every causal anchor and ``seams`` = 0, 1, ..., ``cfg.max_seams``, the planner's best
     chain with at most that many seams, deduplicated, ranked by the planner's score; the
-    top ``cfg.candidates``.
+    top ``cfg.candidates``. The planner scores seams with ``cfg.compat``'s compatibility
+    matrix when given (:func:`federation_compat`), else with its depth fallback.
     A tier whose budget holds no assembly gets none (its clients sit out).
     """
     from assy.assembly.planner import plan_assembly, pool_candidates
     from assy.assembly.recipe import pin_blocks
 
     cands = pool_candidates(pool, tokens=cfg.max_length)
+    compat = federation_compat(cfg, cands)
     unlimited = 2 * sum(c.bytes + c.layer_work + c.logit_work for c in cands)
     out: dict[str, list[Candidate]] = {}
     for tier, budget in budgets.items():
@@ -110,8 +138,9 @@ def propose(
         for seams, anchor in itertools.product(range(cfg.max_seams + 1), anchors):
             try:
                 plan = plan_assembly(
-                    cands, budget or unlimited, max_seams=seams, seed=cfg.seed, anchors=[anchor]
-                )
+                    cands, budget or unlimited, compat=compat, max_seams=seams, seed=cfg.seed,
+                    anchors=[anchor],
+                )  # fmt: skip
             except UsageError:
                 continue
             recipe = pin_blocks(plan.recipe, pool)
