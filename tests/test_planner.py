@@ -20,7 +20,7 @@ from assy.assembly.planner import (
     pool_candidates,
     quality_prior,
 )
-from assy.assembly.recipe import validate_recipe
+from assy.assembly.recipe import Recipe, SeamSpec, Slice, describe_recipe, validate_recipe
 from assy.errors import UsageError
 from blockpool import Pool, build_pool
 
@@ -255,6 +255,7 @@ def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
     # the measured proxy scored the candidates and chose the lowest bits per byte
     bpb = [c["bits_per_byte"] for c in doc["candidates"]]
     assert len(bpb) >= 2 and doc["chosen"] == bpb.index(min(bpb))
+    assert f"chosen: [{doc['chosen'] + 1}] {describe_recipe(assembly.recipe)}" in result.stderr
     assert doc["forwards"] >= sum(c["forwards"] for c in doc["candidates"])  # + training
     # measured in a fresh process within the budget: resident weights within it
     measured = doc["measured"]
@@ -375,3 +376,14 @@ def test_plan_chain_scores_and_sizes_a_chain_as_the_search_does():
         again = plan_chain(cands, plan.recipe.anchor, plan.chain, budget, compat=table)
         assert again.objective == pytest.approx(plan.objective)
         assert again.bytes == plan.bytes and again.recipe == plan.recipe
+
+
+def test_describe_recipe_puts_a_recipe_on_one_line():
+    whole = Recipe("a-int8", (Slice("a", (0, 29), "a-int8"),))
+    assert describe_recipe(whole) == "a-int8: a-int8 0-29, single model"
+    chain = Recipe(
+        "a", (Slice("a", (0, 19)), Slice("b", (12, 14))), (SeamSpec(1), SeamSpec(2, "diagonal"))
+    )
+    assert describe_recipe(chain) == "a: a 0-19 + b 12-14, 2 seams"
+    one = Recipe("a", (Slice("a", (0, 3)), Slice("a", (6, 7))), (SeamSpec(1, "diagonal"),))
+    assert describe_recipe(one) == "a: a 0-3 + a 6-7, 1 seam"

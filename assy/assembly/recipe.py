@@ -39,6 +39,7 @@ __all__ = [
     "SeamSpec",
     "Slice",
     "chain_layout",
+    "describe_recipe",
     "lineage",
     "load_recipe",
     "n_layers",
@@ -123,6 +124,16 @@ class Recipe:
             seam.pop("adapter", None)
             seam.pop("sha256", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def describe_recipe(recipe: Recipe) -> str:
+    """A recipe on one line, as the commands print it (a plan's: ``plan.recipe``):
+    ``smollm2-135m: smollm2-135m 0-19 + gemma3-270m 12-14, 2 seams`` (each slice by the
+    pool model whose blocks it uses; ``single model`` when it has no seam)."""
+    slices = " + ".join(f"{s.source} {s.layers[0]}-{s.layers[1]}" for s in recipe.slices)
+    n = len(recipe.seams)
+    seams = "single model" if n == 0 else f"{n} seam{'s' if n != 1 else ''}"
+    return f"{recipe.anchor}: {slices}, {seams}"
 
 
 # --------------------------------------------------------------------------- (de)serialize

@@ -312,6 +312,7 @@ def _fit_part(data):
 def _measured_choice(pool, plans, alone, data, fit, score_windows, options, cache, say):
     """Score the plans (and the best single model) on the held-back data; the best wins."""
     from assy.assembly.proxy import score_plans
+    from assy.assembly.recipe import describe_recipe
 
     todo = list(plans)
     if alone is not None and all(p.recipe != alone.recipe for p in todo):
@@ -322,9 +323,8 @@ def _measured_choice(pool, plans, alone, data, fit, score_windows, options, cach
     )
 
     def done(i, s) -> None:
-        kind = "single model" if s.plan.seams == 0 else f"{s.plan.seams} seams"
         say.line(
-            f"  [{i + 1}/{len(todo)}] {_short(s.plan)} ({kind}, objective "
+            f"  [{i + 1}/{len(todo)}] {describe_recipe(s.plan.recipe)} (objective "
             f"{s.plan.objective:.3f}): {s.bits_per_byte:.4f} bits/byte, "
             f"{s.forwards:,} block passes run, {s.seconds:.0f} s"
         )
@@ -340,16 +340,8 @@ def _measured_choice(pool, plans, alone, data, fit, score_windows, options, cach
         done=done,
     )
     best = min(scored, key=lambda s: s.bits_per_byte)
-    say.line(f"  chosen: [{scored.index(best) + 1}] {_short(best.plan)}")
+    say.line(f"  chosen: [{scored.index(best) + 1}] {describe_recipe(best.plan.recipe)}")
     return best, scored
-
-
-def _short(plan) -> str:
-    parts = []
-    for s in plan.recipe.slices:
-        a, b = s.layers
-        parts.append(f"{s.source} {a}-{b}")
-    return f"{plan.recipe.anchor}: " + ", ".join(parts)
 
 
 def _write_and_measure(

@@ -19,7 +19,7 @@ import torch
 from flwr.app import Message, RecordDict
 
 from assy.assembly.planner import compat_source
-from assy.assembly.recipe import recipe_from_dict
+from assy.assembly.recipe import describe_recipe, recipe_from_dict
 from assy.federation import selection, task
 from assy.federation.config import FederationConfig
 from assy.federation.records import (
@@ -182,16 +182,16 @@ class AssyRounds:
 
         if "assy" not in state.facts:
             tiers = {t["name"]: t["budget"] for t in state.facts["tiers"]}
-            source = compat_source(cfg.compat)
-            log(f"proposing assemblies per tier (compatibility: {source}) ...")
             proposals = selection.propose(pool, tiers, cfg)
             state.facts["assy"] = {
-                "compatibility": source,
+                "compatibility": compat_source(cfg.compat),
                 "proposals": {t: [c.to_json() for c in cs] for t, cs in proposals.items()},
                 "chosen": {},
             }
             for tier, cs in proposals.items():
-                names = ", ".join(f"{c.key} ({_describe(c.recipe)})" for c in cs) or "none fits"
+                names = (
+                    ", ".join(f"{c.key} ({describe_recipe(c.recipe)})" for c in cs) or "none fits"
+                )
                 log(f"tier {tier}: {names}")
         if not state.global_state:
             seen = {
@@ -365,13 +365,6 @@ def _peaks(replies: dict[int, Message], pop: Population) -> dict[str, int]:
             tier = pop.tiers[pop.tier_of[p]].name
             peaks[tier] = max(peaks.get(tier, 0), int(value))
     return dict(sorted(peaks.items()))
-
-
-def _describe(recipe) -> str:
-    """``gemma3-270m 0-17 <- smollm2-135m 20-23, 1 seam``: a recipe on one line."""
-    slices = " + ".join(f"{s.source} {s.layers[0]}-{s.layers[1]}" for s in recipe.slices)
-    n = len(recipe.seams)
-    return f"{recipe.anchor}: {slices}, {n} seam{'s' if n != 1 else ''}"
 
 
 def _write_final(out: Path, cfg: FederationConfig, anchor: str, model) -> Path:
