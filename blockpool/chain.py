@@ -713,16 +713,19 @@ def build_block(
     built: Mapping[str, nn.Module],
     *,
     packed: bool = True,
+    one_buffer: bool = False,
 ) -> nn.Module:
     """Block ``bid``'s module at the runner's dtype on its device, sharing tied weights with
     the ``built`` modules; quantized matrices stay packed unless ``packed`` is false (code
-    that trains or rewrites the weights themselves)."""
+    that trains or rewrites the weights themselves); ``one_buffer``: see
+    :meth:`~blockpool.pool.Pool.build_module` (blocks loaded again and again)."""
     module = pool.build_module(
         bid,
         dtype=runner.dtype,
         config=runner.config_of(bid),
         shared=tied_sources(pool, bid, built),
         packed=packed,
+        one_buffer=one_buffer,
     )
     return module.to(runner.device)
 

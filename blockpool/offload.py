@@ -13,7 +13,6 @@ through the :class:`~blockpool.swapper.BlockSwapper`.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -308,7 +307,7 @@ def budgeted_runner(
             sizes[b] = block_nbytes(pool, b, dtype, skip=tied_names)
 
     def load(bid: str) -> nn.Module:
-        return build_block(pool, bid, runner, fixed_modules)
+        return build_block(pool, bid, runner, fixed_modules, one_buffer=True)
 
     swapper = BlockSwapper(
         load,
@@ -319,7 +318,6 @@ def budgeted_runner(
         policy=policy,
         depth=depth,
         pinned_bytes=seams + sum(sizes[b] for b in fixed),
-        readahead=lambda b: _readahead(pool.path(b)),
     )
     fixed_modules = {b: build_block(pool, b, runner, {}) for b in fixed}
     pieces: dict[str, nn.Module] = dict(fixed_modules)
@@ -331,19 +329,6 @@ def budgeted_runner(
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
     runner.memory = swapper  # the runner reserves its working memory out of the budget
     return runner, swapper
-
-
-def _readahead(path) -> None:
-    """Let the kernel start reading ``path`` into the page cache (not this process's RSS)."""
-    if hasattr(os, "posix_fadvise"):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return  # the load itself will report the missing file
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
 
 
 def _packed(pool: Pool, bid: str) -> bool:

@@ -26,7 +26,12 @@ from blockpool.entries import BlockEntry, ModelEntry, config_digest
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.families import FamilySpec, get_family, import_object
 from blockpool.manifest import read_manifest, resolve_inside, sha256_file, write_manifest
-from blockpool.quant.formats import companions, dequantize_block, logical_params
+from blockpool.quant.formats import (
+    FLOAT_PRECISIONS,
+    companions,
+    dequantize_block,
+    logical_params,
+)
 from blockpool.quant.packed import PackedWeight, pack_module
 from blockpool.reads import read_header, read_tensors
 
@@ -243,7 +248,13 @@ class Pool:
         return stat.st_size, stat.st_mtime_ns
 
     def load_tensors(
-        self, bid: str, *, verify: bool = True, tied: bool = True, fresh: bool = False
+        self,
+        bid: str,
+        *,
+        verify: bool = True,
+        tied: bool = True,
+        fresh: bool = False,
+        one_buffer: bool = False,
     ) -> dict[str, torch.Tensor]:
         """A block's tensors by their names inside the block module, in buffers of their own.
 
@@ -255,6 +266,8 @@ class Pool:
         block (a tied LM head) are resolved and included. Quantized tensors (int8, nf4, fp4
         in bitsandbytes' layout) are dequantized to the dtype they were quantized from, so a
         caller always gets plain tensors (see :mod:`blockpool.quant.formats`).
+        ``one_buffer``: the block file's tensors are views of one buffer read at once
+        (:func:`~blockpool.reads.read_tensors`; for modules that only run).
 
         Raises:
             IntegrityError: the block (or the block it shares a tied weight with) is corrupted.
@@ -262,14 +275,16 @@ class Pool:
         if bid not in self.blocks:
             raise UsageError(f"no block {bid!r} in pool {self.root}")
         entry = self.blocks[bid]
-        state = dequantize_block(self._read(bid, verify), entry.quant)
+        state = dequantize_block(self._read(bid, verify, one_buffer=one_buffer), entry.quant)
         for local, ref in entry.tied.items() if tied else ():
             src_bid, _, src_local = ref.partition(":")
             src = self._read(src_bid, verify, only=src_local)
             state[local] = dequantize_block(src, self.blocks[src_bid].quant)[src_local]
         return state
 
-    def _read(self, bid: str, verify: bool, only: str | None = None) -> dict[str, torch.Tensor]:
+    def _read(
+        self, bid: str, verify: bool, only: str | None = None, *, one_buffer: bool = False
+    ) -> dict[str, torch.Tensor]:
         """A block file's tensors (those of logical tensor ``only``), hashed while read
         unless the file was checked and is unchanged."""
         entry = self.blocks[bid]
@@ -280,9 +295,9 @@ class Pool:
                 names = None
                 if only:
                     names = companions(only, read_header(path)[1])
-                return read_tensors(path, names)
+                return read_tensors(path, names, one_buffer=one_buffer)
             hasher = hashlib.sha256()
-            state = read_tensors(path, hasher=hasher)
+            state = read_tensors(path, hasher=hasher, one_buffer=one_buffer and not only)
         except (OSError, IntegrityError) as e:
             raise IntegrityError(f"block {bid}: cannot read {entry.file} ({e})") from None
         if hasher.hexdigest() != entry.sha256:
@@ -315,6 +330,7 @@ class Pool:
         fresh: bool = False,
         shared: Mapping[str, torch.Tensor | PackedWeight] | None = None,
         packed: bool = False,
+        one_buffer: bool = False,
     ) -> nn.Module:
         """The runnable module of one block, weights loaded at ``dtype``, in eval mode.
 
@@ -325,6 +341,9 @@ class Pool:
         second copy). ``packed``: quantized matrices stay packed and are dequantized at each
         use (:mod:`blockpool.quant.packed`; what the runners do); otherwise they are
         dequantized here, once (what code that reads or changes weights needs).
+        ``one_buffer``: a plain block stored at ``dtype`` is read into one buffer whose
+        views are its weights (faster to load; such weights cannot be saved as they are:
+        for modules that only run, like a swapper's).
         """
         module = self.empty_module(bid, config)
         entry = self.blocks[bid]
@@ -333,7 +352,8 @@ class Pool:
         ):
             return self._build_packed(bid, module, dtype, shared or {})
         tied = {local: shared[ref] for local, ref in entry.tied.items() if shared and ref in shared}
-        loaded = self.load_tensors(bid, fresh=fresh, tied=not tied)
+        whole = one_buffer and not entry.tied and FLOAT_PRECISIONS.get(entry.precision) == dtype
+        loaded = self.load_tensors(bid, fresh=fresh, tied=not tied, one_buffer=whole)
         for local, ref in entry.tied.items() if tied else ():
             if local not in tied:  # a tie the caller could not serve: read it
                 src_bid, _, src_local = ref.partition(":")

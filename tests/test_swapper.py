@@ -209,3 +209,57 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(UsageError, match="size"):
         parse_size(text)
+
+
+def test_one_buffer_reads_equal_tensor_by_tensor_reads(tmp_path):
+    """The swapper's loads read a block file with one read into one buffer: the same
+    tensors and the same sum as a read per tensor, a misaligned tensor copied out, and a
+    header whose tensors overlap refused."""
+    import hashlib
+    import json as _json
+    import struct
+
+    from safetensors.torch import save_file
+
+    from blockpool.reads import read_tensors
+
+    path = tmp_path / "b.safetensors"
+    tensors = {
+        "a": torch.randn(3, 5),
+        "odd": torch.arange(3, dtype=torch.int8),
+        "b": torch.randn(4, dtype=torch.float64),
+        "empty": torch.zeros(0, 2),
+    }
+    save_file(tensors, path)
+    sums = [hashlib.sha256(), hashlib.sha256()]
+    plain = read_tensors(path, hasher=sums[0])
+    whole = read_tensors(path, hasher=sums[1], one_buffer=True)
+    assert (
+        sums[0].hexdigest() == sums[1].hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    )
+    assert whole.keys() == plain.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert whole[name].dtype == t.dtype and torch.equal(whole[name], t), name
+
+    # safetensors sorts tensors so that each is aligned; another writer need not
+    odd, f = torch.arange(3, dtype=torch.int8), torch.randn(4)
+    head = {"odd": {"dtype": "I8", "shape": [3], "data_offsets": [0, 3]}}
+    head["f"] = {"dtype": "F32", "shape": [4], "data_offsets": [3, 19]}
+    text = _json.dumps(head).encode()
+    text += b" " * (-len(text) % 8)
+    loose = tmp_path / "loose.safetensors"
+    data = odd.numpy().tobytes() + f.numpy().tobytes()
+    loose.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    got = read_tensors(loose, one_buffer=True)
+    assert torch.equal(got["odd"], odd) and torch.equal(got["f"], f)
+
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = _json.loads(raw[8 : 8 + size])
+    start = header["b"]["data_offsets"][0]
+    header["a"]["data_offsets"] = [start, start + 60]  # over "b"
+    text = _json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(raw[:8] + text + raw[8 + size :])
+    with pytest.raises(IntegrityError, match="overlapping"):
+        read_tensors(bad, one_buffer=True)
