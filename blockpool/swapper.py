@@ -9,7 +9,7 @@ refinement of the one before:
 - ``lru``: keep blocks while they fit; evict the least recently used.
 - ``prefetch``: in a known (cyclic) execution order evict the block whose next use is
   farthest (Belady; blocks that run together stay together), and pre-load the next blocks
-  on a background thread into free room while the current block computes.
+  on background threads into free room while the current block computes.
 - ``prefetch+preswap``: also make room ahead of the pre-load, evicting only blocks needed
   later than the one being pre-loaded, instead of at the moment of need.
 
