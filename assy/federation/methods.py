@@ -476,7 +476,9 @@ class LegoRounds:
         glob, glob_zs = scores(self.anchor, True)
         clients, clients_zs = {}, {}
         for v in sorted(set(self.variant_of)):
-            loss, clients_zs[v] = scores(v)
+            # the unpruned variant is the global model itself where the anchor has no zeros
+            dense = v == self.anchor and all(bool(m.all()) for m in self.masks(v).values())
+            loss, clients_zs[v] = (glob, glob_zs) if dense else scores(v)
             clients[v] = loss["loss"]
         extra = {"heldout_loss": glob["loss"], "heldout_bpb": glob["bpb"], "client_loss": clients}
         if self.tasks:

@@ -75,6 +75,8 @@ def plot_losses(history: History, path: Path, title: str = "") -> None:
 def plot_zero_shot(history: History, path: Path, title: str = "") -> None:
     """lego's ``--zero-shot`` accuracy per round, one panel per task: the dense global
     model and each client variant with the global update written back."""
+    from matplotlib.ticker import MaxNLocator
+
     rows = [r for r in history if r.get("zero_shot")]
     tasks = list(dict.fromkeys(t for r in rows for t in r["zero_shot"]))
     fig = _figure(4.2 * len(tasks), 3.6)
@@ -87,6 +89,7 @@ def plot_zero_shot(history: History, path: Path, title: str = "") -> None:
             points = [(r["round"], r["client_zero_shot"][variant][name]["acc"]) for r in rows
                       if name in (r.get("client_zero_shot") or {}).get(variant, {})]  # fmt: skip
             ax.plot(*zip(*points, strict=True), marker=".", linestyle="--", label=variant)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         n = rows[-1]["zero_shot"].get(name, {}).get("n")
         ax.set(xlabel="round", ylabel="zero-shot acc", title=title or f"{name} (n={n})")
         ax.grid(alpha=0.3)
