@@ -124,8 +124,9 @@ def federate_cmd(
     their zero-shot accuracy, scored as assy eval scores).
 
     Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
-    final adapter under OUT/final; the server's state is saved after every round, so a
-    killed run started again with the same options resumes.
+    final adapter under OUT/final (lego: the global update G and the global model as a pool,
+    OUT/final/pool, for assy eval: the last line prints the command); the server's state is
+    saved after every round, so a killed run started again with the same options resumes.
     """
     from assy.federation.config import FederationConfig
     from assy.federation.engine import SuperLinkTarget, check_run, run_federation
