@@ -805,6 +805,13 @@ class ChainModule(nn.Module):
     def runner(self) -> ChainRunner:
         return self._runner
 
+    def inference_runner(self) -> ChainRunner:
+        """The chain's runner over this module's own blocks, with their current weights
+        (after training, a merge or an update written in): scored as any runner (positions-only
+        head, shared contexts, :mod:`assy.evaluation`) with no second copy of the weights."""
+        self._runner.fetch = self._by_id.__getitem__
+        return self._runner
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -204,14 +204,29 @@ def test_federate_lego_runs_on_the_engine_and_keeps_the_masks(lego_fed, tmp_path
     args = ["federate", str(pool), "--task", "dolly", "--method", "lego", "--rounds", "1"]
     args += ["--out", str(out), "--data", str(data), "--clients", "4", "--per-round", "4"]
     args += ["--prune", "magnitude", "--local-steps", "2", "--max-length", "48", "--cpus", "2"]
-    args += ["--test-limit", "4", "--json"]
+    args += ["--test-limit", "4", "--zero-shot", "arc_easy", "--zero-shot-limit", "3", "--json"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
     r0, r1 = report["rounds"]
+    variants = {"llama", *(f"llama-magnitude-s{s}" for s in (25, 50, 75))}
+    for r in (r0, r1):  # zero-shot of the global and every variant, before and after
+        assert r["zero_shot"]["arc_easy"]["n"] == 3 and set(r["client_zero_shot"]) == variants
+        assert all(0 <= z["arc_easy"]["acc_norm"] <= 1 for z in r["client_zero_shot"].values())
+    assert "zero-shot arc_easy acc/acc_norm (n=3): global " in result.stderr
+    assert (out / "zero_shot.png").stat().st_size > 0
+    # the final global model is a pool assy eval runs, and scores as the last round did
+    command = result.stderr.split("the global model, for assy eval: assy ")[1].split()
+    assert command[:2] == ["eval", str(out / "final" / "pool")] and "--limit" in command
+    evaluated = CliRunner().invoke(cli, [*command, "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    scored = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert {k: scored[k] for k in ("acc", "acc_norm", "n")} == {
+        k: r1["zero_shot"]["arc_easy"][k] for k in ("acc", "acc_norm", "n")
+    }
     assert r1["aggregation"] == "heteagg-masked" and sorted(r1["accepted"]) == [0, 1, 2, 3]
     assert math.isfinite(r1["heldout_loss"]) and r1["heldout_loss"] != r0["heldout_loss"]
-    assert set(r1["client_loss"]) == {"llama", *(f"llama-magnitude-s{s}" for s in (25, 50, 75))}
+    assert set(r1["client_loss"]) == variants
     assert r1["bytes_up"] > 0 and {c["sparsity"] > 0.7 for c in r1["clients"].values()} == {
         True, False
     }  # fmt: skip
@@ -250,4 +265,42 @@ def test_federate_lego_user_errors(lego_fed, tmp_path):
     assert (
         result.exit_code == 2 and "--split must be one of fed10, iid, categories" in result.output
     )
+    for extra, message in (
+        (["--zero-shot", "arc_easy,nope"], "--zero-shot: unknown task 'nope'; use tasks"),
+        (["--zero-shot", "arc_easy", "--zero-shot-limit", "0"], "--zero-shot-limit must be at"),
+    ):
+        result = CliRunner().invoke(cli, [*base, "--task", "dolly", *extra])
+        assert result.exit_code == 2 and message in result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    fedit = [x if x != "lego" else "fedit" for x in base]
+    result = CliRunner().invoke(cli, [*fedit, "--task", "arc_easy", "--zero-shot", "sciq"])
+    assert result.exit_code == 2 and "use it with --method lego" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_zero_shot_runs_assy_evals_scoring_on_the_updated_weights(one_round):
+    """:func:`lego.zero_shot` scores a variant with G written back through a runner over
+    the module's own blocks (not the stored weights), with ``assy eval``'s scoring."""
+    from assy.data import load_task
+    from assy.evaluation import evaluate_pool_model
+    from blockpool import BlockRunner
+
+    cfg, pool, variants, masks, states = one_round
+    delta = lego.aggregate_round(states, masks, cfg.lora_alpha / cfg.lora_rank, "masked")
+    module = lego.updated_model(pool, "llama-magnitude-s50", {k: 50 * v for k, v in delta.items()})
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    runner = module.inference_runner()
+    stored = BlockRunner(pool, "llama-magnitude-s50")
+    with torch.no_grad():
+        torch.testing.assert_close(runner.forward(ids).logits, module(ids))
+        assert not torch.allclose(stored.forward(ids).logits, module(ids), atol=1e-3)
+    tok = pool.tokenizer("llama-magnitude-s50")
+    examples = {"sciq": load_task("sciq", limit=4)}
+    updated = lego.zero_shot(module, tok, examples)["sciq"]
+    as_stored = lego.zero_shot(lego.updated_model(pool, "llama-magnitude-s50", None), tok, examples)
+    evaluated = evaluate_pool_model(
+        pool.root, "llama-magnitude-s50", "sciq", limit=4, progress=False
+    )
+    keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
+    assert as_stored["sciq"] == {k: evaluated[k] for k in keys}  # = assy eval's numbers
+    assert set(updated) == set(keys) and updated["n"] == 4

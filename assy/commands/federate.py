@@ -85,6 +85,13 @@ __all__ = ["federate_cmd"]
 @click.option("--heteagg", type=click.Choice(["masked", "factors", "exact"]), default="masked",
               show_default=True, help="lego: Algorithm 2 on (s·B·A)⊙M, on A and B apart (= "
               "FedAvg), or on the masked products re-factored by SVD.")  # fmt: skip
+@click.option("--zero-shot", default="", metavar="TASKS",
+              help="lego: tasks of assy eval (e.g. arc_easy,arc_challenge,sciq,hellaswag,mmlu) "
+              "on which the dense global model and every variant are scored zero-shot (acc, "
+              "acc_norm) before training and after each round. Default: none.")  # fmt: skip
+@click.option("--zero-shot-limit", default=100, show_default=True,
+              help="lego: the first N examples of each --zero-shot task (of each mmlu "
+              "subject).")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )
@@ -113,11 +120,13 @@ def federate_cmd(
     lego: each client's tier holds a pruned variant of the anchor, trains a
     sparsity-preserving LoRA on its instructions; the server aggregates with HeteAgg and
     writes the update back to every variant (only where non-zero) and to the dense
-    anchor; rounds report the held-out instruction loss of both.
+    anchor; rounds report the held-out instruction loss of both (and, with --zero-shot,
+    their zero-shot accuracy, scored as assy eval scores).
 
     Writes OUT/rounds.jsonl (one line per round), accuracy/participation/bytes PNGs and the
-    final adapter under OUT/final; the server's state is saved after every round, so a
-    killed run started again with the same options resumes.
+    final adapter under OUT/final (lego: the global update G and the global model as a pool,
+    OUT/final/pool, for assy eval: the last line prints the command); the server's state is
+    saved after every round, so a killed run started again with the same options resumes.
     """
     from assy.federation.config import FederationConfig
     from assy.federation.engine import SuperLinkTarget, check_run, run_federation

@@ -23,6 +23,7 @@ __all__ = [
     "TASK_CHOICES",
     "FederationConfig",
     "parse_sparsities",
+    "parse_zero_shot",
 ]
 
 METHODS = ("assy", "fedit", "local", "lego")
@@ -45,8 +46,28 @@ def parse_sparsities(text: str) -> list[float]:
     return values
 
 
+def parse_zero_shot(text: str) -> list[str]:
+    """``--zero-shot "arc_easy,sciq"`` -> the task names (each one ``assy eval`` knows)."""
+    from assy.data import task_names
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise UsageError(f"--zero-shot {text!r}: give tasks of assy eval, e.g. arc_easy,sciq")
+    known = set(task_names())
+    for name in names:
+        if name not in known:
+            plain = [t for t in task_names() if not t.startswith("mmlu_")]
+            raise UsageError(
+                f"--zero-shot: unknown task {name!r}; use tasks assy eval knows: "
+                f"{', '.join(plain)}, mmlu_<subject>"
+            )
+    if len(set(names)) != len(names):
+        raise UsageError(f"--zero-shot {text!r} names a task twice")
+    return names
+
+
 # Fields that do not change what a run computes: a resumed run may differ in them.
-_RUN_ONLY = ("rounds", "engine", "out", "round_timeout")
+_RUN_ONLY = ("rounds", "engine", "out", "round_timeout", "zero_shot", "zero_shot_limit")
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,11 @@ class FederationConfig:
             ``magnitude``).
         heteagg: ``lego``: ``masked`` (Algorithm 2 on ``(s·B·A) ⊙ M``), ``factors``
             (Algorithm 2 on A and B) or ``exact`` (masked products, SVD-refactored).
+        zero_shot: ``lego``: comma-separated tasks of ``assy eval`` (``arc_easy,sciq``)
+            on which the dense global model and every variant are scored zero-shot after
+            each round (and before the first); ``""``: none.
+        zero_shot_limit: the first N examples of each ``zero_shot`` task (of each subject
+            of ``mmlu``).
     """
 
     pool: str
@@ -125,6 +151,8 @@ class FederationConfig:
     sparsities: str = "0,0.25,0.5,0.75"
     prune: str = "sparsegpt"
     heteagg: str = "masked"
+    zero_shot: str = ""
+    zero_shot_limit: int = 100
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +198,18 @@ class FederationConfig:
             raise UsageError(
                 f"--method assy runs {self.select_rounds} selection round(s) before the "
                 f"adapter rounds: give --rounds more than {self.select_rounds}"
+            )
+        if self.zero_shot:
+            if self.method != "lego":
+                raise UsageError(
+                    "--zero-shot scores lego's global model and variants: use it with "
+                    "--method lego (the other methods score --task itself)"
+                )
+            parse_zero_shot(self.zero_shot)
+        if self.zero_shot_limit < 1:
+            raise UsageError(
+                f"--zero-shot-limit must be at least 1 (examples per task), got "
+                f"{self.zero_shot_limit}"
             )
         if self.alpha <= 0 or self.lr <= 0:
             raise UsageError("--alpha and --lr must be positive")

@@ -229,6 +229,10 @@ def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
         sparsities = parse_sparsities(cfg.sparsities)
         made = ensure_variants(pool, anchor, cfg.prune, sparsities, log, progress)
         state.facts.setdefault("variants", {str(k): v for k, v in made.items()})
+        if cfg.zero_shot:  # missing evaluation data fails here, before Ray starts
+            from assy.federation.lego import zero_shot_tasks
+
+            tasks = zero_shot_tasks(cfg.zero_shot, cfg.zero_shot_limit)
     if cfg.engine == "simulation" and not state.round:  # measure here: fail before Ray starts
         plan_population(cfg, pool, data, state, log)
         if cfg.method == "assy":  # propose and fit before Ray starts (it competes for CPUs)
@@ -245,6 +249,9 @@ def check_run(cfg: FederationConfig, log: Log = print, progress=None) -> str:
         f", {cfg.prune} variants at sparsities {cfg.sparsities}, HeteAgg {cfg.heteagg}"
         if cfg.method == "lego" else ""
     )  # fmt: skip
+    if cfg.zero_shot:
+        counts = ", ".join(f"{name} {len(examples)}" for name, examples in tasks.items())
+        lego += f", zero-shot on {counts} examples"
     what = anchor
     if cfg.method == "assy":
         from assy.assembly.planner import compat_source

@@ -32,6 +32,7 @@ on every position some client holds, so aggregating the round's increments is Al
 
 from __future__ import annotations
 
+import math
 import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from assy.errors import UsageError
-from assy.federation.config import PRUNE_METHODS, parse_sparsities
+from assy.federation.config import PRUNE_METHODS, parse_sparsities, parse_zero_shot
 from assy.lego import fedavg, heteagg, heteagg_exact, prunable_linears
 from assy.lego.heteagg import lora_pairs
 
@@ -59,10 +60,15 @@ __all__ = [
     "lego_round",
     "masked_updates",
     "module_masks",
+    "module_loss",
     "parse_sparsities",
+    "parse_zero_shot",
     "tier_sparsities",
+    "updated_model",
     "variant_name",
     "variant_values",
+    "zero_shot",
+    "zero_shot_tasks",
 ]
 
 AGGREGATIONS = ("masked", "factors", "exact", "fedavg")
@@ -361,29 +367,80 @@ def lego_round(
     return state, metrics
 
 
-def heldout_loss(pool, model_name: str, update, test, max_length: int, whole=False) -> dict:
-    """Held-out instruction loss of ``model_name`` with the global update written back.
+def updated_model(pool, model_name: str, update, whole: bool = False):
+    """Pool model ``model_name`` as a :class:`~assy.lego.lora.PoolModule` (float32, eval
+    mode) with the global update written back.
 
     Args:
         update: ``G`` (module -> ``[out, in]``); ``None`` or empty: the model as stored.
         whole: add all of ``G`` (the dense global model); otherwise only where the
             model's weights are non-zero (a client's variant: its zeros stay zeros).
-
-    Returns:
-        ``{"loss": nats per response token, "bpb": bits per response byte, "tokens"}``.
     """
-    from assy.federation import task
-    from assy.federation.instructions import bits_per_byte, encode_instructions, response_bytes
     from assy.lego.lora import PoolModule
 
     module = PoolModule(pool, model_name).eval()
     if update:
         apply_update(module, update, None if whole else module_masks(module))
-    tokenizer = pool.tokenizer(model_name)
+    return module
+
+
+def heldout_loss(pool, model_name: str, update, test, max_length: int, whole=False) -> dict:
+    """Held-out instruction loss of ``model_name`` with the global update written back
+    (:func:`updated_model`; ``whole``: the dense global model).
+
+    Returns:
+        ``{"loss": nats per response token, "bpb": bits per response byte, "tokens"}``.
+    """
+    module = updated_model(pool, model_name, update, whole)
+    return module_loss(module, pool.tokenizer(model_name), test, max_length)
+
+
+def module_loss(module, tokenizer, test, max_length: int) -> dict:
+    """:func:`heldout_loss` of a model already built."""
+    from assy.federation import task
+    from assy.federation.instructions import bits_per_byte, encode_instructions, response_bytes
+
     encoded = encode_instructions(tokenizer, test, max_length)
     loss, tokens = task.sequence_loss(module, encoded, task._pad_id(tokenizer))
     nbytes = response_bytes(tokenizer, encoded)
     return {"loss": loss, "bpb": bits_per_byte(loss, tokens, nbytes), "tokens": tokens}
+
+
+ZERO_SHOT_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
+
+
+def zero_shot_tasks(text: str, limit: int) -> dict[str, list]:
+    """The examples of every ``--zero-shot`` task, the first ``limit`` of each (of each
+    subject of a group), from the data ``assy eval`` reads (:func:`assy.data.load_task`)."""
+    from assy.data import load_task
+
+    return {name: load_task(name, limit=limit) for name in parse_zero_shot(text)}
+
+
+def zero_shot(module, tokenizer, tasks: Mapping[str, Sequence], batch_size: int = 8) -> dict:
+    """Zero-shot accuracy of a built model on ``tasks`` (name -> examples), scored by
+    ``assy eval``'s code: :func:`assy.evaluation.multiple_choice` on a runner over the
+    module's own blocks (positions-only head, shared contexts), the models' own
+    ``max_length``.
+
+    Returns:
+        task -> ``{"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}`` (a standard
+        error of one example is ``None``).
+    """
+    from assy.evaluation import multiple_choice
+
+    runner = module.inference_runner()
+    out = {}
+    with torch.inference_mode():
+        for name, examples in tasks.items():
+            result = multiple_choice(
+                runner, tokenizer, examples, batch_size=batch_size, progress=False
+            )
+            out[name] = {
+                k: None if isinstance(result[k], float) and math.isnan(result[k]) else result[k]
+                for k in ZERO_SHOT_METRICS
+            }
+    return out
 
 
 def write_update(path: Path, update: Mapping[str, torch.Tensor]) -> None:

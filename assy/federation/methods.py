@@ -21,7 +21,7 @@ from flwr.app import Message, RecordDict
 from assy.assembly.planner import compat_source
 from assy.assembly.recipe import describe_recipe, recipe_from_dict
 from assy.federation import selection, task
-from assy.federation.config import FederationConfig
+from assy.federation.config import FederationConfig, parse_zero_shot
 from assy.federation.records import (
     ARRAYS,
     CONFIG,
@@ -407,6 +407,10 @@ class LegoRounds:
         self.max_bytes = 2 * size + 65536
         self._masks: dict[str, dict[str, torch.Tensor]] = {}
         self._values: tuple[int, dict[str, Any]] = (-1, {})
+        self.tasks = (
+            lego.zero_shot_tasks(cfg.zero_shot, cfg.zero_shot_limit) if cfg.zero_shot else {}
+        )
+        self.eval_command: str | None = None  # set by finish: assy eval of the global model
 
     def masks(self, variant: str) -> dict[str, torch.Tensor]:
         """The variant's non-zero pattern per module (read from the pool once)."""
@@ -459,29 +463,52 @@ class LegoRounds:
 
     def evaluate(self, update: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         """Held-out instruction loss of the dense global (``W + G``) and of every variant
-        in use (``W_i + G ⊙ M_i``)."""
-        from assy.federation.lego import heldout_loss
+        in use (``W_i + G ⊙ M_i``), and with ``--zero-shot`` their zero-shot accuracy on
+        those tasks (``assy eval``'s scoring, :func:`~.lego.zero_shot`)."""
+        from assy.federation.lego import module_loss, updated_model, zero_shot
 
-        glob = heldout_loss(self.pool, self.anchor, update, self.test, self.cfg.max_length, True)
-        clients = {
-            v: heldout_loss(self.pool, v, update, self.test, self.cfg.max_length)["loss"]
-            for v in sorted(set(self.variant_of))
-        }
+        def scores(model: str, whole: bool = False) -> tuple[dict, dict]:
+            module = updated_model(self.pool, model, update, whole)
+            tokenizer = self.pool.tokenizer(model)
+            loss = module_loss(module, tokenizer, self.test, self.cfg.max_length)
+            return loss, zero_shot(module, tokenizer, self.tasks) if self.tasks else {}
+
+        glob, glob_zs = scores(self.anchor, True)
+        clients, clients_zs = {}, {}
+        for v in sorted(set(self.variant_of)):
+            # the unpruned variant is the global model itself where the anchor has no zeros
+            dense = v == self.anchor and all(bool(m.all()) for m in self.masks(v).values())
+            loss, clients_zs[v] = (glob, glob_zs) if dense else scores(v)
+            clients[v] = loss["loss"]
         extra = {"heldout_loss": glob["loss"], "heldout_bpb": glob["bpb"], "client_loss": clients}
+        if self.tasks:
+            extra |= {"zero_shot": glob_zs, "client_zero_shot": clients_zs}
         return {"acc": None, "acc_norm": None, "n": len(self.test), "extra": extra}
 
     def finish(self, out: Path) -> Path:
-        """``out/final``: ``recipe.json`` and ``global-update.safetensors`` (``G``; the
-        global model is the anchor plus it, a client's its variant plus ``G ⊙ M``)."""
-        from assy.federation.lego import write_update
+        """``out/final``: ``recipe.json``, ``global-update.safetensors`` (``G``; a client's
+        model is its variant plus ``G ⊙ M``) and ``pool/``: the dense global model
+        ``W + G`` as model ``<anchor>`` of a pool of its own (layer blocks in float32, so
+        that the update is kept whole), which ``assy eval`` runs (:attr:`eval_command`)."""
+        from assy.federation.lego import updated_model, write_update
+        from assy.lego.lora import write_merged_model
 
         final = _write_final(out, self.cfg, self.anchor, None)
         if self.global_state:
             write_update(final / "global-update.safetensors", self.global_state)
+        module = updated_model(self.pool, self.anchor, self.global_state, whole=True)
+        write_merged_model(
+            self.pool, self.anchor, module, self.anchor, out=final / "pool", fp32_layers=True
+        )
         recipe = json.loads((final / "recipe.json").read_text())
         recipe |= {"update": "global-update.safetensors", "heteagg": self.cfg.heteagg,
-                   "variants": sorted(set(self.variant_of))}  # fmt: skip
+                   "variants": sorted(set(self.variant_of)), "global_pool": "pool"}  # fmt: skip
         (final / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+        task_name = parse_zero_shot(self.cfg.zero_shot)[0] if self.cfg.zero_shot else "arc_easy"
+        limit = f" --limit {self.cfg.zero_shot_limit}" if self.cfg.zero_shot else ""
+        self.eval_command = (
+            f"assy eval {final / 'pool'} --model {self.anchor} --task {task_name}{limit}"
+        )
         return final
 
 

@@ -13,7 +13,14 @@ from typing import Any
 
 from blockpool import atomic_write_bytes
 
-__all__ = ["plot_accuracy", "plot_bytes", "plot_losses", "plot_participation", "plot_run"]
+__all__ = [
+    "plot_accuracy",
+    "plot_bytes",
+    "plot_losses",
+    "plot_participation",
+    "plot_run",
+    "plot_zero_shot",
+]
 
 History = Sequence[Mapping[str, Any]]
 
@@ -65,6 +72,31 @@ def plot_losses(history: History, path: Path, title: str = "") -> None:
     _write(fig, path)
 
 
+def plot_zero_shot(history: History, path: Path, title: str = "") -> None:
+    """lego's ``--zero-shot`` accuracy per round, one panel per task: the dense global
+    model and each client variant with the global update written back."""
+    from matplotlib.ticker import MaxNLocator
+
+    rows = [r for r in history if r.get("zero_shot")]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["zero_shot"]))
+    fig = _figure(4.2 * len(tasks), 3.6)
+    for k, name in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), k + 1)
+        points = [(r["round"], r["zero_shot"][name]["acc"]) for r in rows if name in r["zero_shot"]]
+        ax.plot(*zip(*points, strict=True), marker="o", color="black", label="global (dense)")
+        variants = sorted({v for r in rows for v in r.get("client_zero_shot") or {}})
+        for variant in variants:
+            points = [(r["round"], r["client_zero_shot"][variant][name]["acc"]) for r in rows
+                      if name in (r.get("client_zero_shot") or {}).get(variant, {})]  # fmt: skip
+            ax.plot(*zip(*points, strict=True), marker=".", linestyle="--", label=variant)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        n = rows[-1]["zero_shot"].get(name, {}).get("n")
+        ax.set(xlabel="round", ylabel="zero-shot acc", title=title or f"{name} (n={n})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    _write(fig, path)
+
+
 def plot_participation(history: History, tiers: Sequence[str], path: Path, title: str = "") -> None:
     """Clients that took part in each round, stacked by device tier."""
     fig = _figure()
@@ -97,7 +129,8 @@ def plot_bytes(runs: Mapping[str, History], path: Path, title: str = "") -> None
 
 
 def plot_run(out: Path, method: str, history: History, tiers: Sequence[str]) -> list[Path]:
-    """The three PNGs of one run under ``out`` (loss instead of accuracy for lego)."""
+    """The PNGs of one run under ``out``: accuracy (loss for lego), participation, bytes,
+    and lego's ``zero_shot.png`` where rounds carry ``--zero-shot`` results."""
     if any(r.get("heldout_loss") is not None for r in history):
         paths = [out / "loss.png", out / "participation.png", out / "bytes.png"]
         plot_losses(history, paths[0])
@@ -106,4 +139,7 @@ def plot_run(out: Path, method: str, history: History, tiers: Sequence[str]) -> 
         plot_accuracy({method: history}, paths[0])
     plot_participation(history, tiers, paths[1])
     plot_bytes({method: history}, paths[2])
+    if any(r.get("zero_shot") for r in history):  # lego --zero-shot
+        paths.append(out / "zero_shot.png")
+        plot_zero_shot(history, paths[-1])
     return paths

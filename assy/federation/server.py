@@ -264,6 +264,7 @@ def _progress_line(record: dict[str, Any], rounds: int) -> str:
     )
     if record.get("client_loss"):
         line += "; variants " + ", ".join(f"{v} {x:.4f}" for v, x in record["client_loss"].items())
+    line += zero_shot_lines(record)
     problems = len(record["failed"]) + len(record["missing"]) + len(record["rejected"])
     if problems:
         line += (
@@ -275,6 +276,20 @@ def _progress_line(record: dict[str, Any], rounds: int) -> str:
     for f in record["failed"]:
         line += f"\n  failed client {f['client']}: {f['reason']}"
     return line
+
+
+def zero_shot_lines(record: dict[str, Any]) -> str:
+    """lego's ``--zero-shot`` results of a round, one line per task: ``acc/acc_norm`` of
+    the dense global model, then of each variant (``""`` without them)."""
+    glob = record.get("zero_shot") or {}
+    lines = ""
+    for name, scores in glob.items():
+        models = {"global": scores} | {
+            v: per[name] for v, per in (record.get("client_zero_shot") or {}).items()
+        }
+        shown = ", ".join(f"{m} {s['acc']:.3f}/{s['acc_norm']:.3f}" for m, s in models.items())
+        lines += f"\n  zero-shot {name} acc/acc_norm (n={scores['n']}): {shown}"
+    return lines
 
 
 def _round_zero(method, state: ServerState) -> dict[str, Any]:
@@ -342,6 +357,9 @@ def run_server(
             )
     if state.round == 0 and not state.history:
         state.commit(_round_zero(method, state), method.global_state)
+        if state.history[0].get("heldout_loss") is not None:  # lego: the pruned baseline
+            log(f"round 0 (before training): held-out loss {state.history[0]['heldout_loss']:.4f}"
+                f"{zero_shot_lines(state.history[0])}")  # fmt: skip
     elif state.round:
         log(f"resuming {cfg.out} after round {state.round}")
     tier_names = [t.name for t in pop.tiers]
@@ -357,4 +375,6 @@ def run_server(
     plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
     final = method.finish(Path(cfg.out))
     log(f"done: {state.round} rounds -> {cfg.out}/rounds.jsonl, {final}")
+    if getattr(method, "eval_command", None):  # lego: the global model as a pool
+        log(f"the global model, for assy eval: {method.eval_command}")
     return state

@@ -203,13 +203,26 @@ class PoolModule(ChainModule):
 
 
 def write_merged_model(
-    pool, model: str, module: PoolModule, name: str, *, wait: bool = False
+    pool,
+    model: str,
+    module: PoolModule,
+    name: str,
+    *,
+    out: Path | None = None,
+    fp32_layers: bool = False,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Write a (merged, unloaded) :class:`PoolModule` of ``model`` as pool model ``name``.
 
     Every block records its parent and its sparsity (zeros over its linear weights). The
     name goes through :func:`blockpool.check_model_name` and must be new in the pool; the
     pool is locked while it is written (``wait``: wait for another writer).
+
+    Args:
+        out: another pool directory to write to (made if missing; a model ``name`` there
+            of the same source blocks is replaced); default: ``pool`` itself.
+        fp32_layers: write the layer blocks in float32 (else at their stored precision,
+            which rounds an update smaller than an fp16 weight's resolution away).
 
     Returns:
         The pool manifest, as written.
@@ -219,13 +232,18 @@ def write_merged_model(
 
     def transform(bid: str, tensors: dict[str, torch.Tensor]):
         state = module.block_state(bid)
-        new = {k: state[k].detach().to(tensors[k].dtype).contiguous() for k in tensors}
-        if pool.blocks[bid].kind != "layer":
+        layer = pool.blocks[bid].kind == "layer"
+        widen = fp32_layers and layer and any(t.is_floating_point() for t in tensors.values())
+        dtypes = {k: torch.float32 if widen else t.dtype for k, t in tensors.items()}
+        new = {k: state[k].detach().to(dtypes[k]).contiguous() for k in tensors}
+        if not layer:
             return new, {}
         linears = prunable_linears(module.layers[module.layer_ids.index(bid)])
         weights = [new[f"{n}.weight"] for n in linears]
         total = sum(w.numel() for w in weights)
         zeros = sum(int((w == 0).sum()) for w in weights)
-        return new, {"sparsity": zeros / total if total else 0.0}
+        return new, {"sparsity": zeros / total if total else 0.0} | (
+            {"precision": "fp32"} if widen else {}
+        )
 
-    return write_variant_model(pool, model, transform, name=name, wait=wait)
+    return write_variant_model(pool, model, transform, out=out, name=name, wait=wait)
