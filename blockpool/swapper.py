@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from blockpool.errors import UsageError, arg
+from blockpool.sizes import format_size
 
 if TYPE_CHECKING:
     from torch import nn
@@ -214,9 +215,12 @@ class BlockSwapper:
             elif demand and self._pending:
                 self._cond.wait()  # room held by a pre-load in flight: it lands, then goes
             elif demand:
+                what = "working memory (activations of this call)" if working else "weights"
                 raise UsageError(
-                    f"{nbytes} B of weights do not fit beside the {self._used} B held within the "
-                    f"budget of {self.budget} B; raise {arg('budget')} or use shorter batches"
+                    f"{format_size(nbytes)} of {what} do not fit beside the "
+                    f"{format_size(self._used)} held (of which {format_size(self._working)} "
+                    f"working memory and KV cache) within the budget of "
+                    f"{format_size(self.budget)}; raise {arg('budget')} or use shorter batches"
                 )
             else:
                 return False
