@@ -10,11 +10,11 @@ intermediate ``bytes``, nothing mapped. :func:`read_tensors` can hash the file o
 
 from __future__ import annotations
 
-import ctypes
 import json
+import math
+import mmap
 import os
 import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,29 +91,26 @@ def read_header(path: Path) -> tuple[bytes, dict[str, TensorInfo], dict[str, str
 
 
 _HUGE = 2 << 20
-try:
-    _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-except OSError:  # pragma: no cover - a Linux without glibc
-    _LIBC = None
+_OWN_MAP = 128 << 10  # buffers from this size get a memory map of their own
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """``torch.empty``, with transparent huge pages asked for where the buffer spans them.
+    """``torch.empty`` for weights: a large buffer gets a private anonymous map of its own.
 
-    A freshly allocated buffer is faulted in page by page as it is first written; for
-    blocks re-read at every forward pass of a budgeted run, those faults cost more than
-    copying the bytes from the page cache. The 2 MiB-aligned interior of a large buffer is
-    advised ``MADV_HUGEPAGE`` (honoured where transparent huge pages are in ``madvise``
-    or ``always`` mode; harmless elsewhere), so it faults in 2 MiB at a time.
+    A map of its own goes back to the OS the moment the tensor goes, whatever malloc's
+    thresholds (weights never sit in the heap among activations, where freed holes stay).
+    Its pages are advised ``MADV_HUGEPAGE`` (honoured where transparent huge pages are in
+    ``madvise`` or ``always`` mode): a fresh buffer faulted in 4 KiB at a time costs more
+    than copying a block from the page cache, which a budgeted run does at every pass.
     """
-    t = torch.empty(shape, dtype=dtype)
-    nbytes = t.numel() * t.element_size()
-    if _LIBC is not None and nbytes >= 2 * _HUGE:
-        start = (t.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        stop = (t.data_ptr() + nbytes) & ~(_HUGE - 1)
-        if stop > start:
-            _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 14)
-    return t
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _OWN_MAP:
+        return torch.empty(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    # the tensor keeps the map alive; it is unmapped when the last view of it goes
+    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
 
 
 def _fill(f, target: torch.Tensor, nbytes: int, hasher=None) -> None:
