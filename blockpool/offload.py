@@ -25,7 +25,7 @@ from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
 from blockpool.quant.formats import companions
 from blockpool.quant.packed import packed_nbytes
-from blockpool.reads import TensorInfo, read_header, read_rows, read_tensors
+from blockpool.reads import TensorInfo, cast, read_header, read_rows, read_tensors
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
 from blockpool.swapper import DEFAULT_POLICY, BlockSwapper
@@ -89,7 +89,7 @@ def _load_small(pool: Pool, bid: str, module: nn.Module, skip: str, dtype: torch
     path = pool.ensure_verified(bid)
     names = [n for n in read_header(path)[1] if n != skip]
     state = read_tensors(path, names)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = {k: cast(v, dtype) for k, v in state.items()}
     module.load_state_dict(state, strict=False, assign=True)
 
 
@@ -139,7 +139,7 @@ class _Piecewise(nn.Module):
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the table at the compute dtype, on the device."""
         path = self.pool.ensure_verified(self.src)
-        return read_rows(path, self.info, start, stop).to(self.device, self.dtype)
+        return cast(read_rows(path, self.info, start, stop), self.dtype).to(self.device)
 
 
 class GatheredEmbed(_Piecewise):

@@ -33,7 +33,7 @@ from blockpool.quant.formats import (
     logical_params,
 )
 from blockpool.quant.packed import PackedWeight, pack_module
-from blockpool.reads import read_header, read_tensors
+from blockpool.reads import cast, read_header, read_tensors
 
 __all__ = ["BadBlock", "Pool", "empty_weights", "rehash_pool", "summarize"]
 
@@ -358,7 +358,7 @@ class Pool:
             if local not in tied:  # a tie the caller could not serve: read it
                 src_bid, _, src_local = ref.partition(":")
                 loaded[local] = self.load_tensors(src_bid)[src_local]
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in loaded.items()}
+        state = {k: cast(v, dtype) for k, v in loaded.items()}
         state |= tied
         self._check_shapes(bid, module, state)
         missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
@@ -396,7 +396,7 @@ class Pool:
             else:
                 state[local] = src[src_local]
         for name, t in stored.items():
-            state[name] = t.to(dtype) if t.is_floating_point() else t
+            state[name] = cast(t, dtype)
         self._check_shapes(bid, module, state)
         plain = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = module.load_state_dict(plain, strict=False, assign=True)

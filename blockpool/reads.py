@@ -23,7 +23,7 @@ import torch
 
 from blockpool.errors import IntegrityError
 
-__all__ = ["TensorInfo", "read_header", "read_rows", "read_tensors"]
+__all__ = ["TensorInfo", "cast", "empty", "read_header", "read_rows", "read_tensors"]
 
 _DTYPES = {
     "F64": torch.float64,
@@ -111,6 +111,14 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buffer.madvise(mmap.MADV_HUGEPAGE)
     # the tensor keeps the map alive; it is unmapped when the last view of it goes
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` for floating weights, into a buffer of :func:`empty` (a map of its own
+    for a large one, so a cast weight stays out of the heap too); other tensors as they are."""
+    if not t.is_floating_point() or t.dtype == dtype or t.device.type != "cpu":
+        return t.to(dtype) if t.is_floating_point() else t
+    return empty(tuple(t.shape), dtype).copy_(t)
 
 
 def _fill(f, target: torch.Tensor, nbytes: int, hasher=None) -> None:
