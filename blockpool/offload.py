@@ -41,7 +41,6 @@ __all__ = [
 
 _TOKEN_TABLE = "tokens.weight"
 _MIN_CHUNK_ROWS = 256
-_SCATTERED_READ = 64 << 10  # bytes a sequential read streams in the time of one scattered read
 
 
 def _header(pool: Pool, bid: str) -> dict[str, TensorInfo]:
@@ -153,34 +152,12 @@ class GatheredEmbed(_Piecewise):
         uniq, local = torch.unique(input_ids.cpu(), return_inverse=True)
         local = local.to(input_ids.device)
         with self.swapper.reserve(len(uniq) * self.row_cost()):
-            rows = self.gather(uniq)
+            rows = torch.cat([self.rows(i, i + 1) for i in uniq.tolist()])
             self.inner.tokens.weight = nn.Parameter(rows, requires_grad=False)
             try:
                 return self.inner(local, attention_mask, position_ids, past_length)
             finally:
                 del self.inner.tokens.weight, rows
-
-    def gather(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``ids`` (sorted, unique) of the table at the compute dtype: read one by one
-        when they are few; else the table is streamed in chunks sized to the room free and
-        the rows present are kept (on a cold disk, a scattered read costs about as much as
-        streaming 64 KiB: the 1,900 distinct tokens of a 2,048-token SmolLM2 prompt took
-        seconds row by row, against a fraction of a second for one pass over its table)."""
-        vocab, width = self.info.shape
-        if len(ids) * _SCATTERED_READ < vocab * self.info.row_bytes:
-            return torch.cat([self.rows(i, i + 1) for i in ids.tolist()])
-        out = torch.empty(len(ids), width, dtype=self.dtype, device=self.device)
-        cost = self.row_cost()
-        chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.free() // cost))
-        for start in range(0, vocab, chunk):
-            stop = min(vocab, start + chunk)
-            lo, hi = torch.searchsorted(ids, torch.tensor([start, stop])).tolist()
-            if lo < hi:
-                with self.swapper.reserve((stop - start) * cost):
-                    part = self.rows(start, stop)
-                    out[lo:hi] = part[(ids[lo:hi] - start).to(part.device)]
-                    del part
-        return out
 
 
 class ChunkedHead(_Piecewise):

@@ -116,8 +116,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` for floating weights, into a buffer of :func:`empty` (a map of its own
     for a large one, so a cast weight stays out of the heap too); other tensors as they are."""
-    if not t.is_floating_point() or t.dtype == dtype or t.device.type != "cpu":
-        return t.to(dtype) if t.is_floating_point() else t
+    if not t.is_floating_point():
+        return t
+    if t.dtype == dtype or t.device.type != "cpu":
+        return t.to(dtype)
     return empty(tuple(t.shape), dtype).copy_(t)
 
 
