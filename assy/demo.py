@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from assy.assembly import describe_recipe
+from assy.assembly.recipe import recipe_from_dict
 from assy.data import heldout_text
 from assy.errors import UsageError, arg
 from assy.evaluation import evaluate_target
@@ -143,9 +145,8 @@ def _assemble_step(out: Path, text: Path, budget: str, log, step: str) -> dict[s
                       "--samples", "16", "--seq-len", "128", "--score-windows", "4",
                       "--measure", "4", "--out", str(out / "assembled"), "--overwrite"])  # fmt: skip
     recipe, m = doc["plan"]["recipe"], doc["measured"]
-    chain = " + ".join(f"{s['model']} {s['layers'][0]}-{s['layers'][1]}" for s in recipe["slices"])
     log(
-        f"      {recipe['anchor']}: {chain}, {len(recipe['seams'])} seam(s); predicted "
+        f"      {describe_recipe(recipe_from_dict(recipe))}; predicted "
         f"{doc['plan']['bytes']['total'] / 1e6:.1f} MB; measured weights peak "
         f"{m['weights_resident_peak_bytes'] / 1e6:.1f} MB, budget used "
         f"{m['budget_used_peak_bytes'] / 1e6:.1f} MB, peak RSS "

@@ -7,11 +7,9 @@ the state entering its layer ``k`` (its number of layers: the last layer's outpu
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import torch
-from tqdm import tqdm
 
 from assy.assembly.adapter import ElasticAdapter
 from assy.assembly.calibration import Windows
@@ -23,6 +21,7 @@ from assy.assembly.states import (
     module_digest,
     prefix_keys,
 )
+from assy.progress import bar
 from blockpool import Pool, RunOptions, SeamContext
 
 __all__ = [
@@ -92,7 +91,7 @@ def run_items(
     outs = []
     starts = range(0, x.shape[0], batch_size)
     with torch.no_grad():  # not inference mode: blocks built here may train later
-        for s in tqdm(starts, desc=desc, file=sys.stderr, leave=False, disable=desc is None):
+        for s in bar(starts, desc=desc, leave=False, disable=desc is None):
             outs.append(
                 run_tail(runner, items, x[s : s + batch_size].to(runner.device)).float().cpu()
             )

@@ -11,14 +11,13 @@ own states, the stream entering a seam -- is reused by every fit that shares tha
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
+from assy.progress import bar
 from blockpool import Pool, RunOptions, open_runner
 
 __all__ = [
@@ -179,10 +178,9 @@ def own_states(
     chain = [embed, *layers[: max(todo)]]
     with open_runner(pool, chain, options) as run:
         runner, batch = run.runner, options.batch_size
-        for depth in tqdm(
+        for depth in bar(
             range(start + 1, max(todo) + 1),
             desc=desc or f"{model} states",
-            file=sys.stderr,
             leave=False,
         ):
             bid = chain[depth]

@@ -22,15 +22,14 @@ Adapter objectives (the blocks stay frozen; only adapter parameters change):
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from assy.progress import bar
 from blockpool import peak_rss_bytes
 
 __all__ = ["choice_loss", "freeze_blocks", "hidden_loss", "kl_loss", "train_assembly", "train_loop"]
@@ -75,7 +74,7 @@ def train_loop(
     losses: list[tuple[int, float]] = []
     saved_peak = 0
     tic = time.perf_counter()
-    for step in tqdm(range(start_step, steps), desc=desc, file=sys.stderr, leave=False):
+    for step in bar(range(start_step, steps), desc=desc, leave=False):
         saved = [0]
 
         def pack(t: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterable
 from functools import wraps
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -102,13 +103,13 @@ def note_unused(names: Iterable[str], why: str) -> None:
 def progress_bars():
     """A ``progress(label, done, total)`` callback drawing one tqdm bar per label on stderr,
     each created at its first call (so an error raised before any work prints no bar)."""
-    from tqdm import tqdm
+    from assy.progress import bar
 
-    bars: dict[str, tqdm] = {}
+    bars: dict[str, Any] = {}
 
     def update(label: str, done: int, total: int) -> None:
         if label not in bars:
-            bars[label] = tqdm(total=total, desc=label, unit="block", file=sys.stderr)
+            bars[label] = bar(total=total, desc=label, unit="block")
         bars[label].update(done - bars[label].n)
         if done >= total:
             bars[label].close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save
-from tqdm import tqdm
 
 from assy.data import load_task, read_text
 from assy.errors import UsageError, arg
+from assy.progress import bar
 from blockpool import BlockCall, BlockRunner, ChainRunner, Pool, atomic_write_bytes
 
 __all__ = [
@@ -217,8 +216,8 @@ def capture_model(
     if pooling == "mean":
         _check_lengths(model, batches, skip_first)
     with runner.observe(record):
-        for chunk, input_ids, mask in tqdm(
-            batches, desc=f"capture {model}", unit="batch", file=sys.stderr, disable=not progress
+        for chunk, input_ids, mask in bar(
+            batches, desc=f"capture {model}", unit="batch", disable=not progress
         ):
             runner.forward(input_ids, mask, head=False)
             order.extend(chunk)

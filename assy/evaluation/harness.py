@@ -29,11 +29,11 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from tqdm import tqdm
 
 from assy.errors import UsageError
 from assy.evaluation.head import head_logprobs
 from assy.evaluation.scoring import HEAD_BYTES, Request, model_max_length, score
+from assy.progress import bar
 from blockpool import Pool, RunOptions, open_runner, parse_size
 
 __all__ = ["AssyLM", "check_model_args"]
@@ -231,7 +231,7 @@ class AssyLM(TemplateLM):
         time, with the runner's KV cache)."""
         eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         out = []
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        for req in bar(requests, desc="generate_until", disable=disable_tqdm):
             context, gen_kwargs = req.args
             kwargs = dict(gen_kwargs)
             if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:

@@ -26,15 +26,14 @@ Two kinds of model:
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from assy.errors import UsageError, arg
 from assy.evaluation.head import head_logprobs, logits_logprobs
+from assy.progress import bar
 from blockpool.chain import ChainCache, ChainRunner, Seam
 
 __all__ = ["HEAD_BYTES", "BATCH_TOKENS", "Request", "Score", "model_max_length", "score"]
@@ -139,21 +138,21 @@ def score(
                 f"{arg('max_length')} {max_length}"
             )
     scores: list[Score | None] = [None] * len(requests)
-    bar = tqdm(total=len(requests), desc=desc, unit="req", file=sys.stderr, disable=not progress)
+    progress_bar = bar(total=len(requests), desc=desc, unit="req", disable=not progress)
     if runner is None:
         engine: _Engine = _PlainEngine(model, device, pad_id)
     else:
         engine = _RunnerEngine(runner, pad_id, batch_size, head_bytes, batch_tokens)
-    with torch.inference_mode(), bar:
+    with torch.inference_mode(), progress_bar:
         shared, alone = engine.split(requests, max_length)
         for group in shared:
             for i, s in zip(group, engine.shared(group, requests), strict=True):
                 scores[i] = s
-            bar.update(len(group))
+            progress_bar.update(len(group))
         for batch in _batches(alone, requests, batch_size, batch_tokens, max_length):
             for i, s in zip(batch, engine.whole(batch, requests, max_length), strict=True):
                 scores[i] = s
-            bar.update(len(batch))
+            progress_bar.update(len(batch))
     return [s for s in scores if s is not None]
 
 
