@@ -25,7 +25,7 @@ from blockpool.errors import UsageError, arg
 from blockpool.pool import Pool
 from blockpool.quant.formats import companions
 from blockpool.quant.packed import packed_nbytes
-from blockpool.reads import TensorInfo, cast, read_header, read_rows, read_tensors
+from blockpool.reads import TensorInfo, cast, empty, read_header, read_rows, read_tensors
 from blockpool.runner import BlockRunner
 from blockpool.sizes import format_size
 from blockpool.swapper import DEFAULT_POLICY, BlockSwapper
@@ -171,12 +171,21 @@ class ChunkedHead(_Piecewise):
         # chunk would have them re-read in the next pass
         chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.free() // cost))
         logits = features.new_empty(*features.shape[:-1], vocab)
-        for start in range(0, vocab, chunk):
-            stop = min(vocab, start + chunk)
-            with self.swapper.reserve((stop - start) * cost):
-                rows = self.rows(start, stop)
-                logits[..., start:stop] = features @ rows.T
-                del rows
+        path = self.pool.ensure_verified(self.src)
+        width = self.info.shape[1:]
+        # one read buffer (and one cast buffer) for every chunk of the pass, reserved once:
+        # fresh buffers per chunk were faulted in anew each time, and a pre-load taking the
+        # room between two chunks made the next one evict
+        with self.swapper.reserve(chunk * cost):
+            raw = empty((chunk, *width), self.info.dtype)
+            same = self.info.dtype == self.dtype
+            weights = raw if same else empty((chunk, *width), self.dtype)
+            for start in range(0, vocab, chunk):
+                n = min(vocab, start + chunk) - start
+                read_rows(path, self.info, start, start + n, out=raw[:n])
+                rows = raw[:n] if same else weights[:n].copy_(raw[:n])
+                logits[..., start : start + n] = features @ rows.to(self.device).T
+            del raw, weights, rows
         return self.inner.cap(logits)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_models import V
 
-from blockpool import Pool, build_pool
+from blockpool import Pool, build_pool, offload
 from blockpool.errors import IntegrityError, UsageError
 from blockpool.offload import ChunkedHead, GatheredEmbed, block_nbytes, budgeted_runner, min_budget
 from blockpool.sizes import parse_size
@@ -263,3 +263,24 @@ def test_one_buffer_reads_equal_tensor_by_tensor_reads(tmp_path):
     bad.write_bytes(raw[:8] + text + raw[8 + size :])
     with pytest.raises(IntegrityError, match="overlapping"):
         read_tensors(bad, one_buffer=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_in_many_chunks_and_a_partial_last_one(dtype, tiny_pool, monkeypatch):
+    """Chunks share one read buffer (and one cast buffer when the pool's dtype is not the
+    compute dtype); the last chunk is shorter than the others."""
+    monkeypatch.setattr(offload, "_MIN_CHUNK_ROWS", 7)
+    pool, family = Pool(tiny_pool), "llama"
+    floor = min_budget(pool, family, dtype, batch=2, tokens=6)
+    runner, swapper = budgeted_runner(
+        pool, family, budget=2 * floor, dtype=dtype, piece_fraction=0.0
+    )
+    head = runner.fetch(runner.block_ids[-1])
+    assert isinstance(head, ChunkedHead)
+    ids = torch.randint(2, V, (2, 6), generator=torch.Generator().manual_seed(3))
+    expected = budgeted_runner(pool, family, budget=None, dtype=dtype)[0](ids)
+    # room for 10 rows: 13 chunks, the last of 8
+    monkeypatch.setattr(swapper, "free", lambda: 10 * head.row_cost() + 1)
+    with swapper:
+        torch.testing.assert_close(runner(ids), expected, atol=1e-5, rtol=1e-5)
+        assert swapper.stats.budget_used_peak_bytes <= swapper.budget
