@@ -320,6 +320,9 @@ def test_proxy_shares_the_forward_passes_of_a_common_prefix(plan_pool):
         (["--budget", "1GB", "--data", "SHORT", "--samples", "64"], r"data too short to fit"),
         (["--budget", "1GB"], r"give --data or --task"),
         (["--budget", "1GB", "--candidates", "-1", "--dry-run"], r"--candidates must be"),
+        (["--budget", "1GB", "--make-variants", "fp16", "--dry-run"], r"not a quantized"),
+        (["--budget", "1GB", "--make-variants", "int8,int3", "--dry-run"], r"unknown precision"),
+        (["--budget", "1GB", "--make-variants", "int8,", "--dry-run"], r"give precisions"),
     ],
 )
 def test_assemble_bad_input_is_one_line_and_writes_nothing(plan_pool, tmp_path, args, pattern):
@@ -387,3 +390,50 @@ def test_describe_recipe_puts_a_recipe_on_one_line():
     assert describe_recipe(chain) == "a: a 0-19 + b 12-14, 2 seams"
     one = Recipe("a", (Slice("a", (0, 3)), Slice("a", (6, 7))), (SeamSpec(1, "diagonal"),))
     assert describe_recipe(one) == "a: a 0-3 + a 6-7, 1 seam"
+
+
+def test_make_variants_adds_what_is_missing_once_and_the_plan_can_use_it(plan_pool, tmp_path):
+    from click.testing import CliRunner
+
+    from assy.cli import cli
+    from blockpool import add_quantized_variant
+
+    def whole(pool, names):  # bytes of the smallest of these models run whole
+        cands = pool_candidates(pool, tokens=32)
+        return min(
+            plan_assembly(cands, 10**12, max_seams=0, anchors=[n]).bytes["total"] for n in names
+        )
+
+    scratch = tmp_path / "scratch"
+    shutil.copytree(plan_pool.root, scratch)
+    for model in ("llama", "gemma3"):
+        add_quantized_variant(Pool(scratch), model, "int8", f"{model}-int8")
+    budget = whole(Pool(scratch), ["llama-int8", "gemma3-int8"])
+    assert budget < whole(plan_pool, ["llama", "gemma3"])  # only a variant fits
+    root = tmp_path / "pool"
+    shutil.copytree(plan_pool.root, root)
+    args = ["assemble", str(root), "--budget", str(budget), "--seq-len", "32"]
+    args += ["--max-seams", "0", "--dry-run", "--json"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "smallest runnable" in refused.stderr
+
+    made = CliRunner().invoke(cli, [*args, "--make-variants", "int8"])
+    assert made.exit_code == 0, made.output
+    doc = json.loads(made.stdout)
+    assert {v["name"] for v in doc["made_variants"]} == {"llama-int8", "gemma3-int8", "bert-int8"}
+    assert doc["plan"]["recipe"]["anchor"] in ("llama-int8", "gemma3-int8")
+    assert "made variant llama-int8: llama at int8" in made.stderr
+    pool = Pool(root)
+    assert pool.model("llama-int8").parent_model == "llama"
+    assert {pool.blocks[b].precision for b in pool.model("llama-int8").blocks} == {"int8"}
+
+    more = CliRunner().invoke(cli, [*args, "--make-variants", "int8,int4"])
+    assert more.exit_code == 0, more.output
+    assert {v["name"] for v in json.loads(more.stdout)["made_variants"]} == {
+        "llama-nf4",
+        "gemma3-nf4",
+        "bert-nf4",
+    }
+    again = CliRunner().invoke(cli, [*args, "--make-variants", "int4,int8"])
+    assert json.loads(again.stdout)["made_variants"] == []
+    assert "already has" in again.stderr

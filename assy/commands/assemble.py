@@ -67,6 +67,13 @@ __all__ = ["assemble_cmd"]
 )
 @click.option("--steps", default=20, show_default=True, help="Training steps with --fit train.")
 @click.option(
+    "--make-variants",
+    metavar="P[,P...]",
+    help="First add to POOL the quantized variants (int8, int4 = nf4, fp4) that its own "
+    "models lack, as <model>-<precision> (kept for later runs; said in the output), so "
+    "that the planner can choose them.",
+)
+@click.option(
     "--allow-swap",
     is_flag=True,
     help="Plan for the swapper: the working set (largest layer, pinned parts, adapters, "
@@ -111,6 +118,7 @@ def assemble_cmd(
     seq_len,
     fit_mode,
     steps,
+    make_variants,
     allow_swap,
     measure,
     dtype,
@@ -164,6 +172,8 @@ def assemble_cmd(
     fit = FitOptions(samples=samples, seq_len=seq_len, seed=seed)
     fit.validate()
     fit_data = load_fit_data(data, task) if (data or task) and not dry_run else None
+    say = _Say(as_json)
+    made = _make_variants(Pool(pool), make_variants, say) if make_variants is not None else []
     opened = Pool(pool)
     table = load_compat(compat) if compat is not None else None
     cands = pool_candidates(opened, dtype=dtype, tokens=seq_len)
@@ -191,8 +201,8 @@ def assemble_cmd(
         "compatibility": compat_source(compat),
         "planning_seconds": round(planning, 3),
         "allow_swap": allow_swap,
+        "made_variants": made,
     }
-    say = _Say(as_json)
     say.plan(plan, alone, doc["compatibility"], planning)
     by_name = {c.name: c for c in cands}
     if dry_run:
@@ -269,6 +279,38 @@ def assemble_cmd(
         f"wrote {out} ({plan.seams} adapters; {doc['forwards']:,} block passes over "
         f"windows in {doc['fit_seconds']:.0f} s)"
     )
+
+
+def _make_variants(pool, spec: str, say) -> list[dict]:
+    """Add the quantized variants ``spec`` names that ``pool``'s own models lack."""
+    from assy.commands.common import progress_bars
+    from assy.errors import UsageError
+    from blockpool import Pool, add_quantized_variant, chain_nbytes, missing_quantized_variants
+
+    precisions = [p.strip() for p in spec.split(",")]
+    if not all(precisions):
+        raise UsageError(f"--make-variants {spec!r}: give precisions such as int8,int4")
+    todo = missing_quantized_variants(pool, precisions)  # checks them all before any write
+    made = []
+    for model, precision, name in todo:
+        tic = time.perf_counter()
+        add_quantized_variant(pool, model, precision, name, progress=progress_bars())
+        grown = Pool(pool.root)
+        bytes_ = chain_nbytes(grown, grown.model(name).blocks, _fp32())
+        made.append({"model": model, "precision": precision, "name": name, "bytes": bytes_})
+        say.line(
+            f"made variant {name}: {model} at {precision}, {bytes_ / 1e6:,.1f} MB of weights "
+            f"at fp32 compute ({time.perf_counter() - tic:.0f} s; kept in the pool)"
+        )
+    if not todo:
+        say.line(f"variants: the pool already has {', '.join(precisions)} of its models")
+    return made
+
+
+def _fp32():
+    import torch
+
+    return torch.float32
 
 
 class _Say:

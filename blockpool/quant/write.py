@@ -23,6 +23,7 @@ from blockpool.lock import pool_lock
 from blockpool.pool import Pool
 from blockpool.quant.formats import (
     FLOAT_PRECISIONS,
+    QUANT_PRECISIONS,
     encode_quant,
     logical_params,
     normalize_precision,
@@ -32,6 +33,7 @@ from blockpool.variants import check_variant_target, write_variant_model
 
 __all__ = [
     "add_quantized_variant",
+    "missing_quantized_variants",
     "quantize_pool",
     "quantized_block",
     "tied_sources",
@@ -169,6 +171,48 @@ def add_quantized_variant(
         return quantized_block(pool, bid, state, precision)
 
     return write_variant_model(pool, model, transform, name=name, progress=progress, wait=wait)
+
+
+def missing_quantized_variants(pool: Pool, precisions: list[str]) -> list[tuple[str, str, str]]:
+    """The quantized variants the pool lacks: ``(model, precision, name)`` for each model
+    built from a source (not itself a variant) and each of ``precisions`` for which no
+    variant of that model holds all its blocks at that precision; ``name`` is
+    ``<model>-<precision>`` (``int4`` is ``nf4``).
+
+    Raises:
+        UsageError: an unknown or floating-point precision; a missing variant's name taken
+            by another model of the pool.
+    """
+    wanted = []
+    for p in precisions:
+        p = normalize_precision(p)
+        if p not in QUANT_PRECISIONS:
+            raise UsageError(
+                f"{p} is not a quantized precision; choose {', '.join(QUANT_PRECISIONS)}"
+            )
+        wanted.append(p)
+    have = set()  # (parent, precision) of the variants quantized at one precision
+    for entry in pool.models.values():
+        precs = {pool.blocks[b].precision for b in entry.blocks} - set(FLOAT_PRECISIONS)
+        if entry.parent_model is not None and len(precs) == 1:
+            have.add((entry.parent_model, precs.pop()))
+    out = []
+    for model, entry in pool.models.items():
+        if entry.parent_model is not None:
+            continue
+        if any(pool.blocks[b].precision not in FLOAT_PRECISIONS for b in entry.blocks):
+            continue  # built from an already quantized checkpoint
+        for p in dict.fromkeys(wanted):
+            if (model, p) in have:
+                continue
+            name = f"{model}-{p}"
+            if name in pool.models:
+                raise UsageError(
+                    f"pool model {name!r} is not {model} at {p}; rename it, or add that "
+                    f"variant under another name with assy quantize --as"
+                )
+            out.append((model, p, name))
+    return out
 
 
 def _resolve(pool: Pool, precisions: str | Mapping[str, str], models: list[str]) -> dict[str, str]:
