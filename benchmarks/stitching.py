@@ -335,14 +335,13 @@ class Bench:
                 self.fit_options(objective="hidden", steps=steps),
                 seam=tag,
             )
-            if key != "s3":
-                self.stitched_row(
-                    f"{key} foreign + task",
-                    foreign,
-                    self.fit_options(objective="task", steps=steps),
-                    data=self._arc_or_none(),
-                    seam=tag,
-                )
+            self.stitched_row(
+                f"{key} foreign + task",
+                foreign,
+                self.fit_options(objective="task", steps=steps),
+                data=self._arc_or_none(),
+                seam=tag,
+            )
             shuffled_name = f"{model}-shuffled"
             self.pool = pool = _shuffled(pool, model, range(first, 100), shuffled_name)
             shuffled = plan_replacements(pool, ANCHOR, [(span, f"{shuffled_name}:{first}-{last}")])
