@@ -106,6 +106,12 @@ def _move_real_tensors(module: nn.Module, device: torch.device) -> None:
                 )
 
 
+def _row_cost(info: TensorInfo, dtype: torch.dtype) -> int:
+    """Bytes one row of a table read in pieces takes: the read buffer plus its cast."""
+    width = info.shape[1] if len(info.shape) > 1 else 1
+    return info.row_bytes + (0 if info.dtype == dtype else width * dtype.itemsize)
+
+
 class _Piecewise(nn.Module):
     """A block too large for the budget, its big table read in pieces by positioned reads
     into buffers counted against the budget (nothing of the file stays mapped)."""
@@ -121,6 +127,7 @@ class _Piecewise(nn.Module):
     ) -> None:
         super().__init__()
         self.inner = pool.empty_module(bid, config)
+        self.bid = bid
         self.src, self.table = _table_ref(pool, bid)
         self.pool, self.dtype, self.swapper = pool, dtype, swapper
         self.info = _header(pool, self.src)[self.table]
@@ -131,9 +138,7 @@ class _Piecewise(nn.Module):
 
     def row_cost(self) -> int:
         """Bytes one row of the table takes while in use: the read buffer plus its cast."""
-        width = self.info.shape[1]
-        cast = 0 if self.info.dtype == self.dtype else width * self.dtype.itemsize
-        return self.info.row_bytes + cast
+        return _row_cost(self.info, self.dtype)
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the table at the compute dtype, on the device."""
@@ -160,17 +165,45 @@ class GatheredEmbed(_Piecewise):
                 del self.inner.tokens.weight, rows
 
 
+class _Rows(nn.Module):
+    """The first rows of a head served in pieces, as a block of the swapper's cache."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows, persistent=False)
+
+
 class ChunkedHead(_Piecewise):
-    """An LM head that multiplies vocabulary chunks sized to the room free in the budget."""
+    """An LM head that multiplies vocabulary chunks sized to the room free in the budget.
+
+    With ``prefix_rows``, its first rows are a block of the swapper's cycle of their own
+    (:func:`prefix_id`, after the last layer): kept when the budget has room, otherwise
+    pre-loaded on the loader threads while the last layers compute -- that part of the
+    head is then not read on the compute thread at every pass.
+    """
+
+    def __init__(self, *args: Any, prefix_rows: int = 0) -> None:
+        super().__init__(*args)
+        self.prefix_rows = prefix_rows
+
+    def load_prefix(self) -> nn.Module:
+        """The block of the first ``prefix_rows`` rows at the compute dtype (what the
+        swapper's loader calls for :func:`prefix_id`)."""
+        return _Rows(self.rows(0, self.prefix_rows))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         features = self.inner.features(hidden)
         vocab = self.info.shape[0]
+        logits = features.new_empty(*features.shape[:-1], vocab)
+        first = self.prefix_rows
+        if first:
+            prefix = self.swapper.fetch(prefix_id(self.bid)).rows
+            logits[..., :first] = features @ prefix.T
+            del prefix
         cost = self.row_cost()
         # chunks sized to the room that is free now: evicting cached layers for a larger
         # chunk would have them re-read in the next pass
-        chunk = max(_MIN_CHUNK_ROWS, min(vocab, self.swapper.free() // cost))
-        logits = features.new_empty(*features.shape[:-1], vocab)
+        chunk = max(_MIN_CHUNK_ROWS, min(vocab - first, self.swapper.free() // cost))
         path = self.pool.ensure_verified(self.src)
         width = self.info.shape[1:]
         # one read buffer (and one cast buffer) for every chunk of the pass, reserved once:
@@ -180,13 +213,18 @@ class ChunkedHead(_Piecewise):
             raw = empty((chunk, *width), self.info.dtype)
             same = self.info.dtype == self.dtype
             weights = raw if same else empty((chunk, *width), self.dtype)
-            for start in range(0, vocab, chunk):
+            for start in range(first, vocab, chunk):
                 n = min(vocab, start + chunk) - start
                 read_rows(path, self.info, start, start + n, out=raw[:n])
                 rows = raw[:n] if same else weights[:n].copy_(raw[:n])
                 logits[..., start : start + n] = features @ rows.to(self.device).T
-            del raw, weights, rows
+            del raw, weights
         return self.inner.cap(logits)
+
+
+def prefix_id(head: str) -> str:
+    """The swapper's id of the block of a chunked head's first rows."""
+    return f"{head}#rows"
 
 
 def _limit_malloc_caching() -> None:
@@ -319,14 +357,38 @@ def budgeted_runner(
         if tied_names:
             sizes[b] = block_nbytes(pool, b, dtype, skip=tied_names)
 
+    # A head served in pieces gives its first rows (a quarter of the room above the
+    # smallest working set) to the swapper's cycle as a block of their own
+    file_bytes = {b: pool.blocks[b].bytes for b in ids}
+    prefixes: dict[str, int] = {}
+    for b in ids:
+        if b not in cached and pool.blocks[b].kind == "head":
+            src, table = _table_ref(pool, b)
+            info = _header(pool, src)[table]
+            cost = _row_cost(info, dtype)
+            rows = int(slack / 2) // cost
+            if rows >= _MIN_CHUNK_ROWS:
+                prefixes[b] = rows
+                sizes[prefix_id(b)] = rows * cost
+                file_bytes[prefix_id(b)] = rows * info.row_bytes
+    order = []
+    for b in runner.block_ids:
+        if b in cached and b not in fixed:
+            order.append(b)
+        elif b in prefixes:
+            order.append(prefix_id(b))
+    heads = {prefix_id(b): b for b in prefixes}
+
     def load(bid: str) -> nn.Module:
+        if bid in heads:
+            return pieces[heads[bid]].load_prefix()
         return build_block(pool, bid, runner, fixed_modules, one_buffer=True)
 
     swapper = BlockSwapper(
         load,
         sizes,
-        {b: pool.blocks[b].bytes for b in ids},
-        [b for b in runner.block_ids if b in cached and b not in fixed],
+        file_bytes,
+        order,
         budget=budget,
         policy=policy,
         depth=depth,
@@ -336,8 +398,11 @@ def budgeted_runner(
     pieces: dict[str, nn.Module] = dict(fixed_modules)
     for b in ids:
         if b not in cached:
-            cls = GatheredEmbed if pool.blocks[b].kind == "embed" else ChunkedHead
-            pieces[b] = cls(pool, b, runner.config_of(b), dtype, swapper, runner.device)
+            args = (pool, b, runner.config_of(b), dtype, swapper, runner.device)
+            if pool.blocks[b].kind == "embed":
+                pieces[b] = GatheredEmbed(*args)
+            else:
+                pieces[b] = ChunkedHead(*args, prefix_rows=prefixes.get(b, 0))
             swapper.pin(pieces[b].pinned)
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
     runner.memory = swapper  # the runner reserves its working memory out of the budget

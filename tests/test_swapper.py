@@ -284,3 +284,27 @@ def test_head_in_many_chunks_and_a_partial_last_one(dtype, tiny_pool, monkeypatc
     with swapper:
         torch.testing.assert_close(runner(ids), expected, atol=1e-5, rtol=1e-5)
         assert swapper.stats.budget_used_peak_bytes <= swapper.budget
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_a_chunked_heads_first_rows_are_a_block_of_the_swappers_cycle(
+    family, tiny_pool, monkeypatch
+):
+    """A quarter of the room above the smallest working set holds the head's first rows,
+    cached or pre-loaded like a layer; the logits stay those of the resident model."""
+    monkeypatch.setattr(offload, "_MIN_CHUNK_ROWS", 4)
+    pool = Pool(tiny_pool)
+    head_id = pool.model(family).blocks[-1]
+    head_bytes = block_nbytes(pool, head_id, torch.float32)
+    # the piece decision's floor: one token's working set
+    runner, swapper = budgeted_runner(pool, family, budget=min_budget(pool, family) + head_bytes)
+    head = runner.fetch(head_id)
+    assert isinstance(head, ChunkedHead) and 4 <= head.prefix_rows < V
+    assert swapper.order[-1] == offload.prefix_id(head_id)
+    ids = torch.randint(2, V, (1, 4), generator=torch.Generator().manual_seed(4))
+    expected = budgeted_runner(pool, family, budget=None)[0](ids)
+    with swapper:
+        for _ in range(3):
+            torch.testing.assert_close(runner(ids), expected, atol=1e-5, rtol=1e-5)
+        assert swapper.stats.budget_used_peak_bytes <= swapper.budget
+        assert swapper.stats.hits + swapper.stats.misses >= 3 * len(swapper.order)
