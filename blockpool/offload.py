@@ -5,9 +5,10 @@ loaded): floating tensors at the compute dtype, quantized matrices packed (int8 
 scales, 4-bit codes and their absmax; :mod:`blockpool.quant.packed`). A dense embedding or
 LM head that would take more than half the budget is served in pieces straight from its
 file: the embedding gathers only the rows of the tokens present, the LM head multiplies
-vocabulary chunks sized to the room left (a packed one is held whole: it already
-dequantizes only the rows it needs, and large matrices in chunks). Everything else goes
-through the :class:`~blockpool.swapper.BlockSwapper`.
+vocabulary chunks sized to the room left, its first rows a block of the swapper's cycle
+(a packed one is held whole: it already dequantizes only the rows it needs, and large
+matrices in chunks). Everything else goes through the
+:class:`~blockpool.swapper.BlockSwapper`.
 """
 
 from __future__ import annotations
@@ -312,8 +313,8 @@ def budgeted_runner(
 
     ``budget=None`` keeps every block resident (no swapper). An embedding or LM head
     larger than ``piece_fraction`` of the budget above :func:`min_budget` is served in
-    pieces. Seams of a chain stay
-    resident and count against the budget.
+    pieces; such a head's first rows, half that share, join the swapper's cycle as a block
+    (:class:`ChunkedHead`). Seams of a chain stay resident and count against the budget.
 
     Raises:
         UsageError: the budget is below :func:`min_budget` (the message names it).
