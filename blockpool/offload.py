@@ -177,30 +177,34 @@ class _Rows(nn.Module):
 class ChunkedHead(_Piecewise):
     """An LM head that multiplies vocabulary chunks sized to the room free in the budget.
 
-    With ``prefix_rows``, its first rows are a block of the swapper's cycle of their own
-    (:func:`prefix_id`, after the last layer): kept when the budget has room, otherwise
-    pre-loaded on the loader threads while the last layers compute -- that part of the
-    head is then not read on the compute thread at every pass.
+    With ``prefix``, its first rows are blocks of the swapper's cycle (:func:`prefix_id`,
+    after the last layer, each no larger than the largest layer): kept when the budget has
+    room, otherwise pre-loaded on the loader threads while the last layers compute -- those
+    rows are then not read on the compute thread at every pass.
     """
 
-    def __init__(self, *args: Any, prefix_rows: int = 0) -> None:
+    def __init__(self, *args: Any, prefix: Sequence[tuple[int, int]] = ()) -> None:
         super().__init__(*args)
-        self.prefix_rows = prefix_rows
+        self.prefix = list(prefix)  # (start, stop) rows of each block, in order from 0
 
-    def load_prefix(self) -> nn.Module:
-        """The block of the first ``prefix_rows`` rows at the compute dtype (what the
-        swapper's loader calls for :func:`prefix_id`)."""
-        return _Rows(self.rows(0, self.prefix_rows))
+    @property
+    def prefix_rows(self) -> int:
+        return self.prefix[-1][1] if self.prefix else 0
+
+    def load_prefix(self, part: int) -> nn.Module:
+        """Block ``part`` of the first rows at the compute dtype (what the swapper's loader
+        calls for ``prefix_id(head, part)``)."""
+        return _Rows(self.rows(*self.prefix[part]))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         features = self.inner.features(hidden)
         vocab = self.info.shape[0]
         logits = features.new_empty(*features.shape[:-1], vocab)
+        for part, (start, stop) in enumerate(self.prefix):
+            rows = self.swapper.fetch(prefix_id(self.bid, part)).rows
+            logits[..., start:stop] = features @ rows.T
+            del rows
         first = self.prefix_rows
-        if first:
-            prefix = self.swapper.fetch(prefix_id(self.bid)).rows
-            logits[..., :first] = features @ prefix.T
-            del prefix
         cost = self.row_cost()
         # chunks sized to the room that is free now: evicting cached layers for a larger
         # chunk would have them re-read in the next pass
@@ -223,9 +227,9 @@ class ChunkedHead(_Piecewise):
         return self.inner.cap(logits)
 
 
-def prefix_id(head: str) -> str:
-    """The swapper's id of the block of a chunked head's first rows."""
-    return f"{head}#rows"
+def prefix_id(head: str, part: int) -> str:
+    """The swapper's id of block ``part`` of a chunked head's first rows."""
+    return f"{head}#rows{part}"
 
 
 def _limit_malloc_caching() -> None:
@@ -313,7 +317,7 @@ def budgeted_runner(
 
     ``budget=None`` keeps every block resident (no swapper). An embedding or LM head
     larger than ``piece_fraction`` of the budget above :func:`min_budget` is served in
-    pieces; such a head's first rows, half that share, join the swapper's cycle as a block
+    pieces; such a head's first rows, half that share, join the swapper's cycle as blocks
     (:class:`ChunkedHead`). Seams of a chain stay resident and count against the budget.
 
     Raises:
@@ -359,30 +363,34 @@ def budgeted_runner(
             sizes[b] = block_nbytes(pool, b, dtype, skip=tied_names)
 
     # A head served in pieces gives its first rows (a quarter of the room above the
-    # smallest working set) to the swapper's cycle as a block of their own
+    # smallest working set) to the swapper's cycle, as blocks no larger than its largest
+    # layer (so the room left for working memory beside the largest block is unchanged)
     file_bytes = {b: pool.blocks[b].bytes for b in ids}
-    prefixes: dict[str, int] = {}
+    largest = max((sizes[b] for b in cached if b not in fixed), default=0)
+    prefixes: dict[str, list[tuple[int, int]]] = {}
     for b in ids:
         if b not in cached and pool.blocks[b].kind == "head":
             src, table = _table_ref(pool, b)
             info = _header(pool, src)[table]
             cost = _row_cost(info, dtype)
-            rows = int(slack / 2) // cost
-            if rows >= _MIN_CHUNK_ROWS:
-                prefixes[b] = rows
-                sizes[prefix_id(b)] = rows * cost
-                file_bytes[prefix_id(b)] = rows * info.row_bytes
+            rows, step = int(slack / 2) // cost, largest // cost
+            if rows < _MIN_CHUNK_ROWS or step < 1:
+                continue
+            prefixes[b] = [(a, min(rows, a + step)) for a in range(0, rows, step)]
+            for part, (a, z) in enumerate(prefixes[b]):
+                sizes[prefix_id(b, part)] = (z - a) * cost
+                file_bytes[prefix_id(b, part)] = (z - a) * info.row_bytes
     order = []
     for b in runner.block_ids:
         if b in cached and b not in fixed:
             order.append(b)
-        elif b in prefixes:
-            order.append(prefix_id(b))
-    heads = {prefix_id(b): b for b in prefixes}
+        order += [prefix_id(b, part) for part in range(len(prefixes.get(b, ())))]
+    parts = {prefix_id(b, i): (b, i) for b, spans in prefixes.items() for i in range(len(spans))}
 
     def load(bid: str) -> nn.Module:
-        if bid in heads:
-            return pieces[heads[bid]].load_prefix()
+        if bid in parts:
+            head, part = parts[bid]
+            return pieces[head].load_prefix(part)
         return build_block(pool, bid, runner, fixed_modules, one_buffer=True)
 
     swapper = BlockSwapper(
@@ -403,7 +411,7 @@ def budgeted_runner(
             if pool.blocks[b].kind == "embed":
                 pieces[b] = GatheredEmbed(*args)
             else:
-                pieces[b] = ChunkedHead(*args, prefix_rows=prefixes.get(b, 0))
+                pieces[b] = ChunkedHead(*args, prefix=prefixes.get(b, ()))
             swapper.pin(pieces[b].pinned)
     runner.fetch = lambda b: pieces[b] if b in pieces else swapper.fetch(b)
     runner.memory = swapper  # the runner reserves its working memory out of the budget

@@ -291,7 +291,7 @@ def test_a_chunked_heads_first_rows_are_a_block_of_the_swappers_cycle(
     family, tiny_pool, monkeypatch
 ):
     """A quarter of the room above the smallest working set holds the head's first rows,
-    cached or pre-loaded like a layer; the logits stay those of the resident model."""
+    cached or pre-loaded like layers; the logits stay those of the resident model."""
     monkeypatch.setattr(offload, "_MIN_CHUNK_ROWS", 4)
     pool = Pool(tiny_pool)
     head_id = pool.model(family).blocks[-1]
@@ -300,7 +300,11 @@ def test_a_chunked_heads_first_rows_are_a_block_of_the_swappers_cycle(
     runner, swapper = budgeted_runner(pool, family, budget=min_budget(pool, family) + head_bytes)
     head = runner.fetch(head_id)
     assert isinstance(head, ChunkedHead) and 4 <= head.prefix_rows < V
-    assert swapper.order[-1] == offload.prefix_id(head_id)
+    parts = [offload.prefix_id(head_id, i) for i in range(len(head.prefix))]
+    assert swapper.order[-len(parts) :] == parts
+    # no part is larger than the largest layer: the room for working memory is unchanged
+    layers = [b for b in swapper.order if b not in parts]
+    assert max(swapper.sizes[b] for b in parts) <= max(swapper.sizes[b] for b in layers)
     ids = torch.randint(2, V, (1, 4), generator=torch.Generator().manual_seed(4))
     expected = budgeted_runner(pool, family, budget=None)[0](ids)
     with swapper:
