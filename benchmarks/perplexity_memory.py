@@ -4,7 +4,7 @@
         --text work/heldout.txt --repeat 2
 
 Each run is a fresh process that first reaches the warm floor of DESIGN.md's budget contract
-(torch, transformers and assy imported, one tiny forward), then scores the first
+(torch, transformers and assy imported, one tiny forward of the model's family), then scores the first
 ``--max-tokens`` tokens of ``--text`` in windows of ``--window`` tokens, at fp32, on one
 thread: ``assy`` through :func:`assy.evaluation.evaluate_target` on the pool (logits only at
 scored positions, the tied table once), ``transformers`` with the same checkpoint (the
@@ -38,27 +38,22 @@ def child(args: argparse.Namespace) -> dict:
     import transformers as tf
 
     import assy.evaluation  # noqa: F401 - part of the warm floor
-    import blockpool  # noqa: F401
+    from assy.assembly.measure import tiny_config
+    from blockpool import Pool
 
     torch.set_num_threads(1)
-    tiny = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-        )
-    )
+    # the warm floor: imports and one tiny forward of the model's family (DESIGN.md "Budget")
+    config = tiny_config(dict(Pool(args.pool).model(args.model).config))
+    tiny = tf.AutoModelForCausalLM.from_config(config)
     with torch.inference_mode():
-        tiny(torch.ones(1, 8, dtype=torch.long))
+        tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
     del tiny
     floor = _status("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
     if args.child == "assy":
         from assy.evaluation import evaluate_target
-        from blockpool import Pool, RunOptions
+        from blockpool import RunOptions
 
         result = evaluate_target(
             Pool(args.pool),
