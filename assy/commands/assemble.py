@@ -283,6 +283,8 @@ def assemble_cmd(
 
 def _make_variants(pool, spec: str, say) -> list[dict]:
     """Add the quantized variants ``spec`` names that ``pool``'s own models lack."""
+    import torch
+
     from assy.commands.common import progress_bars
     from assy.errors import UsageError
     from blockpool import Pool, add_quantized_variant, chain_nbytes, missing_quantized_variants
@@ -295,8 +297,8 @@ def _make_variants(pool, spec: str, say) -> list[dict]:
     for model, precision, name in todo:
         tic = time.perf_counter()
         add_quantized_variant(pool, model, precision, name, progress=progress_bars())
-        grown = Pool(pool.root)
-        bytes_ = chain_nbytes(grown, grown.model(name).blocks, _fp32())
+        pool = Pool(pool.root)  # the manifest as written, for the next variant too
+        bytes_ = chain_nbytes(pool, pool.model(name).blocks, torch.float32)
         made.append({"model": model, "precision": precision, "name": name, "bytes": bytes_})
         say.line(
             f"made variant {name}: {model} at {precision}, {bytes_ / 1e6:,.1f} MB of weights "
@@ -305,12 +307,6 @@ def _make_variants(pool, spec: str, say) -> list[dict]:
     if not todo:
         say.line(f"variants: the pool already has {', '.join(precisions)} of its models")
     return made
-
-
-def _fp32():
-    import torch
-
-    return torch.float32
 
 
 class _Say:
