@@ -92,6 +92,12 @@ __all__ = ["federate_cmd"]
 @click.option("--zero-shot-limit", default=100, show_default=True,
               help="lego: the first N examples of each --zero-shot task (of each mmlu "
               "subject).")  # fmt: skip
+@click.option("--measure-memory", is_flag=True,
+              help="Per device tier (and, for assy, per phase: select, adapt), run one "
+              "client's round alone in a fresh process from what the server sends it and "
+              "record its peak memory in rounds.jsonl (client_memory): what a device needs, "
+              "which a reused simulation worker's peak is not. Adds one round's time per "
+              "tier.")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )

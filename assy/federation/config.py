@@ -67,7 +67,9 @@ def parse_zero_shot(text: str) -> list[str]:
 
 
 # Fields that do not change what a run computes: a resumed run may differ in them.
-_RUN_ONLY = ("rounds", "engine", "out", "round_timeout", "zero_shot", "zero_shot_limit")
+_RUN_ONLY = (
+    "rounds", "engine", "out", "round_timeout", "zero_shot", "zero_shot_limit", "measure_memory",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class FederationConfig:
             each round (and before the first); ``""``: none.
         zero_shot_limit: the first N examples of each ``zero_shot`` task (of each subject
             of ``mmlu``).
+        measure_memory: run, once per device tier and phase, one client's round alone in
+            a fresh process from the content the server sends it, and record its peak
+            memory (:func:`~.memory.measure_round`): a client's own need, which a reused
+            simulation worker's peak is not.
     """
 
     pool: str
@@ -153,6 +159,7 @@ class FederationConfig:
     heteagg: str = "masked"
     zero_shot: str = ""
     zero_shot_limit: int = 100
+    measure_memory: bool = False
 
     def __post_init__(self) -> None:
         self.validate()

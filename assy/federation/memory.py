@@ -6,7 +6,12 @@ the imports its resident high-water mark is reset (Linux ``/proc/self/clear_refs
 the peak during the round minus the resident set just before it is what the round itself
 needs (weights, adapter, optimizer state, activations and gradients).
 
-Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]``.
+Two entry points: :func:`measure_client_memory` (a fedit training round or a forward-only
+scoring pass of the anchor, before a run, to decide who can take part) and
+:func:`measure_round` (any method's round, from the very content the server sends a client:
+``assy federate --measure-memory`` runs it once per tier and phase).
+Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]`` or
+``python -m assy.federation.memory round DIR PARTITION NUM_PARTITIONS``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
 
-__all__ = ["CLIENT_MALLOC_ENV", "measure_client_memory"]
+__all__ = ["CLIENT_MALLOC_ENV", "measure_client_memory", "measure_round"]
 
 CLIENT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 """glibc settings of client processes (simulation workers and the measurement): buffers of
@@ -79,20 +85,108 @@ def measure_client_memory(
     Raises:
         UsageError: the round failed (its last error line is quoted).
     """
+    args = [json.dumps(cfg.to_record()), kind] + ([str(budget)] if budget is not None else [])
+    return _measure(args, f"a client's {kind} memory", timeout)
+
+
+def measure_round(
+    content: Any, partition: int, num_partitions: int, timeout: float = 1800
+) -> dict[str, Any]:
+    """Run one client round alone in a fresh process, from what the server sends it.
+
+    The round is the ClientApp's own (:func:`~.client_app.train_content`), on the
+    partition's data, under its tier's budget where the method keeps one (``assy``'s
+    scoring goes through the swapper). What the client received (the message content) is
+    loaded before the baseline; the need is the round's peak above it.
+
+    Args:
+        content: the ``RecordDict`` a ``train`` message to this client carries.
+        partition, num_partitions: the client's node config.
+        timeout: seconds before the measurement is given up.
+
+    Returns:
+        ``{"kind": "round", "partition", "peak_rss_bytes", "baseline_rss_bytes",
+        "need_bytes", "seconds", "metrics"}`` (``metrics``: what the client replied).
+
+    Raises:
+        UsageError: the round failed (its last error line is quoted).
+    """
+    from safetensors.torch import save_file
+
+    from assy.federation.records import ARRAYS, CONFIG
+
+    with tempfile.TemporaryDirectory(prefix="assy-round-") as tmp:
+        config = {k: v for k, v in content[CONFIG].items()}
+        Path(tmp, "config.json").write_text(json.dumps(config))
+        if ARRAYS in content:
+            state = content[ARRAYS].to_torch_state_dict()
+            save_file(
+                {k: v.contiguous() for k, v in state.items()}, str(Path(tmp, "arrays.safetensors"))
+            )
+        args = ["round", tmp, str(partition), str(num_partitions)]
+        return _measure(args, f"client {partition}'s round memory", timeout)
+
+
+def _measure(args: list[str], what: str, timeout: float) -> dict[str, Any]:
+    """``python -m assy.federation.memory ARGS`` in a fresh process: its last JSON line."""
     package_root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     env |= {k: v for k, v in CLIENT_MALLOC_ENV.items() if k not in env}
-    args = [sys.executable, "-m", "assy.federation.memory", json.dumps(cfg.to_record()), kind]
-    args += [str(budget)] if budget is not None else []
+    command = [sys.executable, "-m", "assy.federation.memory", *args]
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        raise UsageError(f"measuring a client's {kind} memory took over {timeout:.0f} s") from None
+        raise UsageError(f"measuring {what} took over {timeout:.0f} s") from None
     if done.returncode != 0:
         lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()] or ["no output"]
-        raise UsageError(f"measuring a client's {kind} memory failed: {lines[-1]}")
+        raise UsageError(f"measuring {what} failed: {lines[-1]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _round_main(directory: str, partition: int, num_partitions: int) -> None:
+    """The child of :func:`measure_round`."""
+    import time
+
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from safetensors.torch import load_file
+
+    from assy.federation import lego, selection, task  # noqa: F401  (code is not the need)
+    from assy.federation.client_app import train_content
+    from assy.federation.records import ARRAYS, CONFIG, METRICS
+    from blockpool import Pool, peak_rss_bytes
+
+    torch.set_num_threads(1)
+    config = json.loads(Path(directory, "config.json").read_text())
+    cfg = FederationConfig.from_record(config)
+    pool = Pool(cfg.pool)
+    for model in pool.models.values():  # import every family's classes
+        pool.empty_module(next(iter(model.blocks)))
+    content = RecordDict({CONFIG: ConfigRecord(config)})
+    if Path(directory, "arrays.safetensors").is_file():
+        content[ARRAYS] = ArrayRecord(load_file(str(Path(directory, "arrays.safetensors"))))
+    _release_freed_memory()
+    _reset_peak()
+    baseline = _status_bytes("VmRSS") or peak_rss_bytes()
+    start = time.perf_counter()
+    node_config = {
+        "partition-id": partition,
+        "num-partitions": num_partitions,
+        "client-dir": str(Path(directory, "client")),  # local: never the run's own state
+    }
+    reply = train_content(content, Context(0, 0, node_config, RecordDict(), {}))
+    peak = _status_bytes("VmHWM") or peak_rss_bytes()
+    result = {
+        "kind": "round",
+        "partition": partition,
+        "peak_rss_bytes": peak,
+        "baseline_rss_bytes": baseline,
+        "need_bytes": max(0, peak - baseline),
+        "seconds": time.perf_counter() - start,
+        "metrics": {k: float(v) for k, v in reply[METRICS].items()},
+    }
+    print(json.dumps(result))
 
 
 def _main(argv: list[str]) -> None:
@@ -102,6 +196,9 @@ def _main(argv: list[str]) -> None:
     import torch
 
     warnings.simplefilter("ignore")  # stderr is only read on failure
+    if argv[1] == "round":
+        _round_main(argv[2], int(argv[3]), int(argv[4]))
+        return
     torch.set_num_threads(1)
     from assy.federation import task
     from blockpool import Pool, peak_rss_bytes

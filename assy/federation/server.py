@@ -35,6 +35,7 @@ from blockpool import format_size
 __all__ = [
     "Population",
     "discover",
+    "measure_tiers",
     "plan_population",
     "run_round",
     "run_server",
@@ -278,6 +279,40 @@ def _progress_line(record: dict[str, Any], rounds: int) -> str:
     return line
 
 
+def measure_tiers(
+    method, pop: Population, cfg: FederationConfig, round_: int, state: ServerState, log: Log
+) -> dict[str, dict[str, Any]]:
+    """``--measure-memory``: per tier, the first time a round of a phase (``train``; for
+    ``assy`` ``select`` or ``adapt``) comes, one client of that tier runs the round alone in
+    a fresh process from the content this round sends it (:func:`~.memory.measure_round`).
+
+    Kept in ``state.facts["client_memory"][phase][tier]`` (a resumed run does not redo
+    them). Returns this round's new measurements, ``{tier: result}``.
+    """
+    from assy.federation.memory import measure_round
+
+    done = state.facts.setdefault("client_memory", {})
+    per_client = getattr(method, "content_for", None)
+    shared = None if per_client else method.content(round_)
+    measured = {}
+    for index, tier in enumerate(pop.tiers):
+        members = [p for p in pop.eligible if pop.tier_of[p] == index]
+        if not members:
+            continue
+        content = per_client(round_, members[0]) if per_client else shared
+        phase = str(content[CONFIG].get("phase", "train"))
+        if tier.name in done.setdefault(phase, {}):
+            continue
+        result = measure_round(content, members[0], cfg.clients)
+        result |= {"phase": phase, "round": round_, "budget": tier.budget}
+        done[phase][tier.name] = measured[tier.name] = result
+        log(
+            f"client memory, tier {tier.name} ({phase}): {format_size(result['need_bytes'])} "
+            f"above a fresh process's floor (client {members[0]} alone, {result['seconds']:.0f} s)"
+        )
+    return measured
+
+
 def zero_shot_lines(record: dict[str, Any]) -> str:
     """lego's ``--zero-shot`` results of a round, one line per task: ``acc/acc_norm`` of
     the dense global model, then of each variant (``""`` without them)."""
@@ -366,7 +401,13 @@ def run_server(
     pop.node_of = discover(grid, cfg.clients, log, warm_up=cfg.engine == "simulation")
     pending: dict[int, str] = {}
     for round_ in range(state.round + 1, cfg.rounds + 1):
+        measured = measure_tiers(method, pop, cfg, round_, state, log) if cfg.measure_memory else {}
         record = run_round(grid, method, pop, cfg, round_, pending, log, slots)
+        if measured:
+            record["client_memory"] = {
+                t: {k: m[k] for k in ("phase", "need_bytes", "peak_rss_bytes", "budget")}
+                for t, m in measured.items()
+            }
         state.commit(record, method.global_state)
         plot_run(Path(cfg.out), cfg.method, state.history, tier_names)
         log(_progress_line(record, cfg.rounds))
