@@ -92,6 +92,12 @@ __all__ = ["federate_cmd"]
 @click.option("--zero-shot-limit", default=100, show_default=True,
               help="lego: the first N examples of each --zero-shot task (of each mmlu "
               "subject).")  # fmt: skip
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation (Flower's SecAgg+) for the adapter rounds of fedit and "
+              "assy (assy's selection rounds stay plain): the server sees only the weighted "
+              "average of each round's adapters, never one client's; per-client screening "
+              "is off in those rounds. Four message exchanges per aggregation instead of "
+              "one; needs 2 or more clients per round; not with local or lego.")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )
