@@ -19,8 +19,8 @@ SecAgg+ quantizes: each client clips ``(n_i / max_weight) · value`` to
 server sets ``max_weight`` to the largest example count of the round's clients (so every
 weight is at most 1) and ``clipping_range`` to a power of two at least twice the largest
 absolute value of the global adapter (:func:`clipping_range`); a client whose trained
-adapter holds a value beyond it fails its round with that reason instead of being
-clipped in silence. The averaged value's error is then at most
+adapter holds a value beyond it (or a NaN/inf, which quantization would turn into a
+finite integer) fails its round with that reason instead of being clipped in silence. The averaged value's error is then at most
 ``k · (2 · clipping_range / quantization_range) · max_weight / Σ n_i`` for ``k`` clients
 (:func:`quantization_bound`).
 """
@@ -323,6 +323,9 @@ def train_fitins(msg: Message, context: Context, train) -> Message:
     state = dict(reply[ARRAYS].to_torch_state_dict())
     if sorted(state) != out_keys:
         raise ValueError(f"trained {len(state)} tensors, the server expects {len(out_keys)}")
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in state.values())
+    if bad:  # quantized, a NaN turns into a finite integer nobody could tell from a value
+        raise ValueError(f"non-finite: {bad} NaN/inf value(s) in the trained adapter; not sent")
     peak = max((float(t.abs().max()) for t in state.values() if t.numel()), default=0.0)
     if peak > clip:
         raise ValueError(
