@@ -257,7 +257,7 @@ class SecAggGrid(InProcessGrid):
         self.contexts: dict = {}
 
     def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Context, Message, Metadata, RecordDict
+        from flwr.app import Context, Error, Message, Metadata, RecordDict
 
         from assy.federation.client_app import hello, train
         from assy.federation.secagg import secagg_mod
@@ -271,7 +271,11 @@ class SecAggGrid(InProcessGrid):
             context = self.contexts.setdefault(node, Context(1, node, config, RecordDict(), {}))
             handler = hello if kind == "query" else train
             content = copy.deepcopy(msg.content)  # as sent over the wire: a copy per node
-            reply = secagg_mod(Message(content=content, metadata=meta), context, handler)
+            received = Message(content=content, metadata=meta)
+            try:
+                reply = secagg_mod(received, context, handler)
+            except Exception as e:  # noqa: BLE001 - as the engines answer: an error reply
+                reply = Message(error=Error(0, f"Message: {e}"), reply_to=received)
             self.sent.append(reply)
             replies.append(reply)
         return replies

@@ -193,3 +193,45 @@ def test_secagg_refuses_lego_and_a_resume_with_the_other_setting(tmp_path):
     again = FederationConfig.from_record(cfg.to_record() | {"secagg": True})
     with pytest.raises(UsageError, match="other settings .*secagg: False -> True"):
         ServerState.open(again)
+
+
+# --------------------------------------------------------------------------- a dropout
+
+
+def test_a_client_with_a_nan_adapter_drops_out_and_the_others_are_averaged(tmp_path):
+    """In process (the assy tests' grid with the SecAgg+ mod): client 0's adapter holds a
+    NaN; it refuses to send it (quantized, a NaN would pass unseen), SecAgg+ unmasks the
+    sum of the two others (threshold 2 of 3), and the global stays finite."""
+    from flwr.supercore.task_identity import TaskIdentity
+    from test_federation_assy import SecAggGrid
+
+    import assy.federation.client_app as client_app
+    from assy.federation.server import run_server
+
+    def train_content(content, context):
+        reply = plain_train(content, context)
+        if int(context.node_config["partition-id"]) == 0:
+            state = reply["arrays"].to_torch_state_dict()
+            state[sorted(state)[0]][0, 0] = float("nan")
+            reply["arrays"] = client_app.arrays_record(state)
+        return reply
+
+    plain_train = client_app.train_content
+    fed = make_tiny_federation(tmp_path)
+    cfg = FederationConfig(
+        pool=str(fed[0]), task="arc_easy", method="fedit", rounds=1, out=str(tmp_path / "o"),
+        data=str(fed[1]), clients=3, per_round=3, tiers="none", local_steps=2, test_limit=8,
+        secagg=True,
+    )  # fmt: skip
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    client_app.train_content = train_content
+    try:
+        state = run_server(SecAggGrid(cfg.clients), cfg, lambda _line: None)
+    finally:
+        client_app.train_content = plain_train
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+    record = state.history[1]
+    assert [f["client"] for f in record["failed"]] == [0], record["failed"]
+    assert record["failed"][0]["reason"].startswith("non-finite: 1 NaN/inf value(s)")
+    assert record["accepted"] == [1, 2] and record["aggregation"] == "secagg-fedavg"
+    assert all(torch.isfinite(t).all() for t in state.global_state.values())
