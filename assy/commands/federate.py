@@ -98,6 +98,12 @@ __all__ = ["federate_cmd"]
               "record its peak memory in rounds.jsonl (client_memory): what a device needs, "
               "which a reused simulation worker's peak is not. Adds one round's time per "
               "tier.")  # fmt: skip
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation (Flower's SecAgg+) for the adapter rounds of fedit and "
+              "assy (assy's selection rounds stay plain): the server sees only the weighted "
+              "average of each round's adapters, never one client's; per-client screening "
+              "is off in those rounds. Four message exchanges per aggregation instead of "
+              "one; needs 2 or more clients per round; not with local or lego.")  # fmt: skip
 @click.option(
     "--cpus", type=int, help="Simulation: clients computing side by side (default: all CPUs)."
 )

@@ -24,7 +24,7 @@ from assy.federation.records import (
     run_settings,
 )
 
-__all__ = ["app", "hello", "make_client_app", "train"]
+__all__ = ["app", "hello", "make_client_app", "train", "train_content"]
 
 
 def hello(msg: Message, context: Context) -> Message:
@@ -45,7 +45,21 @@ def hello(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """One client round of the run's method on this node's partition."""
+    """One client round of the run's method on this node's partition.
+
+    Under ``--secagg`` an adapter round's message is SecAgg+'s FitIns-shaped content
+    (:func:`~.secagg_mod` has run the protocol's first stages): the same work, answered
+    FitRes-shaped, for the mod to mask (:func:`~.secagg.train_fitins`).
+    """
+    from assy.federation.secagg import is_fitins, train_fitins
+
+    if is_fitins(msg):
+        return train_fitins(msg, context, train_content)
+    return Message(train_content(msg.content, context), reply_to=msg)
+
+
+def train_content(received: RecordDict, context: Context) -> RecordDict:
+    """A training message's content -> the reply's content (the round's work)."""
     import torch
 
     from assy.federation import task  # deferred: peft's import takes seconds
@@ -53,7 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     quiet_libraries()
     torch.set_num_threads(1)  # one core per virtual client; clients run side by side
     start = time.perf_counter()
-    cfg, round_ = run_settings(msg)
+    cfg, round_ = run_settings(received)
     pid = int(context.node_config["partition-id"])
     paths = {
         k.replace("-", "_"): str(context.node_config[k])
@@ -63,14 +77,14 @@ def train(msg: Message, context: Context) -> Message:
     local = {"pool_dir": paths.get("pool"), "data_file": paths.get("data")}
     content = RecordDict()
     if cfg.method == "fedit":
-        global_state = msg.content[ARRAYS].to_torch_state_dict()
+        global_state = received[ARRAYS].to_torch_state_dict()
         state, metrics = task.fedit_round(cfg, pid, global_state, round_, **local)
         content[ARRAYS] = arrays_record(state)
     elif cfg.method == "lego":
         from assy.federation.lego import lego_round
 
-        values = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
-        variant = str(msg.content[CONFIG]["variant"])
+        values = received[ARRAYS].to_torch_state_dict() if ARRAYS in received else {}
+        variant = str(received[CONFIG]["variant"])
         state, metrics = lego_round(cfg, pid, variant, values, round_, **local)
         content[ARRAYS] = arrays_record(state)
     elif cfg.method == "local":
@@ -78,8 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     elif cfg.method == "assy":
         from assy.federation.selection import assy_round
 
-        config = msg.content[CONFIG]
-        sent = msg.content[ARRAYS].to_torch_state_dict() if ARRAYS in msg.content else {}
+        config = received[CONFIG]
+        sent = received[ARRAYS].to_torch_state_dict() if ARRAYS in received else {}
         state, metrics = assy_round(
             cfg, pid, round_, str(config["phase"]), str(config["proposals"]),
             str(config["recipes"]), sent, **local,
@@ -90,12 +104,16 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"this client has no method {cfg.method!r}")
     metrics["client-seconds"] = time.perf_counter() - start
     content[METRICS] = MetricRecord(metrics)
-    return Message(content, reply_to=msg)
+    return content
 
 
 def make_client_app(mods: Sequence = ()) -> ClientApp:
-    """The ClientApp, with Flower mods (e.g. a test's fault injection) around it."""
-    client = ClientApp(mods=list(mods))
+    """The ClientApp, with Flower mods (e.g. a test's fault injection) around it, and
+    around the handlers :func:`~.secagg.secagg_mod`: SecAgg+ where the server runs it
+    (``--secagg``), a pass-through for every other message."""
+    from assy.federation.secagg import secagg_mod
+
+    client = ClientApp(mods=[*mods, secagg_mod])
     client.query()(hello)
     client.train()(train)
     return client

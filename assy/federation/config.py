@@ -66,6 +66,13 @@ def parse_zero_shot(text: str) -> list[str]:
     return names
 
 
+def _flag(value: Any) -> bool:
+    """A boolean setting from a record (``True``/``False``, or a TOML-ish string)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
 # Fields that do not change what a run computes: a resumed run may differ in them.
 _RUN_ONLY = (
     "rounds", "engine", "out", "round_timeout", "zero_shot", "zero_shot_limit", "measure_memory",
@@ -123,6 +130,9 @@ class FederationConfig:
             a fresh process from the content the server sends it, and record its peak
             memory (:func:`~.memory.measure_round`): a client's own need, which a reused
             simulation worker's peak is not.
+        secagg: aggregate the adapter rounds (``fedit``; ``assy`` after its selection
+            rounds) with Flower's secure aggregation, SecAgg+ (:mod:`~.secagg`): the
+            server sees only the weighted average, never one client's adapter.
     """
 
     pool: str
@@ -160,6 +170,7 @@ class FederationConfig:
     zero_shot: str = ""
     zero_shot_limit: int = 100
     measure_memory: bool = False
+    secagg: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -218,6 +229,20 @@ class FederationConfig:
                 f"--zero-shot-limit must be at least 1 (examples per task), got "
                 f"{self.zero_shot_limit}"
             )
+        if self.secagg and self.method in ("local", "lego"):
+            raise UsageError(
+                "--secagg sums the clients' adapters securely: --method local aggregates "
+                "nothing; drop --secagg or use --method fedit or assy"
+                if self.method == "local"
+                else "--secagg cannot run lego's HeteAgg (it averages each weight over the "
+                "clients whose variant keeps it; SecAgg+ gives one weighted sum): drop "
+                "--secagg or use --method fedit or assy"
+            )
+        if self.secagg and self.per_round < 2:
+            raise UsageError(
+                f"--secagg needs at least 2 clients per round (SecAgg+ hides each adapter in "
+                f"a sum of several), got --per-round {self.per_round}; give --per-round 2 or more"
+            )
         if self.alpha <= 0 or self.lr <= 0:
             raise UsageError("--alpha and --lr must be positive")
         if min(self.limit, self.test_limit, self.round_timeout) < 0:
@@ -237,7 +262,7 @@ class FederationConfig:
         for key, value in dict(record).items():
             name = key.replace("-", "_")
             if name in types:
-                kind = {"int": int, "float": float, "str": str}[str(types[name])]
+                kind = {"int": int, "float": float, "str": str, "bool": _flag}[str(types[name])]
                 kwargs[name] = kind(value)
         missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if missing - set(kwargs):

@@ -111,6 +111,27 @@ class FeditRounds:
             **self.evaluate(self.global_state),
         }
 
+    def secure_groups(self, round_: int, picked: list[int], pop: Population):
+        """``--secagg``: every sampled client trains the anchor's LoRA: one SecAgg+ group."""
+        from assy.federation.secagg import SecureGroup
+
+        group = SecureGroup(self.anchor, picked, self.content(round_), dict(self.global_state))
+        return [group], []
+
+    def secure_apply(self, outcomes: dict, pop: Population) -> dict[str, Any]:
+        """The checked SecAgg+ average becomes the global (unchanged if it halted)."""
+        outcome = outcomes[self.anchor]
+        if outcome.average is not None and outcome.problem is None:
+            self.global_state = {k: outcome.average[k] for k in self.global_state}
+        applied = outcome.average is not None and outcome.problem is None
+        return {
+            "accepted": outcome.summed if applied else [],
+            "rejected": [],
+            "aggregation": "secagg-fedavg" if applied else "none",
+            "global_sha256": state_digest(self.global_state),
+            **self.evaluate(self.global_state),
+        }
+
     def finish(self, out: Path) -> Path:
         """Write the final global adapter (peft format) and its recipe under ``out/final``."""
         task.load_adapter_state(self.evaluate.model, self.global_state)
@@ -305,6 +326,57 @@ class AssyRounds:
             "aggregation": "+".join(sorted(hows - {"none"})) or "none",
             "global_sha256": state_digest(self.global_state) if self.global_state else None,
             "chosen": dict(sorted(current.items())),
+            **self.evaluate(self.global_state),
+        }
+
+    def secure_groups(self, round_: int, picked: list[int], pop: Population):
+        """``--secagg``: the adapter rounds' SecAgg+ groups, one per recipe in training
+        (its clients, its adapters), and the clients left out with why; ``None`` in the
+        selection rounds, which stay plain (votes are choices, not vectors to sum)."""
+        from assy.federation.secagg import SecureGroup
+
+        if self._select_phase(round_):
+            return None
+        content = self.content(round_)
+        current = self._current()
+        members: dict[str, list[int]] = {}
+        left_out = []
+        for p in picked:
+            key = current.get(pop.tiers[pop.tier_of[p]].name)
+            if key is None or not self.recipes[key].seams:
+                left_out.append({"client": p, "reason": "its assembly has no adapter to train"})
+            else:
+                members.setdefault(key, []).append(p)
+        groups = []
+        for key, clients in sorted(members.items()):
+            if len(clients) < 2:  # an average of one is that client's adapter
+                reason = f"alone with recipe {key} this round (SecAgg+ needs 2)"
+                left_out += [{"client": p, "reason": reason} for p in clients]
+                continue
+            adapters = selection.adapters_of(self.pool, self.recipes[key], key, self.global_state)
+            trained = selection.flat_state(key, adapters, trainable=True)
+            own = RecordDict({CONFIG: content[CONFIG]})
+            arrays = {k: v for k, v in self.global_state.items() if k.split("/", 1)[0] == key}
+            if arrays:
+                own[ARRAYS] = arrays_record(arrays)
+            groups.append(
+                SecureGroup(key, clients, own, {k: self.global_state[k] for k in trained})
+            )
+        return groups, sorted(left_out, key=lambda x: x["client"])
+
+    def secure_apply(self, outcomes: dict, pop: Population) -> dict[str, Any]:
+        """Each group's checked SecAgg+ average replaces its recipe's trained adapters."""
+        accepted = []
+        for outcome in outcomes.values():
+            if outcome.average is not None and outcome.problem is None:
+                self.global_state |= outcome.average
+                accepted += outcome.summed
+        return {
+            "accepted": sorted(accepted),
+            "rejected": [],
+            "aggregation": "secagg-fedavg" if accepted else "none",
+            "global_sha256": state_digest(self.global_state) if self.global_state else None,
+            "chosen": dict(sorted(self._current().items())),
             **self.evaluate(self.global_state),
         }
 

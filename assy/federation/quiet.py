@@ -4,6 +4,8 @@
   ``assy federate`` relies on: users never write a Flower ``pyproject.toml``), and logs
   every failed client's traceback; the server reports failed clients itself, one line each.
 * Ray warns (FutureWarning) about accelerator variables unless told which behaviour to keep.
+* Flower's SecAgg+ workflow (``--secagg``) logs its start, its sampling and its end at
+  INFO every round; the round's own line reports the outcome (a halt included).
 * transformers 5 warns that the ``past_key_values`` keyword the block runner passes is
   deprecated (the runner's refactor removes it).
 """
@@ -17,6 +19,9 @@ import warnings
 __all__ = ["quiet_flower", "quiet_libraries"]
 
 _FLOWER_DROPPED_FUNCS = {"worker", "process_message"}  # vce_api / RayBackend client errors
+_SECAGG_INFO = ("Secure aggregation commencing.", "Secure aggregation completed.",
+                "Secure aggregation halted.")  # fmt: skip
+_SECAGG_INFO_PREFIXES = ("configure_fit: strategy sampled ", "aggregate_fit: received ")
 
 
 class _FlowerNoise(logging.Filter):
@@ -26,6 +31,10 @@ class _FlowerNoise(logging.Filter):
             return False
         if record.levelno >= logging.ERROR and record.funcName in _FLOWER_DROPPED_FUNCS:
             return False  # a client's exception: it comes back as an error reply, reported
+        if record.levelno == logging.INFO and (
+            message in _SECAGG_INFO or message.startswith(_SECAGG_INFO_PREFIXES)
+        ):
+            return False  # SecAgg+'s progress per round: the round's line reports it
         return "This is a deprecated feature. It will be removed" not in message
 
 

@@ -48,9 +48,9 @@ def config_record(cfg: FederationConfig, round_: int) -> ConfigRecord:
     return ConfigRecord({**settings, ROUND: round_})
 
 
-def run_settings(msg: Message) -> tuple[FederationConfig, int]:
-    """``(config, round)`` from a message built with :func:`config_record`."""
-    record = msg.content[CONFIG]
+def run_settings(msg: Message | RecordDict) -> tuple[FederationConfig, int]:
+    """``(config, round)`` from a message (or its content) built with :func:`config_record`."""
+    record = (msg if isinstance(msg, RecordDict) else msg.content)[CONFIG]
     return FederationConfig.from_record(record), int(record[ROUND])
 
 
@@ -68,7 +68,27 @@ def record_tensors(record: Any) -> dict[str, torch.Tensor]:
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of a message's content as Flower counts them (records' data and keys)."""
-    return sum(record.count_bytes() for record in content.values())
+    return sum(
+        _config_bytes(record) if isinstance(record, ConfigRecord) else record.count_bytes()
+        for record in content.values()
+    )
+
+
+def _config_bytes(record: ConfigRecord) -> int:
+    """``ConfigRecord.count_bytes``'s count (1 per bool, 8 per number, the length of a
+    string or bytes, plus the keys), also where Flower 1.42's raises: empty strings and
+    empty lists, which SecAgg+'s messages carry (an empty status, no dropped client)."""
+
+    def size(v) -> int:
+        if isinstance(v, bool):
+            return 1
+        return 8 if isinstance(v, int | float) else len(v)
+
+    total = 0
+    for key, value in record.items():
+        items = value if isinstance(value, list) else [value]
+        total += len(key) + sum(size(v) for v in items)
+    return total
 
 
 def payload_bytes(msg: Message) -> int:

@@ -139,6 +139,9 @@ def run_round(
     _free_pending(grid, pending, log)
     available = [p for p in pop.eligible if p in pop.node_of and p not in pending]
     picked = sample_clients(available, cfg.per_round, cfg.seed, round_)
+    secure = method.secure_groups(round_, picked, pop) if cfg.secagg else None
+    if secure is not None:  # --secagg, an adapter round: SecAgg+ per group
+        return _secure_round(grid, method, pop, cfg, round_, picked, secure, pending, start)
     per_client = getattr(method, "content_for", None)  # lego: each variant its own part
     shared = None if per_client else method.content(round_)
     contents = {p: per_client(round_, p) if per_client else shared for p in picked}
@@ -192,6 +195,79 @@ def run_round(
     }
 
 
+SCREENING_OFF = (
+    "per-client screening is off under SecAgg+ (the server never sees one update); "
+    "the aggregate was checked (names, shapes, finite) before it was applied"
+)
+
+
+def _secure_round(
+    grid: Grid, method, pop: Population, cfg: FederationConfig, round_: int,
+    picked: list[int], secure, pending: dict[int, str], start: float,
+) -> dict[str, Any]:  # fmt: skip
+    """An adapter round under ``--secagg``: Flower's SecAgg+ workflow once per group of
+    clients training the same adapter (:func:`~.secagg.run_group`); the record has the
+    plain round's fields, its bytes and seconds those of every SecAgg+ stage."""
+    from assy.federation.secagg import STAGES, run_group
+
+    groups, left_out = secure
+    outcomes = {}
+    comm_start = time.perf_counter()
+    for group in groups:
+        outcomes[group.name] = run_group(
+            grid, group, pop.node_of, pop.sizes, round_, cfg.round_timeout or None
+        )
+    comm = time.perf_counter() - comm_start
+    fields = method.secure_apply(outcomes, pop)
+    failed = [f for o in outcomes.values() for f in o.failed]
+    missing = sorted(p for o in outcomes.values() for p in o.missing)
+    for o in outcomes.values():
+        pending.update(o.pending)
+    summed = {p: m for o in outcomes.values() for p, m in o.metrics.items() if p in o.summed}
+    seconds = [m["client-seconds"] for m in summed.values() if "client-seconds" in m]
+    engine = max(0.0, comm - _ideal_makespan(seconds, None))
+    stages = [
+        {"stage": STAGES[i] if i < len(STAGES) else str(i), "bytes_down": down, "bytes_up": up,
+         "seconds": sec}
+        for o in outcomes.values()
+        for i, (down, up, sec) in enumerate(zip(o.bytes_down, o.bytes_up, o.seconds, strict=True))
+    ]  # fmt: skip
+    return {
+        "round": round_,
+        "method": cfg.method,
+        "sampled": picked,
+        "participants": pop.by_tier(fields["accepted"]),
+        "failed": failed,
+        "missing": missing,
+        "accepted": fields["accepted"],
+        "rejected": [],
+        "aggregation": fields["aggregation"],
+        "global_sha256": fields.get("global_sha256"),
+        **{k: fields[k] for k in EXTRA_FIELDS if k in fields},
+        "accuracy": fields.get("acc"),
+        "acc_norm": fields.get("acc_norm"),
+        "n_test": fields.get("n"),
+        "train_loss": _mean([m.get("loss_last") for m in summed.values()]),
+        "bytes_down": sum(x["bytes_down"] for x in stages),
+        "bytes_up": sum(x["bytes_up"] for x in stages),
+        "client_seconds": sum(seconds),
+        "comm_seconds": comm,
+        "engine_seconds": engine,
+        "engine_share": engine / comm if comm > 0 else 0.0,
+        "wall_seconds": time.perf_counter() - start,
+        "secagg": {
+            "screening": SCREENING_OFF,
+            "groups": {
+                name: {**o.settings, "summed": o.summed, "aggregate": o.problem or "ok"}
+                for name, o in outcomes.items()
+            },
+            "left_out": left_out,
+            "stages": stages,
+        },
+        **fields.get("extra", {}),
+    }
+
+
 def _client_metrics(ok: dict[int, Message]) -> dict[str, Any]:
     """Resource accounting per client (lego): step time, peak memory, adapter bytes."""
     keys = ("step_seconds", "peak-rss-bytes", "adapter-bytes", "sparsity", "loss_last")
@@ -237,6 +313,12 @@ def plan_population(cfg, pool, data, state: ServerState, log: Log) -> Population
     need = 0 if cfg.method == "lego" else _memory_need(cfg, tiers, state, log)
     fits = [t.budget is None or t.budget >= need for t in tiers]
     eligible = [p for p in range(cfg.clients) if fits[tier_of[p]]]
+    if cfg.secagg and 0 < len(eligible) < 2:
+        raise UsageError(
+            f"--secagg needs at least 2 clients per round, and only {len(eligible)} client "
+            f"can take part ({cfg.method} needs {format_size(need)} per client); use more "
+            "--clients, a tiers file with more memory, or drop --secagg"
+        )
     state.facts["tiers"] = [
         {"name": t.name, "share": t.share, "budget": t.budget, "takes_part": f}
         for t, f in zip(tiers, fits, strict=True)
@@ -274,6 +356,16 @@ def _progress_line(record: dict[str, Any], rounds: int) -> str:
         )
     for r in record["rejected"]:
         line += f"\n  rejected client {r['client']}: {r['reason']}"
+    secagg = record.get("secagg")
+    if secagg:
+        line += (
+            f"; SecAgg+ over {len(record['accepted'])} clients, {len(secagg['stages'])} exchanges"
+        )
+        for name, g in secagg["groups"].items():
+            if g["aggregate"] != "ok":
+                line += f"\n  secagg group {name}: {g['aggregate']}"
+        for x in secagg["left_out"]:
+            line += f"\n  left out client {x['client']}: {x['reason']}"
     for f in record["failed"]:
         line += f"\n  failed client {f['client']}: {f['reason']}"
     return line
