@@ -320,3 +320,43 @@ def test_assy_secagg_adapter_rounds_match_plain_within_quantization(two_family_f
         for name, record in reply.content.items():
             if name.endswith("parameters"):
                 assert not any(len(a.data) for a in record.values()), name
+
+
+def test_measure_memory_reruns_a_client_round_alone_per_tier_and_phase(two_family_fed, tmp_path):
+    """--measure-memory: one client per tier and phase runs its round again in a fresh
+    process from the very content the server sent; the round is the same round (same
+    scores, same first loss) and its need and budget are recorded."""
+    from assy.federation.server import run_server
+
+    pool, data = two_family_fed
+    torch.set_num_threads(1)
+    cfg = FederationConfig(
+        pool=str(pool), task="arc_easy", method="assy", rounds=2, out=str(tmp_path / "run"),
+        data=str(data), clients=2, per_round=2, tiers=str(_tiers(pool, tmp_path / "t.json")),
+        local_steps=2, max_length=64, fit_samples=8, candidates=2, test_limit=8,
+        measure_memory=True,
+    )  # fmt: skip
+    grid = InProcessGrid(cfg.clients)
+    lines: list[str] = []
+    state = run_server(grid, cfg, lines.append)
+    measured = state.facts["client_memory"]
+    assert set(measured) == {"select", "adapt"}
+    budgets = {t["name"]: t["budget"] for t in state.facts["tiers"]}
+    rounds = [r for r in grid.sent if "client-seconds" in r.content["metrics"]]  # no discovery
+    by_round = [{r.metadata.src_node_id - 1: r for r in rounds[i : i + 2]} for i in (0, 2)]
+    for phase, sent in zip(("select", "adapt"), by_round, strict=True):
+        assert set(measured[phase]) == {"big", "small"}, measured
+        for tier, m in measured[phase].items():
+            assert m["need_bytes"] > 0 and m["peak_rss_bytes"] > m["need_bytes"]
+            assert m["budget"] == budgets[tier] and m["phase"] == phase
+            reply = sent[m["partition"]].content["metrics"]
+            same = [k for k in reply if "seconds" not in k]
+            assert set(same) <= set(m["metrics"]), (reply, m["metrics"])
+            for key in same:
+                assert m["metrics"][key] == pytest.approx(float(reply[key]), rel=1e-6), key
+    small = measured["select"]["small"]["metrics"]
+    assert any(k.startswith("score:") for k in small)
+    assert 0 < small["peak-resident-bytes"] <= budgets["small"]
+    assert "loss_first" in measured["adapt"]["small"]["metrics"]  # an assembly: trained
+    assert set(state.history[1]["client_memory"]) == {"big", "small"}
+    assert any("client memory, tier small (select)" in line for line in lines)

@@ -22,7 +22,7 @@ import torch
 
 from assy.data import MCExample
 from assy.errors import UsageError
-from assy.evaluation.scoring import BATCH_TOKENS, HEAD_BYTES, Request, Score, score
+from assy.evaluation.scoring import BATCH_TOKENS, Request, Score, score
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -129,7 +129,7 @@ def choice_scores(
     max_length: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    head_bytes: int = HEAD_BYTES,
+    head_bytes: int | None = None,
     batch_tokens: int = BATCH_TOKENS,
 ) -> list[list[Score]]:
     """The :class:`Score` (log-likelihood, greedy) of every choice of every example.

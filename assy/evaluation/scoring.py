@@ -36,13 +36,26 @@ from assy.evaluation.head import head_logprobs, logits_logprobs
 from assy.progress import bar
 from blockpool.chain import ChainCache, ChainRunner, Seam
 
-__all__ = ["HEAD_BYTES", "BATCH_TOKENS", "Request", "Score", "model_max_length", "score"]
+__all__ = [
+    "BATCH_TOKENS",
+    "HEAD_BYTES",
+    "Request",
+    "Score",
+    "head_group_bytes",
+    "model_max_length",
+    "score",
+]
 
 HEAD_BYTES = 32 * 2**20
-"""Default bytes of float32 logits computed at a time (positions x vocabulary x 4)."""
+"""Most bytes of float32 logits computed at a time (positions x vocabulary x 4); a chain
+runner's default is :func:`head_group_bytes`, at most this."""
 
-BATCH_TOKENS = 1024
-"""Default most tokens through the layers per forward call (activations, KV cache)."""
+BATCH_TOKENS = 512
+"""Default most tokens through the layers per forward call (activations, KV cache). At
+1,024 an unbudgeted SmolLM2-135M PIQA run (n = 200) peaked at 1.42-1.69x its weight bytes
+above the warm floor, at 512 1.27-1.29x (the evaluation's memory target is 1.3x)."""
+
+MIN_HEAD_BYTES = 8 * 2**20
 
 _PAD_SLACK = 32  # padding tokens a pass may carry beyond a quarter of its real tokens
 _DEFAULT_MAX_LENGTH = 2048  # lm-eval's, for models that do not say
@@ -85,6 +98,19 @@ def model_max_length(runner: ChainRunner) -> int:
     return min(limits, default=_DEFAULT_MAX_LENGTH)
 
 
+def head_group_bytes(runner: ChainRunner) -> int:
+    """A chain's default bytes of logits per head call: an eighth of its head's weight
+    bytes, within 8-32 MiB. The logits and their ``log_softmax`` are an evaluation's
+    largest transient buffers; sized to the head they multiply with, they stay a small
+    share of the model (SmolLM2-135M: 14 MiB, 71 positions; Gemma-3-270M's 262k-entry
+    head: 32 MiB, 32 positions — halving those costs a pass over its 671 MB head
+    per 16 positions instead of 32)."""
+    from blockpool import block_nbytes
+
+    head = block_nbytes(runner.pool, runner.block_ids[-1], runner.dtype)
+    return max(MIN_HEAD_BYTES, min(HEAD_BYTES, head // 8))
+
+
 def score(
     model: ChainRunner | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     requests: Sequence[Request],
@@ -92,7 +118,7 @@ def score(
     batch_size: int = 8,
     max_length: int | None = None,
     pad_id: int = 0,
-    head_bytes: int = HEAD_BYTES,
+    head_bytes: int | None = None,
     batch_tokens: int = BATCH_TOKENS,
     device: torch.device | str = "cpu",
     progress: bool = True,
@@ -107,7 +133,8 @@ def score(
         max_length: most tokens the model sees per request (left truncation); ``None``:
             the runner's :func:`model_max_length` (2048 for a plain callable).
         pad_id: token id of padding (masked; its value does not matter).
-        head_bytes: float32 logits per forward call of a runner, in bytes.
+        head_bytes: float32 logits per head call of a runner, in bytes (``None``:
+            :func:`head_group_bytes`).
         batch_tokens: tokens per forward call of a runner's layers.
         device: where a plain callable's inputs are created (a runner uses its own).
         progress: show a tqdm bar on stderr.
@@ -119,12 +146,14 @@ def score(
         UsageError: bad sizes, an empty context or continuation, or a continuation longer
             than ``max_length``.
     """
+    runner = model if isinstance(model, ChainRunner) else None
+    if head_bytes is None:
+        head_bytes = head_group_bytes(runner) if runner is not None else HEAD_BYTES
     for name, value in (("batch_size", batch_size), ("head_bytes", head_bytes)):
         if value < 1:
             raise UsageError(f"{arg(name)} must be at least 1, got {value}")
     if batch_tokens < 1:
         raise UsageError(f"batch_tokens must be at least 1, got {batch_tokens}")
-    runner = model if isinstance(model, ChainRunner) else None
     if max_length is None:
         max_length = model_max_length(runner) if runner is not None else _DEFAULT_MAX_LENGTH
     if max_length < 1:
