@@ -11,7 +11,8 @@ directories at fp32; an fp32 pool built from the same directories) on the first
   local JSONL copy, formatted by :mod:`assy.data`);
 * ``lm-eval``: lm-eval 0.4.13's ``HFLM`` on the HF directory, ``simple_evaluate`` on the
   task's official config (from the installed lm-eval) pointed at the same rows;
-* ``before``: the evaluation of commit ``--before`` (full ``[B, T, V]`` logits), extracted
+* ``before``: the evaluation of commit ``--before`` (default: the one before the 512-token
+  passes and head-sized logits groups; d0829da had full ``[B, T, V]`` logits), extracted
   with ``git archive``, on the same pool, run once (results are deterministic);
 * ``floor``: a process that imported torch, transformers and assy and ran one tiny
   forward (the budget contract's warm floor);
@@ -433,7 +434,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ppl-tokens", type=int, default=2048)
-    parser.add_argument("--before", default="d0829da", help="commit of the old evaluation")
+    parser.add_argument(
+        "--before",
+        default="59b453c",
+        help="commit of the evaluation to compare with (it must read this pool format; "
+        "d0829da, the full-logits one, reads only format 1)",
+    )
     parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
     parser.add_argument("--tasks", default="piqa,arc_easy")
     parser.add_argument("--child", help=argparse.SUPPRESS)
