@@ -304,3 +304,24 @@ def test_zero_shot_runs_assy_evals_scoring_on_the_updated_weights(one_round):
     keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")
     assert as_stored["sciq"] == {k: evaluated[k] for k in keys}  # = assy eval's numbers
     assert set(updated) == set(keys) and updated["n"] == 4
+
+
+def test_measure_round_reruns_a_lego_client_round_in_a_fresh_process(one_round):
+    """--measure-memory's rerun of a lego client (its variant, round 1): the same round as
+    in-process (same losses, same sparsity), with its peak above the fresh floor."""
+    from flwr.app import RecordDict
+
+    from assy.federation.memory import measure_round
+    from assy.federation.records import CONFIG, config_record
+
+    cfg, _pool, variants, _masks, _states = one_round
+    p = len(variants) - 1  # the sparsest variant's client
+    config = config_record(cfg, 1)
+    config["variant"] = variants[p]
+    measured = measure_round(RecordDict({CONFIG: config}), p, cfg.clients)
+    _, metrics = lego.lego_round(cfg, p, variants[p], {}, 1)
+    assert measured["need_bytes"] > 0 and measured["kind"] == "round"
+    same = [k for k in metrics if "seconds" not in k and k != "peak-rss-bytes"]
+    assert {"sparsity", "loss_first"} <= set(same), metrics
+    for key in same:
+        assert measured["metrics"][key] == pytest.approx(metrics[key], rel=1e-6), key
