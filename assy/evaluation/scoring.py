@@ -55,8 +55,9 @@ runner's default is :func:`head_group_bytes`, at most this."""
 
 BATCH_TOKENS = 512
 """Default most tokens through the layers per forward call (activations, KV cache). At
-1,024 an unbudgeted SmolLM2-135M PIQA run (n = 200) peaked at 1.42-1.69x its weight bytes
-above the warm floor, at 512 1.27-1.29x (the evaluation's memory target is 1.3x)."""
+1,024 an unbudgeted SmolLM2-135M PIQA run (n = 200) peaked at 1.51-1.69x its weight bytes
+above the warm floor, at 512 1.27-1.45x, varying from run to run (the evaluation's memory
+target is 1.3x; :func:`_large_buffers_mapped` does the rest)."""
 
 MIN_HEAD_BYTES = 8 * 2**20
 
