@@ -9,17 +9,17 @@ refusals: ``--method local``/``lego`` and fewer than 2 clients per round.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
-import pickle
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
-from test_federation import _federate, make_tiny_federation
+from safetensors.torch import load_file, save_file
+from test_federation import _federate, _one_thread, make_tiny_federation  # noqa: F401 (autouse)
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
@@ -28,29 +28,52 @@ pytestmark = pytest.mark.slow
 ARRAYS = "__arrays__"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def capture_mod(msg, context, call_next, *, directory: str):
-    """Keep every training reply a client sends (each SecAgg+ stage's too), as pickles of
-    plain values: arrays as numpy, config values as they are."""
+    """Keep every training reply a client sends (each SecAgg+ stage's too): its arrays as
+    safetensors, its config values as JSON (bytes in base64)."""
     reply = call_next(msg, context)
     if msg.metadata.message_type == "train" and reply.has_content():
-        records = {}
+        arrays, values = {}, {}
         for name, record in reply.content.items():
-            if hasattr(record, "to_numpy_ndarrays"):  # by name, sorted (SecAgg+'s order)
-                records[name] = {ARRAYS: {k: a.numpy() for k, a in sorted(record.items())}}
+            if hasattr(record, "to_numpy_ndarrays"):
+                for k, a in record.items():
+                    arrays[f"{name}/{k}"] = torch.from_numpy(a.numpy().copy())
             else:
-                records[name] = dict(record.items())
+                values[name] = {k: _plain(v) for k, v in record.items()}
         pid = int(context.node_config["partition-id"])
-        path = Path(directory) / f"r{msg.metadata.group_id}-p{pid}-{uuid.uuid4().hex}.pkl"
-        path.write_bytes(pickle.dumps(records))
+        stem = Path(directory) / f"r{msg.metadata.group_id}-p{pid}-{uuid.uuid4().hex}"
+        save_file(arrays, f"{stem}.safetensors")
+        Path(f"{stem}.json").write_text(json.dumps(values))
     return reply
+
+
+def _plain(value):
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _unplain(value):
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        return base64.b64decode(value["b64"])
+    if isinstance(value, list):
+        return [_unplain(v) for v in value]
+    return value
+
+
+def _captured(stem: Path) -> dict:
+    """A reply kept by :func:`capture_mod`: ``{record: {key: value}}``, an array record as
+    ``{ARRAYS: {key: numpy array}}`` (by name, sorted: SecAgg+'s order)."""
+    records = {
+        name: {k: _unplain(v) for k, v in fields.items()}
+        for name, fields in json.loads(stem.with_suffix(".json").read_text()).items()
+    }
+    for key, tensor in sorted(load_file(stem.with_suffix(".safetensors")).items()):
+        name, _, k = key.partition("/")
+        records.setdefault(name, {ARRAYS: {}})[ARRAYS][k] = tensor.numpy()
+    return records
 
 
 def _run(root: Path, pool: Path, data: Path, secagg: bool):
@@ -68,10 +91,10 @@ def _run(root: Path, pool: Path, data: Path, secagg: bool):
     run_federation(cfg, lines.append, client_mods=mods, cpus=2)
     history = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     final = load_file(out / "state" / "global-r00001.safetensors")
-    replies = [pickle.loads(p.read_bytes()) for p in sorted(captured.glob("r1-*.pkl"))]
     by_client: dict[int, list[dict]] = {}
-    for path, reply in zip(sorted(captured.glob("r1-*.pkl")), replies, strict=True):
-        by_client.setdefault(int(path.stem.split("-")[1][1:]), []).append(reply)
+    for path in sorted(captured.glob("r1-*.json")):
+        stem = path.with_suffix("")
+        by_client.setdefault(int(path.stem.split("-")[1][1:]), []).append(_captured(stem))
     return history, final, by_client, lines, cfg
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "arrays_record",
     "config_record",
     "content_bytes",
+    "error_reason",
     "payload_bytes",
     "record_tensors",
     "run_settings",
@@ -89,6 +90,14 @@ def _config_bytes(record: ConfigRecord) -> int:
         items = value if isinstance(value, list) else [value]
         total += len(key) + sum(size(v) for v in items)
     return total
+
+
+def error_reason(reply: Message) -> str:
+    """The client's own exception message out of Flower's error reason (one line)."""
+    reason = reply.error.reason or f"error code {reply.error.code}"
+    if "Message:" in reason:
+        reason = reason.rsplit("Message:", 1)[1]
+    return " ".join(reason.strip(" '>\n").split())[:300]
 
 
 def payload_bytes(msg: Message) -> int:

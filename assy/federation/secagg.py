@@ -47,7 +47,14 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from assy.federation.records import ARRAYS, CONFIG, METRICS, arrays_record, content_bytes
+from assy.federation.records import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    arrays_record,
+    content_bytes,
+    error_reason,
+)
 
 __all__ = [
     "QUANTIZATION_RANGE",
@@ -260,7 +267,7 @@ def run_group(
             if reply is None:
                 outcome.pending[p] = msg.metadata.message_id
             elif reply.has_error():
-                failed.setdefault(p, _reason(reply))
+                failed.setdefault(p, error_reason(reply))
             elif "fitres.metrics" in reply.content:  # stage 2: the masked vector
                 answered.add(p)
                 outcome.metrics[p] = {
@@ -279,13 +286,6 @@ def run_group(
     outcome.summed = sorted(partition_of[proxy.node_id] for proxy, _ in strategy.results)
     outcome.average, outcome.problem = _unflatten(strategy.average, group.like)
     return outcome
-
-
-def _reason(reply: Message) -> str:
-    reason = reply.error.reason or f"error code {reply.error.code}"
-    if "Message:" in reason:
-        reason = reason.rsplit("Message:", 1)[1]
-    return " ".join(reason.strip(" '>\n").split())[:300]
 
 
 # --------------------------------------------------------------------------- client

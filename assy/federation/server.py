@@ -26,7 +26,14 @@ from assy.errors import UsageError
 from assy.federation import task
 from assy.federation.config import FederationConfig
 from assy.federation.methods import ROUNDS, metric
-from assy.federation.records import CONFIG, METRICS, WARM_UP, content_bytes, payload_bytes
+from assy.federation.records import (
+    CONFIG,
+    METRICS,
+    WARM_UP,
+    content_bytes,
+    error_reason,
+    payload_bytes,
+)
 from assy.federation.state import ServerState
 from assy.federation.strategy import sample_clients, state_digest
 from assy.federation.tiers import Population, Tier, assign_tiers, load_tiers
@@ -86,14 +93,6 @@ def discover(
 
 
 # --------------------------------------------------------------------------- rounds
-
-
-def _error_reason(reply: Message) -> str:
-    """The client's own exception message out of Flower's error reason."""
-    reason = reply.error.reason or f"error code {reply.error.code}"
-    if "Message:" in reason:
-        reason = reason.rsplit("Message:", 1)[1]
-    return " ".join(reason.strip(" '>\n").split())[:300]
 
 
 def _ideal_makespan(durations: list[float], slots: int | None) -> float:
@@ -161,7 +160,7 @@ def run_round(
             missing.append(p)
             pending[p] = msg.metadata.message_id
         elif reply.has_error():
-            failed.append({"client": p, "reason": _error_reason(reply)})
+            failed.append({"client": p, "reason": error_reason(reply)})
         else:
             ok[p] = reply
     seconds = [s for r in ok.values() if (s := metric(r, "client-seconds")) is not None]
