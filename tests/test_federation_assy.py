@@ -32,11 +32,14 @@ def _server_identity():
 
 
 class InProcessGrid:
-    """Flower's Grid calls the server makes, answered by the ClientApp's handlers here."""
+    """Flower's Grid calls the server makes, answered by the ClientApp's handlers here, as
+    the engines answer them: through the ClientApp's SecAgg+ mod, a copy of the content per
+    node, a context kept per node between messages, an exception as an error reply."""
 
     def __init__(self, clients: int) -> None:
         self.clients = clients
         self.sent: list = []
+        self.contexts: dict = {}
 
     def get_node_ids(self):
         return list(range(1, self.clients + 1))
@@ -45,9 +48,10 @@ class InProcessGrid:
         return []
 
     def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Context, Message, Metadata, RecordDict
+        from flwr.app import Context, Error, Message, Metadata, RecordDict
 
         from assy.federation.client_app import hello, train
+        from assy.federation.secagg import secagg_mod
 
         replies = []
         for i, msg in enumerate(messages):
@@ -55,9 +59,14 @@ class InProcessGrid:
             kind = msg.metadata.message_type
             meta = Metadata(1, f"m{i}", 0, node, "", msg.metadata.group_id, 0.0, 3600.0, kind)
             config = {"partition-id": node - 1, "num-partitions": self.clients}
-            context = Context(1, node, config, RecordDict(), {})
+            context = self.contexts.setdefault(node, Context(1, node, config, RecordDict(), {}))
             handler = hello if kind == "query" else train
-            reply = handler(Message(content=msg.content, metadata=meta), context)
+            content = copy.deepcopy(msg.content)  # as sent over the wire: a copy per node
+            received = Message(content=content, metadata=meta)
+            try:
+                reply = secagg_mod(received, context, handler)
+            except Exception as e:  # noqa: BLE001 - as the engines answer: an error reply
+                reply = Message(error=Error(0, f"Message: {e}"), reply_to=received)
             self.sent.append(reply)
             replies.append(reply)
         return replies
@@ -248,39 +257,6 @@ def test_assy_compat_bad_input_is_one_line_before_anything_starts(
         assert "Traceback" not in result.output and not out.exists()
 
 
-class SecAggGrid(InProcessGrid):
-    """:class:`InProcessGrid` with the ClientApp's SecAgg+ mod and a state per node, as
-    the engines keep a node's context between messages."""
-
-    def __init__(self, clients: int) -> None:
-        super().__init__(clients)
-        self.contexts: dict = {}
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Context, Error, Message, Metadata, RecordDict
-
-        from assy.federation.client_app import hello, train
-        from assy.federation.secagg import secagg_mod
-
-        replies = []
-        for i, msg in enumerate(messages):
-            node = msg.metadata.dst_node_id
-            kind = msg.metadata.message_type
-            meta = Metadata(1, f"m{i}", 0, node, "", msg.metadata.group_id, 0.0, 3600.0, kind)
-            config = {"partition-id": node - 1, "num-partitions": self.clients}
-            context = self.contexts.setdefault(node, Context(1, node, config, RecordDict(), {}))
-            handler = hello if kind == "query" else train
-            content = copy.deepcopy(msg.content)  # as sent over the wire: a copy per node
-            received = Message(content=content, metadata=meta)
-            try:
-                reply = secagg_mod(received, context, handler)
-            except Exception as e:  # noqa: BLE001 - as the engines answer: an error reply
-                reply = Message(error=Error(0, f"Message: {e}"), reply_to=received)
-            self.sent.append(reply)
-            replies.append(reply)
-        return replies
-
-
 def test_assy_secagg_adapter_rounds_match_plain_within_quantization(two_family_fed, tmp_path):
     """``--secagg``: the selection round stays plain (votes), the adapter round runs one
     SecAgg+ session per recipe with two or more clients; its global agrees with the plain
@@ -299,7 +275,7 @@ def test_assy_secagg_adapter_rounds_match_plain_within_quantization(two_family_f
             local_steps=3, max_length=64, fit_samples=8, candidates=2, test_limit=24,
             secagg=secagg,
         )  # fmt: skip
-        grid = SecAggGrid(cfg.clients) if secagg else InProcessGrid(cfg.clients)
+        grid = InProcessGrid(cfg.clients) if secagg else InProcessGrid(cfg.clients)
         runs[secagg] = (run_server(grid, cfg, lambda _line: None), grid)
     (plain, _), (secure, grid) = runs[False], runs[True]
     assert secure.history[1]["aggregation"] == "votes" and "secagg" not in secure.history[1]

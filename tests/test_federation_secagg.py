@@ -226,7 +226,7 @@ def test_a_client_with_a_nan_adapter_drops_out_and_the_others_are_averaged(tmp_p
     NaN; it refuses to send it (quantized, a NaN would pass unseen), SecAgg+ unmasks the
     sum of the two others (threshold 2 of 3), and the global stays finite."""
     from flwr.supercore.task_identity import TaskIdentity
-    from test_federation_assy import SecAggGrid
+    from test_federation_assy import InProcessGrid
 
     import assy.federation.client_app as client_app
     from assy.federation.server import run_server
@@ -249,7 +249,7 @@ def test_a_client_with_a_nan_adapter_drops_out_and_the_others_are_averaged(tmp_p
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     client_app.train_content = train_content
     try:
-        state = run_server(SecAggGrid(cfg.clients), cfg, lambda _line: None)
+        state = run_server(InProcessGrid(cfg.clients), cfg, lambda _line: None)
     finally:
         client_app.train_content = plain_train
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
