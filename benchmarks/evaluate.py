@@ -11,8 +11,9 @@ directories at fp32; an fp32 pool built from the same directories) on the first
   local JSONL copy, formatted by :mod:`assy.data`);
 * ``lm-eval``: lm-eval 0.4.13's ``HFLM`` on the HF directory, ``simple_evaluate`` on the
   task's official config (from the installed lm-eval) pointed at the same rows;
-* ``before``: the evaluation of commit ``--before`` (default: the one before the 512-token
-  passes and head-sized logits groups; d0829da had full ``[B, T, V]`` logits), extracted
+* ``before``: the evaluation of commit ``--before`` (default: the one before head-sized
+  logits groups, continuations that keep no cache and mapped large buffers, with the same
+  1,024-token passes; d0829da had full ``[B, T, V]`` logits), extracted
   with ``git archive``, on the same pool, run once (results are deterministic);
 * ``floor``: a process that imported torch, transformers and assy and ran one tiny
   forward (the budget contract's warm floor);

@@ -336,3 +336,26 @@ def test_measure_memory_reruns_a_client_round_alone_per_tier_and_phase(two_famil
     assert "loss_first" in measured["adapt"]["small"]["metrics"]  # an assembly: trained
     assert set(state.history[1]["client_memory"]) == {"big", "small"}
     assert any("client memory, tier small (select)" in line for line in lines)
+
+
+def test_measure_memory_builds_no_content_once_every_tier_of_a_phase_is_measured():
+    """A phase whose tiers are all measured (this run, or the run a resume continues)
+    costs its rounds nothing: the round's content is not built for measuring."""
+    from types import SimpleNamespace
+
+    from assy.federation.server import measure_tiers
+    from assy.federation.tiers import Population, Tier
+
+    class Method:
+        def phase(self, round_):
+            return "select" if round_ == 1 else "adapt"
+
+        def content(self, round_):
+            raise AssertionError(f"round {round_}'s content built for nothing")
+
+    tiers = [Tier("big", 0.5, None), Tier("small", 0.5, 2**30)]
+    pop = Population(node_of={}, tiers=tiers, tier_of=[0, 1], sizes=[1, 1], eligible=[0, 1])
+    state = SimpleNamespace(facts={"client_memory": {"adapt": {"big": {}, "small": {}}}})
+    assert measure_tiers(Method(), pop, SimpleNamespace(clients=2), 2, state, print) == {}
+    with pytest.raises(AssertionError, match="round 1's content"):  # select: still to measure
+        measure_tiers(Method(), pop, SimpleNamespace(clients=2), 1, state, print)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,11 +54,12 @@ HEAD_BYTES = 32 * 2**20
 """Most bytes of float32 logits computed at a time (positions x vocabulary x 4); a chain
 runner's default is :func:`head_group_bytes`, at most this."""
 
-BATCH_TOKENS = 512
-"""Default most tokens through the layers per forward call (activations, KV cache). At
-1,024 an unbudgeted SmolLM2-135M PIQA run (n = 200) peaked at 1.51-1.69x its weight bytes
-above the warm floor, at 512 1.27-1.45x, varying from run to run (the evaluation's memory
-target is 1.3x; :func:`_large_buffers_mapped` does the rest)."""
+BATCH_TOKENS = 1024
+"""Default most tokens through the layers per forward call (activations, KV cache). The
+pass shapes decide the float32 rounding of every log-likelihood (at 512 they moved by up to
+6e-5 nats): kept at 1,024, scores stay those of earlier versions, and memory is held down
+instead by continuations that keep no cache (:func:`_fork`) and mapped large buffers
+(:func:`_large_buffers_mapped`)."""
 
 MIN_HEAD_BYTES = 8 * 2**20
 
@@ -541,24 +543,50 @@ class _RunnerEngine(_Engine):
             pick = rows[pack]
             mask = torch.cat([ctx_mask[pick], cont_mask], 1)
             at = targets >= 0
-            r, lp, top, _ = self.scan(ids, mask, at, targets[..., None], cache=_fork(cache, pick))
+            fork = _fork(cache, pick, keep=len(self._pieces(ids.shape)) > 1)
+            r, lp, top, _ = self.scan(ids, mask, at, targets[..., None], cache=fork)
             acc.add(torch.tensor(pack)[r], lp[:, 0], top == targets[at])
 
 
-def _fork(cache: ChainCache, rows: torch.Tensor) -> ChainCache:
-    """A new chain cache holding ``rows`` of ``cache`` (the original stays as it was)."""
+def _fork(cache: ChainCache, rows: torch.Tensor, keep: bool = True) -> ChainCache:
+    """A new chain cache holding ``rows`` of ``cache`` (the original stays as it was).
+
+    ``keep=False``, for a single pass whose cache is thrown away after it: each layer
+    copies its rows only when its attention asks, and keeps neither them nor what the pass
+    appends — the same keys and values, computed the same way, but one layer's at a time
+    rather than every layer's context copy and continuation at once (for a pack of
+    1,024 tokens through SmolLM2-135M's 30 layers, ~47 MB each).
+    """
     caches = []
     for c in cache.caches:
         if c is None:
             caches.append(None)
             continue
+        at = rows.to(_cache_device(c))
         new = copy.copy(c)
-        new.layers = [copy.copy(layer) for layer in c.layers]
-        new.batch_select_indices(rows.to(_cache_device(c)))
+        if keep:
+            new.layers = [copy.copy(layer) for layer in c.layers]
+            new.batch_select_indices(at)
+        else:
+            new.layers = [_passing(layer, at) for layer in c.layers]
         caches.append(new)
     forked = ChainCache(caches, [{} for _ in cache.seam_states])
     forked.length = cache.length
     return forked
+
+
+def _passing(layer, rows: torch.Tensor):
+    """A view of a cache layer whose ``update`` returns ``rows`` of its keys and values
+    with the new ones appended (what a forked layer's update returns) and stores nothing."""
+    view = copy.copy(layer)
+    view.update = functools.partial(_update_rows, layer, rows)
+    return view
+
+
+def _update_rows(layer, rows: torch.Tensor, key_states, value_states, *args, **kwargs):
+    own = copy.copy(layer)
+    own.batch_select_indices(rows)
+    return own.update(key_states, value_states, *args, **kwargs)
 
 
 def _cache_device(cache) -> torch.device:

@@ -235,9 +235,13 @@ class AssyRounds:
     def _select_phase(self, round_: int) -> bool:
         return round_ <= self.cfg.select_rounds
 
+    def phase(self, round_: int) -> str:
+        """What clients do in ``round_``: ``select`` (vote) or ``adapt`` (train adapters)."""
+        return "select" if self._select_phase(round_) else "adapt"
+
     def content(self, round_: int) -> RecordDict:
         config = config_record(self.cfg, round_)
-        self._phase = "select" if self._select_phase(round_) else "adapt"
+        self._phase = self.phase(round_)
         if self._phase == "select":
             keys = {k for ks in self.proposals.values() for k in ks}
             config["proposals"] = json.dumps(self.proposals, sort_keys=True)

@@ -378,28 +378,35 @@ def measure_tiers(
     a fresh process from the content this round sends it (:func:`~.memory.measure_round`).
 
     Kept in ``state.facts["client_memory"][phase][tier]`` (a resumed run does not redo
-    them). Returns this round's new measurements, ``{tier: result}``.
+    them); once every tier of a phase is, its rounds build nothing here. Returns this
+    round's new measurements, ``{tier: result}``.
     """
     from assy.federation.memory import measure_round
 
-    done = state.facts.setdefault("client_memory", {})
+    phase = method.phase(round_) if hasattr(method, "phase") else "train"
+    done = state.facts.setdefault("client_memory", {}).setdefault(phase, {})
+    todo = {
+        tier.name: members[0]
+        for index, tier in enumerate(pop.tiers)
+        if tier.name not in done
+        and (members := [p for p in pop.eligible if pop.tier_of[p] == index])
+    }
+    if not todo:  # every tier measured in this phase: build nothing
+        return {}
     per_client = getattr(method, "content_for", None)
     shared = None if per_client else method.content(round_)
     measured = {}
-    for index, tier in enumerate(pop.tiers):
-        members = [p for p in pop.eligible if pop.tier_of[p] == index]
-        if not members:
+    for tier in pop.tiers:
+        if tier.name not in todo:
             continue
-        content = per_client(round_, members[0]) if per_client else shared
-        phase = str(content[CONFIG].get("phase", "train"))
-        if tier.name in done.setdefault(phase, {}):
-            continue
-        result = measure_round(content, members[0], cfg.clients)
+        client = todo[tier.name]
+        content = per_client(round_, client) if per_client else shared
+        result = measure_round(content, client, cfg.clients)
         result |= {"phase": phase, "round": round_, "budget": tier.budget}
-        done[phase][tier.name] = measured[tier.name] = result
+        done[tier.name] = measured[tier.name] = result
         log(
             f"client memory, tier {tier.name} ({phase}): {format_size(result['need_bytes'])} "
-            f"above a fresh process's floor (client {members[0]} alone, {result['seconds']:.0f} s)"
+            f"above a fresh process's floor (client {client} alone, {result['seconds']:.0f} s)"
         )
     return measured
 
