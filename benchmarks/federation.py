@@ -397,7 +397,7 @@ def _versus_seed(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     ]
     if train and needs:
         task, tier, phase, peak, _ = max(needs, key=lambda x: x[3])
-        # the smallest tier that takes part: its client's largest need over the phases
+        # the smallest tier with an assembly: its client's largest need over the phases
         low = min(x[4] for x in needs)
         small = max((x for x in needs if x[4] == low), key=lambda x: x[3])
         memory = {
@@ -411,7 +411,7 @@ def _versus_seed(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         memory["here"] = (
             f"assy's largest measured client need {_size(peak)} ({memory['assy_peak_at']}) vs "
             f"FedIT's training round {_size(train)}: {_less(memory['less'])}: "
-            f"{memory['verdict']}; the smallest tier taking part needs {_size(small[3])} "
+            f"{memory['verdict']}; the smallest tier with an assembly needs {_size(small[3])} "
             f"({memory['assy_smallest_tier_at']}): {_less(memory['less_smallest_tier'])}"
         )
     out["peak_memory_vs_fine_tuning"] = memory or {"here": "n/a: needs assy and fedit memory"}
@@ -432,9 +432,9 @@ def _versus_seed(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out["communication_vs_baselines"] = {
         "per_task": comm,
         "here": "; ".join(
-            f"{t}: up per round assy {x['assy_up'] / 1e6:.3f} MB vs fedit "
-            f"{x['fedit_up'] / 1e6:.2f} MB: {_less(x['less'])} ({x['verdict']}); down "
-            f"assy {x['assy_down'] / 1e6:.2f} MB vs fedit {x['fedit_down'] / 1e6:.2f} MB"
+            f"{t}: up per round assy {_size(x['assy_up'])} vs fedit {_size(x['fedit_up'])}: "
+            f"{_less(x['less'])} ({x['verdict']}); down assy {_size(x['assy_down'])} vs "
+            f"fedit {_size(x['fedit_down'])}"
             for t, x in comm.items()
         )
         or "n/a: needs both assy and fedit",
@@ -496,6 +496,10 @@ def _print_table(results: dict[str, Any]) -> None:
                 f"    {name:<6}{row['share']:>6.0%}{row['clients']:>8}{_size(budget):>11}"
                 f"{cell['select']:>12}{cell['adapt']:>12}"
                 f"{_size(row['select_weights_resident_bytes']):>11}  {fits:<11}{recipe}"
+            )
+        if not any(row["memory"] for row in run["summary"]["tiers"].values()):
+            print(
+                "    (no client memory measured in this run: --measure-memory is on the first task's)"
             )
         print(
             "    (select/adapt: the round's need per phase; weights: the most weight bytes a "
