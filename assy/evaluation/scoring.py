@@ -214,8 +214,8 @@ def _large_buffers_mapped():
     A pass's activations (MiBs) are freed while the KV cache entries made beside them
     (hundreds of KiB) live on; in the heap, where glibc's rising default threshold puts
     them, each layer's activations then leave a hole the next layer's cannot reuse. An
-    unbudgeted SmolLM2-135M PIQA run (n = 200, 512-token passes) peaked 684-777 MB above
-    the warm floor with the default, 688-691 MB with this (its weights: 538 MB). 32 MiB
+    unbudgeted SmolLM2-135M PIQA run (n = 200) peaked 656-817 MB above the warm floor
+    with the default, 620-631 MB with this (its weights: 538 MB; the target 699.5). 32 MiB
     afterwards is where glibc's own threshold ends up after large frees, and what a
     budgeted runner fixes (:mod:`blockpool.offload`); a process that is not glibc's is
     left alone.
