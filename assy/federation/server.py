@@ -385,21 +385,18 @@ def measure_tiers(
 
     phase = method.phase(round_) if hasattr(method, "phase") else "train"
     done = state.facts.setdefault("client_memory", {}).setdefault(phase, {})
-    todo = {
-        tier.name: members[0]
+    todo = [  # (tier, its first client) of the tiers not measured in this phase yet
+        (tier, members[0])
         for index, tier in enumerate(pop.tiers)
         if tier.name not in done
         and (members := [p for p in pop.eligible if pop.tier_of[p] == index])
-    }
+    ]
     if not todo:  # every tier measured in this phase: build nothing
         return {}
     per_client = getattr(method, "content_for", None)
     shared = None if per_client else method.content(round_)
     measured = {}
-    for tier in pop.tiers:
-        if tier.name not in todo:
-            continue
-        client = todo[tier.name]
+    for tier, client in todo:
         content = per_client(round_, client) if per_client else shared
         result = measure_round(content, client, cfg.clients)
         result |= {"phase": phase, "round": round_, "budget": tier.budget}
