@@ -183,6 +183,7 @@ def write_tensors(
         try:
             mode = stat.S_IMODE(tmp.stat().st_mode)  # 0o666 minus the umask
             save_file(dict(state), str(tmp), metadata=dict(meta))
+            _sort_metadata(tmp)
             os.chmod(tmp, mode)  # safetensors replaces the file with one of mode 0o600
             _fsync(tmp)
             digest = sha256_file(tmp)
@@ -192,6 +193,34 @@ def write_tensors(
             tmp.unlink(missing_ok=True)
             raise
     return path, digest
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header's ``__metadata__`` with its keys sorted, in place.
+
+    safetensors writes that map in no fixed order (two builds of the same block differed
+    only there), so the file's sha256 — its name and the sum the pool records — would not
+    be decided by its content alone. The tensors' entries keep safetensors' own order, and
+    the header its length (the same keys and values, reordered); one that would not
+    (escaping written otherwise) is left as safetensors wrote it.
+    """
+    import json
+
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        ordered = {"__metadata__": dict(sorted(meta.items()))}
+        ordered |= {k: v for k, v in header.items() if k != "__metadata__"}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+        body = raw.rstrip(b" ")
+        if len(text) != len(body) or json.loads(text) != header:
+            return
+        f.seek(8)
+        f.write(text)
 
 
 def write_tokenizer(root: Path, model: str, files: Mapping[str, bytes]) -> dict[str, str]:

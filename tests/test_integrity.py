@@ -355,3 +355,28 @@ def test_a_writer_that_fails_early_leaves_no_directory(sources, tmp_path):
         result = run("build-pool", f"m={sources['llama']}", "--out", out)
     assert_user_error(result, "disk is full")
     assert not (out / "pool.json").exists()
+
+
+def test_a_block_file_is_decided_by_its_content_alone(tmp_path):
+    """The same tensors and metadata give the same bytes, so the same sum and name:
+    safetensors writes its metadata map in no fixed order, the pool sorts it."""
+    import struct
+
+    from safetensors import safe_open
+
+    from blockpool.storage import write_tensors
+
+    torch.manual_seed(0)
+    state = {"w.weight": torch.randn(3, 4), "a.bias": torch.randn(4).half()}
+    meta = {k: f"value-{k}" for k in ("kind", "block_id", "precision", "index", "family", "z", "a")}
+    written = [write_tensors(tmp_path / str(i), "layer.003", state, meta) for i in range(3)]
+
+    assert len({digest for _, digest in written}) == 1
+    path = written[0][0]
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    assert list(header["__metadata__"]) == sorted(meta)
+    with safe_open(str(path), "pt") as f:  # still a valid file holding what was given
+        assert f.metadata() == meta
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
