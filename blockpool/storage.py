@@ -206,19 +206,18 @@ def _sort_metadata(path: Path) -> None:
     """
     import json
 
+    from blockpool.reads import read_header
+
+    raw, _, meta = read_header(path)
+    if not meta:
+        return
+    header = json.loads(raw[8:])
+    ordered = {"__metadata__": dict(sorted(meta.items()))}
+    ordered |= {k: v for k, v in header.items() if k != "__metadata__"}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(raw[8:].rstrip(b" ")) or json.loads(text) != header:
+        return
     with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        raw = f.read(size)
-        header = json.loads(raw)
-        meta = header.get("__metadata__")
-        if not meta:
-            return
-        ordered = {"__metadata__": dict(sorted(meta.items()))}
-        ordered |= {k: v for k, v in header.items() if k != "__metadata__"}
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        body = raw.rstrip(b" ")
-        if len(text) != len(body) or json.loads(text) != header:
-            return
         f.seek(8)
         f.write(text)
 
