@@ -80,7 +80,14 @@ def two_family_fed(tmp_path_factory):
     sources = []
     for family in ("llama", "gemma3"):
         torch.manual_seed(1)
-        model = TINY[family]().eval()
+        # wider than the other tests' tiny models: weights, not activations, must dominate
+        # a round's memory for a tier to hold a training step but no whole model (adapter
+        # rounds keep the tier's budget too)
+        tiny = TINY[family]()
+        wide = {"hidden_size": 1024, "intermediate_size": 2048}
+        if family == "gemma3":
+            wide |= {"head_dim": 64, "query_pre_attn_scalar": 64}
+        model = type(tiny)(type(tiny.config)(**(tiny.config.to_dict() | wide))).eval()
         with torch.no_grad():
             model.get_input_embeddings().weight.mul_(20.0)
         model.save_pretrained(root / family)
@@ -120,7 +127,7 @@ def test_assy_selects_per_tier_then_trains_and_averages_adapters(
     cfg = FederationConfig(
         pool=str(pool), task="arc_easy", method="assy", rounds=3, out=str(tmp_path / "run"),
         data=str(data), clients=4, per_round=4, tiers=str(_tiers(pool, tmp_path / "t.json")),
-        local_steps=3, max_length=64, fit_samples=8, candidates=2, test_limit=24,
+        local_steps=3, batch_size=1, max_length=64, fit_samples=8, candidates=2, test_limit=24,
         compat=str(compared / "all"),
     )  # fmt: skip
     grid = InProcessGrid(cfg.clients)
@@ -272,7 +279,7 @@ def test_assy_secagg_adapter_rounds_match_plain_within_quantization(two_family_f
         cfg = FederationConfig(
             pool=str(pool), task="arc_easy", method="assy", rounds=2, data=str(data),
             out=str(tmp_path / f"run-{secagg}"), clients=4, per_round=4, tiers=tiers,
-            local_steps=3, max_length=64, fit_samples=8, candidates=2, test_limit=24,
+            local_steps=3, batch_size=1, max_length=64, fit_samples=8, candidates=2, test_limit=24,
             secagg=secagg,
         )  # fmt: skip
         grid = InProcessGrid(cfg.clients) if secagg else InProcessGrid(cfg.clients)

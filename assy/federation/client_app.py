@@ -32,11 +32,14 @@ def hello(msg: Message, context: Context) -> Message:
 
     In simulation also the worker's warm-up (``warm-up`` set): it imports the training
     code here, so that the seconds peft's import takes are not charged to the first round
-    (nor cut by its timeout). A deployment starts a fresh process per message: no warm-up.
+    (nor cut by its timeout), nor the code's memory to its budget. A deployment starts a
+    fresh process per message: no warm-up.
     """
     config = msg.content.get(CONFIG)
     if config is not None and config.get(WARM_UP):
-        from assy.federation import task  # noqa: F401
+        from assy.federation.memory import import_round_code
+
+        import_round_code()
 
     pid = int(context.node_config["partition-id"])
     count = int(context.node_config.get("num-partitions", 0))

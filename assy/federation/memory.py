@@ -12,6 +12,9 @@ scoring pass of the anchor, before a run, to decide who can take part) and
 ``assy federate --measure-memory`` runs it once per tier and phase).
 Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]`` or
 ``python -m assy.federation.memory round DIR PARTITION NUM_PARTITIONS``.
+
+And one for the round itself: :class:`HeldMemory`, what a round holds outside the swapper,
+so that the swapper gets the tier's budget less that.
 """
 
 from __future__ import annotations
@@ -30,7 +33,13 @@ from typing import Any
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
 
-__all__ = ["CLIENT_MALLOC_ENV", "measure_client_memory", "measure_round"]
+__all__ = [
+    "CLIENT_MALLOC_ENV",
+    "HeldMemory",
+    "import_round_code",
+    "measure_client_memory",
+    "measure_round",
+]
 
 CLIENT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 """glibc settings of client processes (simulation workers and the measurement): buffers of
@@ -65,6 +74,40 @@ def _reset_peak() -> None:
     that the peak measured is the round's, not the imports' (Linux ``clear_refs`` 5)."""
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def import_round_code() -> None:
+    """Import what a client round imports (the training code, ``datasets`` to read the
+    bundled data): code is part of a process's warm floor, not of a round's need (DESIGN.md
+    "Budget"). ``datasets`` alone adds about 87 MB of resident set on import."""
+    import datasets  # noqa: F401
+
+    from assy.federation import lego, selection, task  # noqa: F401
+
+
+class HeldMemory:
+    """What a client round holds beyond the resident set it began with.
+
+    The swapper keeps a round's weights and working memory within the budget it is given;
+    what the round holds besides -- its local data, a tokenizer (Gemma-3's takes 234 MB of
+    resident set, SmolLM2's 33 MB), what a previous candidate's run left -- comes on top.
+    For the whole round to keep its tier's budget (DESIGN.md's budget contract) the swapper
+    is given the budget less that (:meth:`held`). Measured as the growth of the resident
+    set since the round began, after collecting garbage and returning freed heap (Linux;
+    elsewhere nothing is held back).
+    """
+
+    def __init__(self) -> None:
+        _release_freed_memory()
+        self.start = _status_bytes("VmRSS")
+
+    def held(self) -> int:
+        """Bytes the round holds now beyond where it began."""
+        if self.start is None:
+            return 0
+        _release_freed_memory()
+        now = _status_bytes("VmRSS")
+        return max(0, now - self.start) if now is not None else 0
 
 
 def measure_client_memory(
@@ -144,6 +187,24 @@ def _measure(args: list[str], what: str, timeout: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _warm_floor(pool) -> None:
+    """Bring this process to DESIGN.md's warm floor for ``pool``: every family's classes
+    imported and one tiny forward of each decoder family run (what a first forward
+    initialises once per process is not a round's need)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from assy.assembly.measure import tiny_config
+
+    for name, model in pool.models.items():
+        pool.empty_module(next(iter(model.blocks)))  # import the family's classes
+        if pool.family(name).causal:
+            tiny = AutoModelForCausalLM.from_config(tiny_config(dict(pool.model(name).config)))
+            with torch.inference_mode():
+                tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
+            del tiny
+
+
 def _round_main(directory: str, partition: int, num_partitions: int) -> None:
     """The child of :func:`measure_round`."""
     import time
@@ -152,17 +213,16 @@ def _round_main(directory: str, partition: int, num_partitions: int) -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from safetensors.torch import load_file
 
-    from assy.federation import lego, selection, task  # noqa: F401  (code is not the need)
     from assy.federation.client_app import train_content
     from assy.federation.records import ARRAYS, CONFIG, METRICS
     from blockpool import Pool, peak_rss_bytes
 
+    import_round_code()  # code is not the need
     torch.set_num_threads(1)
     config = json.loads(Path(directory, "config.json").read_text())
     cfg = FederationConfig.from_record(config)
     pool = Pool(cfg.pool)
-    for model in pool.models.values():  # import every family's classes
-        pool.empty_module(next(iter(model.blocks)))
+    _warm_floor(pool)
     content = RecordDict({CONFIG: ConfigRecord(config)})
     if Path(directory, "arrays.safetensors").is_file():
         content[ARRAYS] = ArrayRecord(load_file(str(Path(directory, "arrays.safetensors"))))

@@ -32,6 +32,7 @@ from assy.assembly.recipe import Recipe, recipe_from_dict, recipe_to_dict, valid
 from assy.data import MCExample
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
+from assy.federation.memory import HeldMemory
 
 __all__ = [
     "Candidate",
@@ -209,14 +210,30 @@ def adapters_of(
 # --------------------------------------------------------------------------- the clients
 
 
+def _share(pool, items, budget: int | None, held: HeldMemory | None) -> int | None:
+    """The swapper's part of ``budget``: what the round does not hold already (its data, a
+    tokenizer), so that the whole round keeps the budget. Never less than the chain's
+    smallest working set (:func:`blockpool.min_budget`): where what the round holds leaves
+    less -- only a budget within a few MB of that minimum -- the round runs at the minimum
+    and overruns by the difference, which ``--measure-memory`` shows, rather than failing
+    on a few MB of allocator noise."""
+    from blockpool import min_budget
+
+    if budget is None or held is None:
+        return budget
+    return max(budget - held.held(), min_budget(pool, items))
+
+
 def score_candidate(
     pool,
     recipe: Recipe,
     adapters: Mapping[int, ElasticAdapter],
     examples: Sequence[MCExample],
     budget: int | None,
+    held: HeldMemory | None = None,
 ) -> dict[str, float]:
-    """Forward-only score of one assembly on ``examples`` within ``budget`` bytes.
+    """Forward-only score of one assembly on ``examples`` within ``budget`` bytes (less
+    what ``held`` says the round holds besides the runner, once the tokenizer is loaded).
 
     Returns:
         ``score`` (mean log-probability of the correct choice among the choices, the
@@ -227,8 +244,8 @@ def score_candidate(
     from blockpool import RunOptions, open_runner
 
     items = build_items(recipe, pool, dict(adapters))
-    options = RunOptions(budget=budget, threads=torch.get_num_threads())
     tokenizer = pool.tokenizer(recipe.anchor)
+    options = RunOptions(budget=_share(pool, items, budget, held), threads=torch.get_num_threads())
     with open_runner(pool, items, options) as run:
         rows = choice_scores(run.runner, tokenizer, examples, progress=False)
     lls = [[s.loglik for s in row] for row in rows]
@@ -256,8 +273,12 @@ def select_round(
     recipes: Mapping[str, Recipe],
     state: Mapping[str, torch.Tensor],
     budget: int | None,
+    held: HeldMemory | None = None,
 ) -> dict[str, float]:
     """A client's selection round: score its tier's candidates, choose the best.
+
+    Each candidate runs through the swapper within ``budget`` less what the round holds
+    besides (``held``: its data, a tokenizer), so that the whole round keeps the budget.
 
     Returns:
         Metrics: ``score:{key}`` per candidate, ``choice`` (the index of the chosen one in
@@ -275,9 +296,8 @@ def select_round(
     for key in keys:
         recipe = recipes[key]
         validate_recipe(recipe, pool)  # the blocks' sums: this pool holds what was planned
-        result = score_candidate(
-            pool, recipe, adapters_of(pool, recipe, key, state), examples, budget
-        )
+        adapters = adapters_of(pool, recipe, key, state)
+        result = score_candidate(pool, recipe, adapters, examples, budget, held)
         metrics[f"score:{key}"] = result["score"]
         scores.append(result["score"])
         peak = max(peak, result["peak_resident_bytes"])
@@ -294,11 +314,16 @@ def adapt_round(
     state: Mapping[str, torch.Tensor],
     examples: Sequence[MCExample],
     seed: int,
+    budget: int | None = None,
+    held: HeldMemory | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A client's adapter round: train its tier's adapters on local examples, blocks frozen.
 
     The loss is the cross-entropy of the correct choice among the choices (the ``task``
     objective of ``assy stitch``); gradients pass back from the head to the first seam.
+    With a ``budget`` the blocks run through the swapper within it (less what ``held``
+    says the round holds besides), and the backward pass fetches them again rather than
+    keeping them (:func:`~assy.assembly.train.refetching`).
 
     Returns:
         ``(flat adapter state, metrics)`` with ``num-examples``, ``loss_first``,
@@ -306,7 +331,7 @@ def adapt_round(
     """
     import numpy as np
 
-    from assy.assembly.train import choice_loss, freeze_blocks, train_loop
+    from assy.assembly.train import choice_loss, freeze_blocks, refetching, step_bytes, train_loop
     from blockpool import RunOptions, open_runner
 
     if not examples:
@@ -320,9 +345,14 @@ def adapt_round(
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    with open_runner(pool, items, RunOptions(threads=torch.get_num_threads())) as run:
+    options = RunOptions(budget=_share(pool, items, budget, held), threads=torch.get_num_threads())
+    with open_runner(pool, items, options) as run:
         runner = run.runner
-        freeze_blocks(runner)
+        if run.swapper is not None:  # blocks may be evicted: the backward pass re-fetches
+            get = refetching(runner.fetch)
+        else:
+            freeze_blocks(runner)
+            get = runner.fetch
         params = [p for a in adapters.values() for p in a.parameters()]
         for p in params:
             p.requires_grad_(True)
@@ -331,8 +361,13 @@ def adapt_round(
         order = [int(i) for _ in range(-(-cfg.local_steps * cfg.batch_size // len(examples)))
                  for i in rng.permutation(len(examples))]  # fmt: skip
 
+        need = [0]
+
         def model(ids, mask, at):
-            return runner.walk(runner.fetch, ids, mask, logits_at=at).logits
+            if run.swapper is not None:  # a step's working memory comes out of the budget
+                need[0] = max(need[0], step_bytes(runner, *ids.shape, int(at.sum())))
+                run.swapper.hold(model, need[0])
+            return runner.walk(get, ids, mask, logits_at=at).logits
 
         def loss_at(step: int) -> torch.Tensor:
             batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -340,8 +375,11 @@ def adapt_round(
 
         with torch.enable_grad():
             report = train_loop(params, loss_at, steps=cfg.local_steps, lr=cfg.lr, desc="adapters")
+        if run.swapper is not None:
+            run.swapper.release(model)
         first = next(i for i, it in enumerate(items) if isinstance(it, ElasticAdapter))
         through = sum(isinstance(it, str) for it in items[first:])
+    resident = run.swapper.stats.weights_resident_peak_bytes if run.swapper else 0
     for a in adapters.values():
         a.eval()
     metrics = {
@@ -350,6 +388,7 @@ def adapt_round(
         "loss_last": float(report["last_loss"]),
         "backprop-layers": float(through),
         "trainable-params": float(sum(p.numel() for p in params)),
+        "peak-resident-bytes": float(resident),
     }
     return flat_state(key, adapters, trainable=True), metrics
 
@@ -387,19 +426,25 @@ def assy_round(
     Returns:
         ``(flat adapter state to upload (empty when selecting), metrics)``.
     """
+    from assy.federation.memory import import_round_code
     from assy.federation.task import client_seed, federated_data
     from blockpool import Pool
 
+    import_round_code()  # code is the process's floor, not the round's (DESIGN.md "Budget")
+    held = HeldMemory()
     pool = Pool(pool_dir or cfg.pool)
     examples = federated_data(cfg, data_file).clients[partition]
     tier = client_tier(cfg, pool, partition)
     by_tier = json.loads(proposals)
     sent = recipes_from_json(recipes)
     if phase == "select":
-        metrics = select_round(cfg, pool, partition, examples, by_tier, sent, state, tier.budget)
+        metrics = select_round(
+            cfg, pool, partition, examples, by_tier, sent, state, tier.budget, held
+        )
         return {}, metrics
     keys = by_tier.get(tier.name) or []
     if len(keys) != 1:
         raise UsageError(f"tier {tier.name} has no recipe to train this round")
     seed = client_seed(cfg, round_, partition)
-    return adapt_round(cfg, pool, sent[keys[0]], keys[0], state, examples, seed)
+    recipe = sent[keys[0]]
+    return adapt_round(cfg, pool, recipe, keys[0], state, examples, seed, tier.budget, held)
