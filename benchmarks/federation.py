@@ -469,6 +469,14 @@ def _size(b: float | None) -> str:
     return f"{b:.0f} B"
 
 
+def _over(need: int | None, budget: int | None) -> str:
+    """`` `` within the budget, ``~`` above it within DESIGN.md's tolerance (max(10%,
+    32 MB)), ``*`` beyond."""
+    if not need or budget is None or need <= budget:
+        return " "
+    return "~" if need <= budget + max(0.1 * budget, 32e6) else "*"
+
+
 def _print_table(results: dict[str, Any]) -> None:
     runs = results["runs"]
     train = results.get("memory", {}).get("fedit_train", {}).get("need_bytes")
@@ -479,13 +487,16 @@ def _print_table(results: dict[str, Any]) -> None:
     if train:
         print(f"  fedit training round (any tier, --tiers none): {_size(train)}")
     for task, run in assy_runs.items():
-        print(f"  assy on {task} (--tiers seed, scaled to the demo's pool; * above the budget):")
+        print(
+            f"  assy on {task} (--tiers seed, scaled to the demo's pool; ~ above the budget "
+            "within the contract's max(10%, 32 MB), * beyond it):"
+        )
         print(f"    {'tier':<6}{'share':>6}{'clients':>8}{'budget':>11}{'select':>12}{'adapt':>12}"
               f"{'weights':>11}  {'fedit fits':<11}recipe")  # fmt: skip
         for name, row in run["summary"]["tiers"].items():
             mem, budget = row["memory"], row["budget"]
             need = {p: mem.get(p, {}).get("need_bytes") for p in ("select", "adapt")}
-            cell = {p: _size(b) + ("*" if b and b > budget else " ") for p, b in need.items()}
+            cell = {p: _size(b) + _over(b, budget) for p, b in need.items()}
             fits = "-" if not train else ("yes" if budget >= train else "no")
             if not row["proposals"]:
                 recipe = "sits out: no assembly fits the budget"
@@ -503,8 +514,8 @@ def _print_table(results: dict[str, Any]) -> None:
             )
         print(
             "    (select/adapt: the round's need per phase; weights: the most weight bytes a "
-            "client held while selecting (the swapper keeps them within the budget; activations "
-            "and logits come on top); adapter training is not budgeted)"
+            "client held while selecting: the swapper's share of the budget, what the round "
+            "holds besides (data, tokenizer) taken off it)"
         )
     print("\nheld-out accuracy (round 0: the starting model; ± binomial standard error):")
     print(f"  {'task':<9}{'method':<7}{'n':>4}{'round 0':>15}{'final':>15}{'up/round':>11}"
