@@ -440,6 +440,58 @@ def test_an_assembly_under_a_budget_gives_the_same_logits(asm_pool, tmp_path):
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
+def test_adapter_gradients_through_swapped_blocks_equal_plain_backprop(asm_pool, tmp_path):
+    """``refetching``: under a budget that holds one layer at a time, the backward pass
+    re-reads the evicted blocks and recomputes them; the adapters' gradients are those of
+    plain backpropagation through resident blocks, and no frozen block gets a gradient."""
+    from assy.assembly.train import freeze_blocks, refetching, step_bytes
+    from blockpool.offload import min_budget
+
+    pool = Pool(asm_pool / "pool")
+    recipe = plan_replacements(pool, "wide", [((1, 2), "gemma3:0-2")])
+    stitch(pool, recipe, _data(asm_pool), tmp_path / "asm", FAST)
+    assembly = load_assembly(pool, tmp_path / "asm")
+    ids = token_windows(char_tokenizer(), (asm_pool / "heldout.txt").read_text(), 2, 30).ids
+    params = [p for a in assembly.adapters.values() for p in a.parameters()]
+
+    fetched: list[str] = []
+
+    def grads(run, get):
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            logits = run.runner.walk(get, ids, None).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+            )
+            fetched.clear()
+            loss.backward()
+        return [p.grad.clone() for p in params]
+
+    def counted(fetch):
+        return lambda b: fetched.append(b) or fetch(b)
+
+    with open_runner(pool, assembly.chain, RunOptions()) as run:
+        freeze_blocks(run.runner)
+        expected = grads(run, run.runner.fetch)
+    budget = min_budget(pool, assembly.chain)  # room for one layer at a time
+    with open_runner(pool, assembly.chain, RunOptions(budget=budget)) as run:
+        held = step_bytes(run.runner, 2, 30, 60)
+    budget += held  # the training step's working memory, held out of the budget
+    with open_runner(pool, assembly.chain, RunOptions(budget=budget)) as run:
+        run.swapper.hold("step", held)
+        got = grads(run, refetching(counted(run.runner.fetch)))
+        frozen = [p.grad for b in run.runner.block_ids for p in run.runner.fetch(b).parameters()]
+    assert run.report["weights_resident_peak_bytes"] <= budget
+    assert run.report["evictions"] > 0
+    # the backward pass fetched every block after the first adapter again, last first
+    assert fetched == ["wide/head/0", "wide/layer/3", *(f"gemma3/layer/{i}" for i in (2, 1, 0))]
+    assert all(g is None for g in frozen)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+
+
 def test_an_assemblys_logits_are_sized_by_its_heads_vocabulary(asm_pool, tmp_path):
     """A budget reserves logits for the head's vocabulary, not the largest in the chain
     (Gemma3's 262,144 layers in a SmolLM2 assembly of 49,152 asked for 5x the room)."""

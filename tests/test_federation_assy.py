@@ -366,3 +366,16 @@ def test_measure_memory_builds_no_content_once_every_tier_of_a_phase_is_measured
     assert measure_tiers(Method(), pop, SimpleNamespace(clients=2), 2, state, print) == {}
     with pytest.raises(AssertionError, match="round 1's content"):  # select: still to measure
         measure_tiers(Method(), pop, SimpleNamespace(clients=2), 1, state, print)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's /proc")
+def test_held_memory_is_what_the_round_holds_beyond_where_it_began():
+    """What a round holds besides the swapper comes off the swapper's share of the budget:
+    it grows with what the round keeps and falls back when that is freed."""
+    from assy.federation.memory import HeldMemory
+
+    held = HeldMemory()
+    kept = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident
+    assert held.held() >= 60 * 2**20
+    del kept
+    assert held.held() < 16 * 2**20
