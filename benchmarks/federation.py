@@ -70,6 +70,18 @@ Measured and printed:
   the smallest tier's beside it), 99.1% less communication (assy's bytes up per round
   against FedIT's; bytes down beside them).
 
+The seed's scale (``--clients 200 --per-round 20``) needs more examples than a validation
+split holds (ARC-Easy's 456 client examples cannot give 200 clients one each under
+Dirichlet α = 1): ``--train-data DIR`` federates the task's training split from
+LLM-Adapters' commonsense data (``DIR/ARC-Easy/train.json``, ``DIR/openbookqa/...``;
+``../shared/data/commonsense`` here) instead, converted to ``assy federate --data``'s
+multiple-choice JSONL under ``--work`` (the lm-eval prompt of the task; the 20% held out
+then come from that split too)::
+
+    .venv/bin/python benchmarks/federation.py --tasks arc_easy --methods assy \
+        --clients 200 --per-round 20 --limit 0 --train-data ../shared/data/commonsense \
+        --work work/federation-200 --out results/federation-200.json
+
 Runs already finished under ``--work`` with the same settings are kept, unfinished ones
 resumed. Results: ``--out`` (JSON: settings, git commit, package versions, per-run rounds
 and summaries, memory, the claims with verdicts, wall time, status). Plots:
@@ -202,11 +214,20 @@ def _memory(cfg, cache: Path) -> dict[str, Any]:
 
 
 def _federate(
-    pool: Path, out: Path, task: str, method: str, args, compat: Path | None, measure: bool
+    pool: Path,
+    out: Path,
+    task: str,
+    method: str,
+    args,
+    compat: Path | None,
+    measure: bool,
+    data: Path | None = None,
 ) -> None:
     """``assy federate`` of one task and method into ``out`` (a finished run with the same
-    settings is kept as it is; an unfinished one resumes)."""
+    settings is kept as it is; an unfinished one resumes); ``data``: its ``--data``."""
     settings = {name: getattr(args, name) for name in SHARED if name != "cpus"}
+    if data is not None:
+        settings["data"] = str(data)
     if method == "assy":
         settings |= {name: getattr(args, name) for name in ASSY_ONLY}
         settings |= {"tiers": "seed", "compat": str(compat)}
@@ -223,6 +244,28 @@ def _federate(
         cmd.append("--measure-memory")
     print(f"$ assy federate ... --task {task} --method {method}", flush=True)
     subprocess.run(cmd, check=True, env=_env())
+
+
+TRAIN_DIRS = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "obqa": "openbookqa"}
+"""Task -> its folder in LLM-Adapters' commonsense data (the tasks whose rows carry their
+choices: ``Answer1: ... Answer2: ...``)."""
+
+
+def _train_file(root: Path, task: str, work: Path) -> Path:
+    """``root``'s training split of ``task`` as ``assy federate --data`` JSONL under ``work``
+    (``{"context", "choices", "label"}`` rows, the task's lm-eval prompt)."""
+    from assy.assembly.calibration import load_fit_data
+
+    if task not in TRAIN_DIRS:
+        raise SystemExit(f"--train-data: no commonsense training split for {task} "
+                         f"(have: {', '.join(TRAIN_DIRS)})")  # fmt: skip
+    examples = load_fit_data(root / TRAIN_DIRS[task] / "train.json").examples
+    out = work / f"{task}-train.jsonl"
+    rows = [{"context": e.context, "choices": list(e.choices), "label": e.label} for e in examples]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out)
+    return out
 
 
 def _finished(out: Path, settings: dict[str, Any]) -> bool:
@@ -570,6 +613,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("work/federation"))
     parser.add_argument("--tasks", default=",".join(DEFAULTS["tasks"]))
     parser.add_argument("--methods", default=",".join(DEFAULTS["methods"]))
+    parser.add_argument("--train-data", type=Path, default=None,
+                        help="LLM-Adapters' commonsense data folder: federate the tasks' "
+                        "training splits (for --clients 200)")  # fmt: skip
     for name, value in DEFAULTS.items():
         if name not in ("tasks", "methods"):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
@@ -598,6 +644,8 @@ def main() -> None:
                 out=str(args.work / "m"), clients=args.clients, per_round=args.per_round,
                 local_steps=args.local_steps, batch_size=args.batch_size,
                 max_length=args.max_length, seed=args.seed, limit=args.limit,
+                data=str(_train_file(args.train_data, tasks[0], args.work))
+                if args.train_data else "",
             )  # fmt: skip
             results["memory"] = _memory(cfg, args.work / "memory.json")
         compat = None
@@ -610,11 +658,12 @@ def main() -> None:
         results["compat"] = str(compat) if compat else None
         results["runs"] = {}
         for task in tasks:
+            data = _train_file(args.train_data, task, args.work) if args.train_data else None
             for method in methods:
                 out = args.work / f"{task}-{method}"
                 # assy's client memory per tier and phase: measured on the first task only
                 measure = method == "assy" and task == tasks[0]
-                _federate(pools[method], out, task, method, args, compat, measure)
+                _federate(pools[method], out, task, method, args, compat, measure, data)
                 rounds = (out / "rounds.jsonl").read_text().splitlines()
                 history = [json.loads(line) for line in rounds]
                 history = [r for r in history if r["round"] <= args.rounds]
