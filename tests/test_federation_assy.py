@@ -372,7 +372,7 @@ def test_measure_memory_builds_no_content_once_every_tier_of_a_phase_is_measured
 def test_held_memory_is_what_the_round_holds_beyond_where_it_began():
     """What a round holds besides the swapper comes off the swapper's share of the budget:
     it grows with what the round keeps and falls back when that is freed."""
-    from assy.federation.memory import HeldMemory
+    from assy.federation.held import HeldMemory
 
     held = HeldMemory()
     kept = torch.ones(64 * 2**20 // 4)  # 64 MiB, written: resident

@@ -37,9 +37,9 @@ def hello(msg: Message, context: Context) -> Message:
     """
     config = msg.content.get(CONFIG)
     if config is not None and config.get(WARM_UP):
-        from assy.federation.memory import import_round_code
+        import datasets  # noqa: F401 - reads the bundled data
 
-        import_round_code()
+        from assy.federation import lego, selection, task  # noqa: F401
 
     pid = int(context.node_config["partition-id"])
     count = int(context.node_config.get("num-partitions", 0))

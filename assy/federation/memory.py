@@ -13,15 +13,12 @@ scoring pass of the anchor, before a run, to decide who can take part) and
 Run as ``python -m assy.federation.memory CONFIG_JSON train|score [BUDGET_BYTES]`` or
 ``python -m assy.federation.memory round DIR PARTITION NUM_PARTITIONS``.
 
-And one for the round itself: :class:`HeldMemory`, what a round holds outside the swapper,
-so that the swapper gets the tier's budget less that.
+What a round itself holds while it runs is :mod:`~.held`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -32,11 +29,10 @@ from typing import Any
 
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
+from assy.federation.held import release_freed_memory, status_bytes
 
 __all__ = [
     "CLIENT_MALLOC_ENV",
-    "HeldMemory",
-    "import_round_code",
     "measure_client_memory",
     "measure_round",
 ]
@@ -50,25 +46,6 @@ between identical runs; with these it is the round's real peak. (blockpool's bud
 runner does the same in-process; its helper is not public.)"""
 
 
-def _status_bytes(key: str) -> int | None:
-    """A ``VmRSS``/``VmHWM`` line of ``/proc/self/status`` in bytes (Linux; else None)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _release_freed_memory() -> None:
-    """Collect cycles (peft models hold some) and hand freed heap back to the kernel, so
-    that what was built before the round neither counts as the round's nor hides in RSS."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc
-
-
 def _reset_peak() -> None:
     """Restart the kernel's resident high-water mark (``VmHWM``) from the current RSS, so
     that the peak measured is the round's, not the imports' (Linux ``clear_refs`` 5)."""
@@ -76,38 +53,14 @@ def _reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def import_round_code() -> None:
+def _import_round_code() -> None:
     """Import what a client round imports (the training code, ``datasets`` to read the
-    bundled data): code is part of a process's warm floor, not of a round's need (DESIGN.md
-    "Budget"). ``datasets`` alone adds about 87 MB of resident set on import."""
+    bundled data), as a simulation worker's warm-up does (``client_app.hello``): code is
+    part of a process's warm floor, not of a round's need (DESIGN.md "Budget").
+    ``datasets`` alone adds about 87 MB of resident set on import."""
     import datasets  # noqa: F401
 
     from assy.federation import lego, selection, task  # noqa: F401
-
-
-class HeldMemory:
-    """What a client round holds beyond the resident set it began with.
-
-    The swapper keeps a round's weights and working memory within the budget it is given;
-    what the round holds besides -- its local data, a tokenizer (Gemma-3's takes 234 MB of
-    resident set, SmolLM2's 33 MB), what a previous candidate's run left -- comes on top.
-    For the whole round to keep its tier's budget (DESIGN.md's budget contract) the swapper
-    is given the budget less that (:meth:`held`). Measured as the growth of the resident
-    set since the round began, after collecting garbage and returning freed heap (Linux;
-    elsewhere nothing is held back).
-    """
-
-    def __init__(self) -> None:
-        _release_freed_memory()
-        self.start = _status_bytes("VmRSS")
-
-    def held(self) -> int:
-        """Bytes the round holds now beyond where it began."""
-        if self.start is None:
-            return 0
-        _release_freed_memory()
-        now = _status_bytes("VmRSS")
-        return max(0, now - self.start) if now is not None else 0
 
 
 def measure_client_memory(
@@ -217,7 +170,7 @@ def _round_main(directory: str, partition: int, num_partitions: int) -> None:
     from assy.federation.records import ARRAYS, CONFIG, METRICS
     from blockpool import Pool, peak_rss_bytes
 
-    import_round_code()  # code is not the need
+    _import_round_code()  # code is not the need
     torch.set_num_threads(1)
     config = json.loads(Path(directory, "config.json").read_text())
     cfg = FederationConfig.from_record(config)
@@ -226,9 +179,9 @@ def _round_main(directory: str, partition: int, num_partitions: int) -> None:
     content = RecordDict({CONFIG: ConfigRecord(config)})
     if Path(directory, "arrays.safetensors").is_file():
         content[ARRAYS] = ArrayRecord(load_file(str(Path(directory, "arrays.safetensors"))))
-    _release_freed_memory()
+    release_freed_memory()
     _reset_peak()
-    baseline = _status_bytes("VmRSS") or peak_rss_bytes()
+    baseline = status_bytes("VmRSS") or peak_rss_bytes()
     start = time.perf_counter()
     node_config = {
         "partition-id": partition,
@@ -236,7 +189,7 @@ def _round_main(directory: str, partition: int, num_partitions: int) -> None:
         "client-dir": str(Path(directory, "client")),  # local: never the run's own state
     }
     reply = train_content(content, Context(0, 0, node_config, RecordDict(), {}))
-    peak = _status_bytes("VmHWM") or peak_rss_bytes()
+    peak = status_bytes("VmHWM") or peak_rss_bytes()
     result = {
         "kind": "round",
         "partition": partition,
@@ -272,9 +225,9 @@ def _main(argv: list[str]) -> None:
     examples = task.federated_data(cfg).clients[0]
     # What the server sends is not the client's to build: make it before the baseline.
     initial = task.initial_adapter(pool, anchor, cfg) if kind == "train" else None
-    _release_freed_memory()
+    release_freed_memory()
     _reset_peak()
-    baseline = _status_bytes("VmRSS") or peak_rss_bytes()
+    baseline = status_bytes("VmRSS") or peak_rss_bytes()
     start = time.perf_counter()
     if kind == "train":
         task.fedit_round(cfg, 0, initial, 1)
@@ -282,7 +235,7 @@ def _main(argv: list[str]) -> None:
         task.score_under_budget(pool, anchor, examples, budget)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
-    peak = _status_bytes("VmHWM") or peak_rss_bytes()
+    peak = status_bytes("VmHWM") or peak_rss_bytes()
     result = {
         "kind": kind,
         "budget": budget,

@@ -32,7 +32,7 @@ from assy.assembly.recipe import Recipe, recipe_from_dict, recipe_to_dict, valid
 from assy.data import MCExample
 from assy.errors import UsageError
 from assy.federation.config import FederationConfig
-from assy.federation.memory import HeldMemory
+from assy.federation.held import HeldMemory
 
 __all__ = [
     "Candidate",
@@ -426,11 +426,11 @@ def assy_round(
     Returns:
         ``(flat adapter state to upload (empty when selecting), metrics)``.
     """
-    from assy.federation.memory import import_round_code
+    import datasets  # noqa: F401 - code: the process's floor, not the round's need
+
     from assy.federation.task import client_seed, federated_data
     from blockpool import Pool
 
-    import_round_code()  # code is the process's floor, not the round's (DESIGN.md "Budget")
     held = HeldMemory()
     pool = Pool(pool_dir or cfg.pool)
     examples = federated_data(cfg, data_file).clients[partition]
