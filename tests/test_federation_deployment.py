@@ -1,7 +1,11 @@
 """Federation on a Flower deployment: one SuperLink and three SuperNodes on 127.0.0.1, with
 TLS (a CA and a server certificate made here) and SuperNode authentication (each node's
-P-384 key registered with ``flwr supernode register`` before it starts), two rounds of
-``assy federate --engine deployment``; every process started is stopped by its PID.
+P-384 key registered with ``flwr supernode register`` before it starts), started once for
+the module; on it two rounds of ``assy federate --engine deployment``, then two rounds with
+``--secagg`` (Flower's SecAgg+: four messages per client and round, each a fresh ClientApp
+process, the client's protocol state kept between them in the SuperNode's ``Context.state``).
+Every ClientApp keeps what it sends (:data:`CAPTURING_CLIENTAPP`); every process started is
+stopped by its PID.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import datetime
 import ipaddress
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -121,7 +127,108 @@ def _wait_for_line(log: Path, text: str, proc: subprocess.Popen, seconds: float 
         time.sleep(0.2)
 
 
-def test_two_rounds_on_a_superlink_with_tls_and_three_authenticated_supernodes(tmp_path):
+CAPTURING_CLIENTAPP = '''#!{python}
+"""Flower's flwr-clientapp, with assy's ClientApp patched when Flower imports it (after the
+task started: the process starts as fast as Flower's own). It keeps, as pickles under
+{directory}/<the run's --out name>/, every training reply the client sends and every
+adapter it trains (before SecAgg+ masks it)."""
+import importlib.abc, importlib.util, pickle, sys, uuid
+from pathlib import Path
+
+
+def keep(context, kind, round_, records):
+    folder = Path({directory!r}) / Path(str(context.run_config["out"])).name
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{{kind}}-r{{round_}}-p{{context.node_config['partition-id']}}-{{uuid.uuid4().hex}}"
+    (folder / f"{{name}}.pickle").write_bytes(pickle.dumps(records))
+
+
+def plain(record):
+    if hasattr(record, "to_numpy_ndarrays"):
+        return ("arrays", {{k: a.numpy() for k, a in record.items()}})
+    return ("values", dict(record.items()))
+
+
+def capture(msg, context, call_next):  # the outermost mod: what leaves the client
+    reply = call_next(msg, context)
+    if msg.metadata.message_type == "train" and reply.has_content():
+        records = {{k: plain(r) for k, r in reply.content.items()}}
+        keep(context, "reply", msg.metadata.group_id, records)
+    return reply
+
+
+class Patch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "assy.federation.client_app":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            work = module.train_content
+
+            def train_content(content, context):
+                reply = work(content, context)
+                if "arrays" in reply:
+                    round_ = module.run_settings(content)[1]
+                    keep(context, "trained", round_, plain(reply["arrays"])[1])
+                return reply
+
+            module.train_content = train_content
+            module.app = module.make_client_app([capture])
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Patch())
+from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+sys.exit(flwr_clientapp())
+'''
+
+
+@dataclass
+class Deployment:
+    """The running deployment: its directory, the tiny pool and data, the SuperLink."""
+
+    root: Path
+    pool: Path
+    data: Path
+    address: str
+    ca: Path
+    env: dict[str, str]
+
+    def federate(self, name: str, *extra: str) -> tuple[subprocess.CompletedProcess, list[dict]]:
+        """``assy federate`` fedit, 2 rounds, into ``root/name``: the process and rounds.jsonl."""
+        out = self.root / name
+        args = [sys.executable, "-m", "assy.cli", "federate", str(self.pool), "--task", "arc_easy"]
+        args += ["--method", "fedit", "--rounds", "2", "--out", str(out), "--data", str(self.data)]
+        args += ["--clients", str(NODES), "--tiers", "none", "--local-steps", "3"]
+        args += ["--test-limit", "16", "--engine", "deployment", "--superlink", self.address]
+        args += ["--root-certificates", str(self.ca), *extra]
+        run = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "round 2/2: accuracy" in run.stdout, run.stdout
+        assert "Traceback" not in run.stdout + run.stderr
+        rounds = (out / "rounds.jsonl").read_text().splitlines()
+        return run, [json.loads(x) for x in rounds]
+
+    def captured(self, name: str, kind: str, round_: int, client: int) -> list:
+        """What :data:`CAPTURING_CLIENTAPP` kept of run ``name``: ``kind`` ``reply`` (each a
+        ``{record: ("arrays" | "values", {key: value})}``) or ``trained`` (``{key: array}``)."""
+        paths = sorted((self.root / "captured" / name).glob(f"{kind}-r{round_}-p{client}-*"))
+        return [pickle.loads(p.read_bytes()) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    """A SuperLink (TLS, SuperNode authentication) and three registered SuperNodes on
+    127.0.0.1, on free ports, for the module; their ClientApps run
+    :data:`CAPTURING_CLIENTAPP`. Every process is stopped by its PID, pass or fail."""
+    tmp_path = tmp_path_factory.mktemp("deployment")
     pool, data = make_tiny_federation(tmp_path)
     creds = tmp_path / "creds"
     make_credentials(creds, NODES)
@@ -132,12 +239,18 @@ def test_two_rounds_on_a_superlink_with_tls_and_three_authenticated_supernodes(t
         FLWR_TELEMETRY_ENABLED="0",
         FLWR_DISABLE_UPDATE_CHECK="1",  # no process of the test reaches the network
     )
+    capturing = tmp_path / "capturing-bin"  # first on the SuperNodes' PATH
+    capturing.mkdir()
+    script = capturing / "flwr-clientapp"
+    captured = tmp_path / "captured"
+    script.write_text(CAPTURING_CLIENTAPP.format(python=sys.executable, directory=str(captured)))
+    script.chmod(0o755)
     link_port, node_ports = _free_port(), [_free_port() for _ in range(NODES)]
     procs: list[subprocess.Popen] = []
 
-    def start(name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    def start(name: str, args: list[str], path: str = env["PATH"]) -> tuple[subprocess.Popen, Path]:
         log = tmp_path / f"{name}.log"
-        home = dict(env, FLWR_HOME=str(tmp_path / f"home-{name}"))
+        home = dict(env, FLWR_HOME=str(tmp_path / f"home-{name}"), PATH=path)
         with log.open("w") as f:
             procs.append(subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=home))
         return procs[-1], log
@@ -170,30 +283,62 @@ def test_two_rounds_on_a_superlink_with_tls_and_three_authenticated_supernodes(t
                 "--auth-supernode-private-key", str(creds / f"node{i}.key"),
                 "--node-config", f"partition-id={i} num-partitions={NODES}",
                 "--port", str(node_ports[i]),
-            ])  # fmt: skip
-
-        out = tmp_path / "out"
-        args = [sys.executable, "-m", "assy.cli", "federate", str(pool), "--task", "arc_easy"]
-        args += ["--method", "fedit", "--rounds", "2", "--out", str(out), "--data", str(data)]
-        args += ["--clients", str(NODES), "--per-round", str(NODES), "--tiers", "none"]
-        args += ["--local-steps", "3", "--test-limit", "16", "--engine", "deployment"]
-        args += ["--superlink", f"127.0.0.1:{link_port}"]
-        args += ["--root-certificates", str(creds / "ca.pem")]
-        run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert "round 2/2: accuracy" in run.stdout, run.stdout
-        assert "Traceback" not in run.stdout + run.stderr
-
-        history = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in history] == [0, 1, 2]
-        for r in history[1:]:
-            assert r["accepted"] == [0, 1, 2] and r["participants"] == {"all": 3}
-            assert r["bytes_up"] > 0 and r["failed"] == [] and r["missing"] == []
-        assert (out / "final" / "adapter").is_dir()
-        for i in range(NODES):
-            text = (tmp_path / f"supernode{i}.log").read_text()
-            assert "SuperNode ID" in text  # authenticated and activated
+            ], path=f"{capturing}{os.pathsep}{env['PATH']}")  # fmt: skip
+        yield Deployment(tmp_path, pool, data, f"127.0.0.1:{link_port}", creds / "ca.pem", env)
     finally:
         _stop([p.pid for p in procs])
         for p in procs:
             p.wait(timeout=30)
+
+
+def test_two_rounds_on_a_superlink_with_tls_and_three_authenticated_supernodes(deployment):
+    _, history = deployment.federate("out", "--per-round", str(NODES))
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for r in history[1:]:
+        assert r["accepted"] == [0, 1, 2] and r["participants"] == {"all": 3}
+        assert r["bytes_up"] > 0 and r["failed"] == [] and r["missing"] == []
+    assert (deployment.root / "out" / "final" / "adapter").is_dir()
+    for i in range(NODES):
+        text = (deployment.root / f"supernode{i}.log").read_text()
+        assert "SuperNode ID" in text  # authenticated and activated
+    for client in range(NODES):  # the capture works: a plain reply carries the adapter
+        [reply] = deployment.captured("out", "reply", 1, client)
+        [trained] = deployment.captured("out", "trained", 1, client)
+        kind, sent = reply["arrays"]
+        assert kind == "arrays" and sent.keys() == trained.keys()
+        assert all((sent[k] == trained[k]).all() for k in trained)
+
+
+def test_two_secagg_rounds_on_the_same_deployment_send_no_adapter_in_the_clear(deployment):
+    """SecAgg+ needs each client's state (keys, shares, stage) from one message to the
+    next; on a deployment every message starts a fresh ClientApp process, and Flower keeps
+    ``Context.state`` in the SuperNode between them: every stage completes, every round."""
+    run, history = deployment.federate("secagg", "--per-round", "2", "--secagg")
+    assert [r["round"] for r in history] == [0, 1, 2]
+    assert "Secure aggregation" not in run.stdout  # Flower's INFO lines per round: filtered
+    stages = ["setup", "share keys", "collect masked vectors", "unmask"]
+    for r in history[1:]:
+        assert r["aggregation"] == "secagg-fedavg" and len(r["accepted"]) == 2
+        assert r["failed"] == r["missing"] == r["rejected"] == []
+        assert [s["stage"] for s in r["secagg"]["stages"]] == stages
+        groups = r["secagg"]["groups"]
+        assert groups and all(g["aggregate"] == "ok" for g in groups.values()), groups
+        assert [g["summed"] for g in groups.values()] == [r["accepted"]]
+        for client in r["accepted"]:
+            [trained] = deployment.captured("secagg", "trained", r["round"], client)
+            replies = deployment.captured("secagg", "reply", r["round"], client)
+            assert len(replies) == len(stages)  # one reply per stage
+            blobs, masked = [], []
+            for reply in replies:
+                for name, (kind, values) in reply.items():
+                    if kind == "arrays":  # Flower's mod empties the FitRes parameters
+                        assert not any(a.size for a in values.values()), (client, name)
+                    for key, value in values.items() if kind == "values" else ():
+                        items = value if isinstance(value, list) else [value]
+                        blobs += [b for b in items if isinstance(b, bytes)]
+                        masked += [items] if key == "masked_params" else []
+            assert len(masked) == 1 and len(masked[0]) == 1 + len(trained)  # weight, tensors
+            for tensor in trained.values():  # no row of its float32 adapter, in any reply
+                row = tensor.reshape(tensor.shape[0], -1)[0].tobytes()
+                assert not any(row in blob for blob in blobs), f"client {client}'s adapter sent"
+    assert (deployment.root / "secagg" / "final" / "adapter").is_dir()

@@ -5,7 +5,9 @@
   every failed client's traceback; the server reports failed clients itself, one line each.
 * Ray warns (FutureWarning) about accelerator variables unless told which behaviour to keep.
 * Flower's SecAgg+ workflow (``--secagg``) logs its start, its sampling and its end at
-  INFO every round; the round's own line reports the outcome (a halt included).
+  INFO every round; the round's own line reports the outcome (a halt included). On a
+  deployment the workflow runs in the ServerApp's process, whose log ``flwr run`` streams:
+  the ServerApp filters it there too.
 * transformers 5 warns that the ``past_key_values`` keyword the block runner passes is
   deprecated (the runner's refactor removes it).
 """

@@ -14,7 +14,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from assy.federation.config import FederationConfig
-from assy.federation.quiet import quiet_libraries
+from assy.federation.quiet import quiet_flower
 from assy.federation.server import Log, run_server
 
 __all__ = ["app", "make_server_app"]
@@ -32,7 +32,7 @@ def make_server_app(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        quiet_libraries()
+        quiet_flower()  # a deployment's ServerApp process too: its log is the user's
         settings = cfg or FederationConfig.from_record(context.run_config)
         run_server(grid, settings, log=log, slots=slots, on_round=on_round)
 
