@@ -630,7 +630,7 @@ def main() -> None:
 
     start = time.perf_counter()
     results: dict[str, Any] = {
-        "settings": vars(args) | {"out": str(args.out), "work": str(args.work)}
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     }
     results["status"], results["error_msg"] = "running", ""
     try:

@@ -752,3 +752,24 @@ def test_finetune_registers_a_relative_and_resumes_after_an_interruption(
         "finetune", pool_dir, "--model", "wide", "--data", tmp_path / "dolly.json", "--as", "wide-a"
     )
     _one_line_error(result, r"model 'wide-a' exists in pool")
+
+
+def test_train_loop_accumulates_parts_to_the_whole_batchs_step():
+    """``loss_at`` may yield parts of a step's loss (micro-batches, each backward before the
+    next is computed): the step is the one the whole loss takes."""
+    from assy.assembly.train import train_loop
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 5), torch.randn(6, 3)
+    start = torch.randn(5, 3)
+    whole, parts = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+
+    def loss(w, rows):
+        return ((x[rows] @ w - y[rows]) ** 2).sum() / 6
+
+    train_loop([whole], lambda _s: loss(whole, slice(0, 6)), steps=3, lr=0.1, desc="whole")
+    report = train_loop(
+        [parts], lambda _s: (loss(parts, slice(i, i + 2)) for i in (0, 2, 4)), steps=3, lr=0.1
+    )
+    torch.testing.assert_close(parts.detach(), whole.detach())
+    assert report["first_loss"] == pytest.approx(float(loss(start, slice(0, 6))), rel=1e-6)

@@ -46,7 +46,7 @@ __all__ = [
 
 def train_loop(
     parameters: Iterable[torch.nn.Parameter],
-    loss_at: Callable[[int], torch.Tensor],
+    loss_at: Callable[[int], torch.Tensor | Iterable[torch.Tensor]],
     *,
     steps: int,
     lr: float,
@@ -62,7 +62,9 @@ def train_loop(
     Args:
         parameters: what trains (everything else should have ``requires_grad=False``).
         loss_at: the scalar loss of step ``step``'s batch (deterministic in ``step``, so a
-            resumed run sees the same batches).
+            resumed run sees the same batches), or an iterable of parts that sum to it:
+            each part's backward pass runs before the next part is computed (gradient
+            accumulation over micro-batches that do not fit in memory together).
         steps: the last step (exclusive).
         lr: AdamW learning rate (no weight decay).
         desc: the progress bar's label.
@@ -90,14 +92,16 @@ def train_loop(
             saved[0] += t.numel() * t.element_size()
             return t
 
+        opt.zero_grad(set_to_none=True)
+        value = 0.0
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            for part in [loss] if isinstance(loss, torch.Tensor) else loss:
+                part.backward()
+                value += float(part.detach())
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         saved_peak = max(saved_peak, saved[0])
-        value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"{desc}: loss became {value} at step {step}; lower --lr")
         if step % log_every == 0 or step == steps - 1:

@@ -369,9 +369,17 @@ def adapt_round(
                 run.swapper.hold(model, need[0])
             return runner.walk(get, ids, mask, logits_at=at).logits
 
-        def loss_at(step: int) -> torch.Tensor:
-            batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            return choice_loss(model, [examples[i] for i in batch], tokenizer, pad, runner.device)
+        def loss_at(step: int):
+            batch = [
+                examples[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            ]
+            if run.swapper is None:
+                return choice_loss(model, batch, tokenizer, pad, runner.device)
+            # within a budget one example at a time, each backward before the next forward:
+            # the batch's gradient at a fraction of its working memory
+            return (
+                choice_loss(model, [ex], tokenizer, pad, runner.device) / len(batch) for ex in batch
+            )
 
         with torch.enable_grad():
             report = train_loop(params, loss_at, steps=cfg.local_steps, lr=cfg.lr, desc="adapters")
