@@ -19,7 +19,7 @@ from typing import Any
 
 from assy.errors import UsageError
 
-__all__ = ["measure_assembly", "measure_runs", "tiny_config"]
+__all__ = ["measure_assembly", "measure_runs", "tiny_config", "tiny_forward"]
 
 _WORKER = r"""
 import json, sys
@@ -43,14 +43,10 @@ def status(key):
 args = json.loads(sys.argv[1])
 torch.set_num_threads(args["threads"])
 # the warm floor: imports and one tiny forward of the anchor's family (DESIGN.md "Budget")
-from assy.assembly.measure import tiny_config
+from assy.assembly.measure import tiny_forward
 from blockpool import Pool
 
-config = dict(Pool(args["pool"]).model(args["anchor"]).config)
-tiny = transformers.AutoModelForCausalLM.from_config(tiny_config(config))
-with torch.inference_mode():
-    tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
-del tiny, config
+tiny_forward(dict(Pool(args["pool"]).model(args["anchor"]).config))
 floor = status("VmRSS:")
 try:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM restarts from here
@@ -89,6 +85,17 @@ def tiny_config(config: dict[str, Any]):
     if cfg.get("layer_types"):
         cfg["layer_types"] = cfg["layer_types"][:1]
     return AutoConfig.for_model(**cfg)
+
+
+def tiny_forward(config: dict[str, Any]) -> None:
+    """One forward of a tiny random model of ``config``'s family: the warm floor's run
+    (DESIGN.md "Budget"; what a first forward initialises once per process)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tiny = AutoModelForCausalLM.from_config(tiny_config(config))
+    with torch.inference_mode():
+        tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
 
 
 def measure_assembly(

@@ -31,11 +31,7 @@ from assy.errors import UsageError
 from assy.federation.config import FederationConfig
 from assy.federation.held import release_freed_memory, status_bytes
 
-__all__ = [
-    "CLIENT_MALLOC_ENV",
-    "measure_client_memory",
-    "measure_round",
-]
+__all__ = ["CLIENT_MALLOC_ENV", "measure_client_memory", "measure_round"]
 
 CLIENT_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_TRIM_THRESHOLD_": "1048576"}
 """glibc settings of client processes (simulation workers and the measurement): buffers of
@@ -144,18 +140,12 @@ def _warm_floor(pool) -> None:
     """Bring this process to DESIGN.md's warm floor for ``pool``: every family's classes
     imported and one tiny forward of each decoder family run (what a first forward
     initialises once per process is not a round's need)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from assy.assembly.measure import tiny_config
+    from assy.assembly.measure import tiny_forward
 
     for name, model in pool.models.items():
         pool.empty_module(next(iter(model.blocks)))  # import the family's classes
         if pool.family(name).causal:
-            tiny = AutoModelForCausalLM.from_config(tiny_config(dict(pool.model(name).config)))
-            with torch.inference_mode():
-                tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
-            del tiny
+            tiny_forward(dict(pool.model(name).config))
 
 
 def _round_main(directory: str, partition: int, num_partitions: int) -> None:
