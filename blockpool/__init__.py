@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from blockpool.noise import quiet_bitsandbytes
+
+quiet_bitsandbytes()  # before bitsandbytes loads (see blockpool.noise)
+
 _EXPORTS = {
     "add_quantized_variant": "blockpool.quant.write",
     "arg": "blockpool.errors",

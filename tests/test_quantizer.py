@@ -371,3 +371,21 @@ def test_real_auto_quantize_cli_meets_target_bits(real_pool, heldout_file, tmp_p
     assert report["plan"]["bytes"] == model["bytes"] <= report["plan"]["budget"]
     assert verified.exit_code == 0 and (out / "plan.json").is_file()
     assert any(p.suffix == ".safetensors" for p in (out / "calibration").iterdir())
+
+
+def test_bitsandbytes_optional_kernel_warning_is_dropped_and_nothing_else(caplog):
+    """On CPUs with AVX512-BF16 bitsandbytes' CPU backend warns, at load, that it could
+    not fetch an optional kernel from a model hub; blockpool drops that one message."""
+    import logging
+
+    import blockpool  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make "
+            "sure you already `pip install kernels` and the kernels >= 0.11.1",
+            "No module named 'kernels'",
+        )
+        logger.warning("something new")
+    assert [r.getMessage() for r in caplog.records] == ["something new"]
