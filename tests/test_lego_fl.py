@@ -227,6 +227,7 @@ def test_federate_lego_runs_on_the_engine_and_keeps_the_masks(lego_fed, tmp_path
     assert r1["aggregation"] == "heteagg-masked" and sorted(r1["accepted"]) == [0, 1, 2, 3]
     assert math.isfinite(r1["heldout_loss"]) and r1["heldout_loss"] != r0["heldout_loss"]
     assert set(r1["client_loss"]) == variants
+    assert set(r1["variants"]) == {"0", "1", "2", "3"} and set(r1["variants"].values()) == variants
     assert r1["bytes_up"] > 0 and {c["sparsity"] > 0.7 for c in r1["clients"].values()} == {
         True, False
     }  # fmt: skip

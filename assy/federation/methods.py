@@ -528,13 +528,14 @@ class LegoRounds:
         )  # fmt: skip
         self.global_state = add_update(self.global_state, delta)
         self._values = (-1, {})
+        scores = self.evaluate(self.global_state)  # its "extra" joins the variants, not replaces
+        scores["extra"] = {"variants": {str(u.client): u.model for u in kept}, **scores["extra"]}
         return {
             "accepted": [u.client for u in kept],
             "rejected": [vars(r) for r in sorted(rejected + screened, key=lambda r: r.client)],
             "aggregation": f"heteagg-{self.cfg.heteagg}" if kept else "none",
             "global_sha256": state_digest(self.global_state) if self.global_state else None,
-            "extra": {"variants": {str(u.client): u.model for u in kept}},
-            **self.evaluate(self.global_state),
+            **scores,
         }
 
     def evaluate(self, update: Mapping[str, torch.Tensor]) -> dict[str, Any]:
