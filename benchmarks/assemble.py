@@ -189,6 +189,29 @@ def describe(plan) -> str:
     return f"{plan.recipe.anchor}: " + ", ".join(parts)
 
 
+def single_plans(cands, budget, compat, swap) -> list:
+    """Every whole causal model or variant of the pool whose plan fits ``budget``."""
+    singles = []
+    for c in cands:
+        if not (c.causal and c.n):
+            continue
+        chain = [(c.name, i) for i in range(c.n)]
+        p = plan_chain(cands, c.name, chain, budget, compat=compat, swap_ends=swap)
+        if (p.bytes["working_set"] if swap else p.bytes["total"]) <= budget:
+            singles.append(p)
+    return singles
+
+
+def proxy_choice(pool, cands, plans, budget, compat, swap, data, fit, args, cache):
+    """``assy assemble``'s choice: the planner's plans and every single model that fits,
+    scored by the measured proxy (closed-form fit, held-back windows); the lowest bits per
+    byte wins. Returns ``(best, scored, singles)``."""
+    singles = single_plans(cands, budget, compat, swap)
+    todo = plans + [s for s in singles if all(s.recipe != p.recipe for p in plans)]
+    scored = score_plans(pool, todo, data, fit, score_windows=args.score_windows, cache=cache)
+    return min(scored, key=lambda s: s.bits_per_byte), scored, singles
+
+
 def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict[str, Any]]:
     smol16 = next(
         c for c in pool_candidates(pool, dtype="fp16", tokens=args.seq_len) if c.name == ANCHOR
@@ -209,23 +232,9 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
                 cands, budget, args.candidates, compat=compat, seed=args.seed, swap_ends=swap
             )
         print(f"[{label} = {format_size(budget)}] {note or 'resident plans'}", flush=True)
-        singles = []
-        for c in cands:
-            if not (c.causal and c.n):
-                continue
-            p = plan_chain(
-                cands,
-                c.name,
-                [(c.name, i) for i in range(c.n)],
-                budget,
-                compat=compat,
-                swap_ends=swap,
-            )
-            if (p.bytes["working_set"] if swap else p.bytes["total"]) <= budget:
-                singles.append(p)
-        todo = plans + [s for s in singles if all(s.recipe != p.recipe for p in plans)]
-        scored = score_plans(pool, todo, data, fit, score_windows=args.score_windows, cache=cache)
-        planned = min(scored, key=lambda s: s.bits_per_byte)
+        planned, scored, singles = proxy_choice(
+            pool, cands, plans, budget, compat, swap, data, fit, args, cache
+        )
         directory = work / f"b{label}"
         cases: list[tuple[str, Any, Any]] = [("planned", planned.plan, planned.plan.recipe)]
         rng = random.Random(args.seed)
@@ -321,12 +330,14 @@ def _ranks(values, better_low=True):
 
 
 def spearman(x, y) -> float:
-    rx, ry = _ranks(x), _ranks(y)
-    n = len(x)
-    mx, my = (n + 1) / 2, (n + 1) / 2
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = sum((a - mx) ** 2 for a in rx)
-    return cov / var if var else float("nan")
+    """Spearman's rho (scipy's: ties get their mean rank); nan when either is constant."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: nan, said by the value itself
+        return float(spearmanr(x, y).statistic)
 
 
 def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> dict[str, Any]:
@@ -340,13 +351,17 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
-    planned = plan_candidates(cands, budget, 1, compat=compat, seed=args.seed)[0]
+    # the planned recipe is assy assemble's choice: the planner's --candidates plans and
+    # the single models that fit, measured by the proxy (its forwards are counted too)
+    before = FORWARDS.value
+    top = plan_candidates(cands, budget, args.candidates, compat=compat, seed=args.seed)
+    choice, _, _ = proxy_choice(pool, cands, top, budget, compat, None, data, fit, args, cache)
+    planned = choice.plan
     randoms = sample_plans(
         cands, budget, compat, None, random.Random(args.seed + 1), args.random, exclude=[planned]
     )
     plans = [planned] + randoms
     print(f"[quality at {format_size(budget)}] planned + {len(randoms)} random recipes", flush=True)
-    before = FORWARDS.value
     scored = score_plans(pool, plans, data, fit, score_windows=args.score_windows, cache=cache)
     forwards = FORWARDS.value - before
     results = []

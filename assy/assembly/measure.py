@@ -1,7 +1,9 @@
 """Measure an assembly under a budget: a real evaluation in a fresh process.
 
-A fresh interpreter imports torch, transformers and assy and reads its resident set: the
-*warm floor* (DESIGN.md "Budget"; the budget is what a run may hold beyond it). It then
+A fresh interpreter imports torch, transformers, assy and ``datasets`` (the code that reads
+the task data, as a federated client's floor does), runs one tiny forward of the anchor's
+family and reads its resident set: the *warm floor* (DESIGN.md "Budget"; the budget is
+what a run may hold beyond it). It then
 evaluates the assembly through the swapper with ``--budget`` and reports the swapper's
 peak resident weights and budget use, the bytes it read, and the process's peak RSS
 (``VmHWM``, reset after the floor was read) over the floor -- numbers to print beside the
@@ -25,6 +27,7 @@ _WORKER = r"""
 import json, sys
 from pathlib import Path
 
+import datasets  # noqa: F401 - code that reads the task data: part of the warm floor
 import torch
 import transformers  # noqa: F401 - part of the warm floor
 
