@@ -157,9 +157,10 @@ def linear_recipe(pool, cands, anchor, budget, compat, swap, target_weights):
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_dir(pool_root, directory, budget, heldout, args) -> dict[str, Any]:
+def evaluate_dir(pool_root, directory, budget, heldout, args, tasks=None) -> dict[str, Any]:
+    tasks = args.tasks if tasks is None else tasks
     runs = [{"task": "perplexity", "data": str(heldout), "max_tokens": args.heldout_tokens}]
-    runs += [{"task": t, "limit": args.limit} for t in args.tasks]
+    runs += [{"task": t, "limit": args.limit} for t in tasks]
     doc = measure_runs(pool_root, directory, budget, runs, threads=args.threads)
     results = doc["results"]
     row = {
@@ -172,7 +173,7 @@ def evaluate_dir(pool_root, directory, budget, heldout, args) -> dict[str, Any]:
         "bits_per_byte_stderr": results[0]["bits_per_byte_stderr"],
         "seconds": sum(r["seconds"] for r in results),
     }
-    for t, r in zip(args.tasks, results[1:], strict=True):
+    for t, r in zip(tasks, results[1:], strict=True):
         row[t] = r["acc"]
         row[t + "_stderr"] = r["acc_stderr"]
     return row
@@ -261,13 +262,15 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
         )
         if recipe is not None:
             cases.append(("linear", lplan, recipe))
+        # every single model or variant that fits is measured on the held-out text (within
+        # the budget, fresh process); the best of them then on the tasks too
         measured_singles = []
         for s in singles:
             d = fit_and_write(
                 pool, s.recipe, data, fit, directory / f"single-{s.recipe.anchor}", cache
             )
-            r = evaluate_dir(pool.root, d, budget, heldout, args)
-            measured_singles.append((r["bits_per_byte"], s, r))
+            r = evaluate_dir(pool.root, d, budget, heldout, args, tasks=[])
+            measured_singles.append((r["bits_per_byte"], s, r, d))
             print(f"  single {describe(s)}: {r['bits_per_byte']:.4f} bits/byte", flush=True)
         for name, plan, rec in cases:
             d = fit_and_write(pool, rec, data, fit, directory / name, cache)
@@ -277,7 +280,8 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
                 rows[-1]["proxy_candidates"] = [s.to_json() for s in scored]
             print(f"  {name} {describe(plan)}: {r['bits_per_byte']:.4f} bits/byte", flush=True)
         if measured_singles:
-            _, s, r = min(measured_singles, key=lambda x: x[0])
+            _, s, _, d = min(measured_singles, key=lambda x: x[0])
+            r = evaluate_dir(pool.root, d, budget, heldout, args)
             rows.append(
                 _row(label, budget, swap, "single", s, r)
                 | {"singles_measured": len(measured_singles)}
@@ -602,15 +606,21 @@ def main(argv=None) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     }
     tic = time.perf_counter()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part: a long run interrupted keeps what it measured
+        doc["seconds"] = time.perf_counter() - tic
+        args.out.write_text(json.dumps(doc, indent=1, default=str))
+
     if "cost" in parts:
         doc["cost"] = part_cost(cands, compat, args)
-    if "rows" in parts:
-        doc["rows"] = part_rows(pool, cands, compat, data, heldout, args, work)
+        save()
     if "quality" in parts:
         doc["quality"] = part_quality(pool, cands, compat, data, held, args, work)
-    doc["seconds"] = time.perf_counter() - tic
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1, default=str))
+        save()
+    if "rows" in parts:
+        doc["rows"] = part_rows(pool, cands, compat, data, heldout, args, work)
+        save()
     args.out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))
     if "quality" in doc:
