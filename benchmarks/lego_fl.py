@@ -1,18 +1,25 @@
 """LEGO's federated fine-tuning in miniature: the paper's Tables 1-2 and Figures 3 and 5.
 
-Reproduce the small run recorded in ``benchmarks/README.md`` (19 minutes on a shared
-2-core CPU, after the variants exist; making them takes another ~10 minutes once)::
+Reproduce the run recorded in ``benchmarks/README.md`` (three seeds and zero-shot
+accuracy; 70 minutes on a shared 2-core CPU after the variants exist; making them takes
+another ~3-10 minutes once)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lego_fl.py \\
+        --pool /tmp/legofl/pool --limit 16 --test-limit 24 --steps 6 --batch-size 2 \\
+        --max-length 96 --seeds 0,1,2 --zero-shot arc_easy,arc_challenge,sciq,hellaswag \\
+        --zero-shot-limit 100 --skip-categories --out results/lego_fl_seeds.json
+
+Table 1's task-dependent rows and Figure 3 (eight clients, two rounds; 14 minutes)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lego_fl.py \\
         --pool /tmp/legofl/pool --limit 8 --test-limit 8 --steps 3 --batch-size 2 \\
-        --max-length 64 --rounds 1 --skip-categories --out results/lego_fl.json
+        --max-length 64 --rounds 2 --only-categories --out results/lego_fl_categories.json
 
-and a longer one (Table 1's task-dependent rows, two rounds for Figure 3, the whole
-held-out set; several hours on that machine)::
+and a longer one (the whole held-out set; several hours on that machine)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python benchmarks/lego_fl.py \\
         --pool /tmp/legofl/pool --limit 64 --test-limit 80 --steps 16 --batch-size 4 \\
-        --max-length 256 --rounds 2 --out results/lego_fl_long.json
+        --max-length 256 --rounds 2 --seeds 0,1,2 --out results/lego_fl_long.json
 
 The global model is SmolLM2-135M from the real pool (``--pool``: built here from the
 installed checkpoint when it does not exist). Its pruned variants (SparseGPT by default,
@@ -27,8 +34,11 @@ The Flower engine itself adds nothing to these numbers and is left out (its over
 
 Primary metric: held-out instruction loss (nats per response token; lower is better) and
 bits per response byte. The paper reports average zero-shot accuracy of LLaMA-7B models;
-a 135M model sits near chance on its benchmarks, so accuracy is not measured here. The
-paper's numbers are printed beside ours for the direction of each claim only.
+a 135M model sits near chance on most of its benchmarks, so ``--zero-shot`` accuracy
+(``assy eval``'s scoring, with standard errors; first seed only) is reported but not used
+to rank. The paper's numbers are printed beside ours for the direction of each claim only.
+With several ``--seeds`` every cell is mean ± sd and each claim is also given as a paired
+difference per seed; the held-out rows are the first seed's in every run.
 
 Experiments (same seed, same data for every method):
 
@@ -48,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -86,7 +97,19 @@ def _args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds", default="0",
+        help="comma-separated seeds: each reruns Tables 1 (IID) and 2 (client data and "
+        "LoRA initialisation); with several, cells are mean ± sd and paired differences "
+        "are reported; the held-out rows are the first seed's in every run",
+    )  # fmt: skip
+    p.add_argument(
+        "--zero-shot", default="",
+        help="assy eval tasks scored zero-shot (first seed only), e.g. "
+        "arc_easy,arc_challenge,sciq,hellaswag: the global model initial and recombined "
+        "(LEGO, FedIT), every variant pruned and globally updated",
+    )  # fmt: skip
+    p.add_argument("--zero-shot-limit", type=int, default=100, help="examples per task")
     p.add_argument("--skip-categories", action="store_true", help="leave out Table 1's 8 clients")
     p.add_argument(
         "--only-categories", action="store_true", help="only Table 1's 8 clients (and Figure 3)"
@@ -115,11 +138,18 @@ class Bench:
         self.variant = {s: made[s]["model"] for s in SPARSITIES}
         self.made = {str(s): v for s, v in made.items()}
         self._masks: dict[str, dict] = {}
-        _, self.test = instruction_splits(args.data, "iid", 4, args.seed, 0, args.test_limit)
+        self.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        self.seed = self.seeds[0]
+        _, self.test = instruction_splits(args.data, "iid", 4, self.seed, 0, args.test_limit)
+        self.tasks = (
+            lego.zero_shot_tasks(args.zero_shot, args.zero_shot_limit) if args.zero_shot else {}
+        )
+        self.zero_shot: dict[str, dict] = {}
+        self._stored: dict[str, dict] = {}  # held-out loss of a model as stored
         self.cfg = lambda clients: FederationConfig(
             pool=str(args.pool), task="dolly", method="lego", rounds=1, out="/tmp/unused",
             data=args.data, clients=clients, per_round=clients, split="iid", tiers="lego",
-            seed=args.seed, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
+            seed=self.seed, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
             local_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             max_length=args.max_length, prune=args.prune,
         )  # fmt: skip
@@ -138,11 +168,30 @@ class Bench:
     def loss(self, model: str, update=None, whole: bool = False) -> dict[str, float]:
         from assy.federation.lego import heldout_loss
 
+        if not update and model in self._stored:  # a stored model's loss is the same every seed
+            return self._stored[model]
         start = time.perf_counter()
         result = heldout_loss(self.pool, model, update, self.test, self.args.max_length, whole)
         self.evals += 1
         self.eval_seconds += time.perf_counter() - start
-        return {"loss": round(result["loss"], 5), "bpb": round(result["bpb"], 5)}
+        out = {"loss": round(result["loss"], 5), "bpb": round(result["bpb"], 5)}
+        if not update:
+            self._stored[model] = out
+        return out
+
+    def score(self, label: str, model: str, update=None, whole: bool = False) -> None:
+        """Zero-shot accuracy (``assy eval``'s scoring) of a model, first seed only."""
+        from assy.federation.lego import updated_model, zero_shot
+
+        if not self.tasks or self.seed != self.seeds[0] or label in self.zero_shot:
+            return
+        start = time.perf_counter()
+        module = updated_model(self.pool, model, update, whole)
+        result = zero_shot(module, self.pool.tokenizer(model), self.tasks)
+        seconds = time.perf_counter() - start
+        self.zero_shot[label] = result | {"seconds": round(seconds, 1)}
+        cells = ", ".join(f"{t} {r['acc_norm']:.3f}" for t, r in result.items())
+        print(f"  zero-shot {label}: {cells} ({seconds:.0f} s)", flush=True)
 
     def train(self, cfg, variants: list[str], parts, update, round_: int):
         """Every client's round: ``(adapters, metrics)``."""
@@ -176,12 +225,13 @@ def table2(b: Bench) -> dict[str, Any]:
     from assy.federation.lego import masked_updates
 
     print("table 2: four IID clients at 0/25/50/75% sparsity", flush=True)
-    parts, _ = instruction_splits(b.args.data, "iid", 4, b.args.seed, b.args.limit)
+    parts, _ = instruction_splits(b.args.data, "iid", 4, b.seed, b.args.limit)
     variants = [b.variant[s] for s in SPARSITIES]
     states, metrics = b.train(b.cfg(4), variants, parts, {}, 1)
     rows: dict[str, Any] = {"clients": metrics, "pruned": {}, "fine_tuned": {}}
     for s, v, st in zip(SPARSITIES, variants, states, strict=True):
         rows["pruned"][str(s)] = b.loss(v)
+        b.score("dense (initial)" if s == 0 else f"pruned {s:.0%}", v)
         rows["fine_tuned"][str(s)] = b.loss(v, masked_updates(st, b.masks(v), b.scaling))
     counts = [len(p) for p in parts]
     rows["aggregation"] = {}
@@ -191,6 +241,9 @@ def table2(b: Bench) -> dict[str, Any]:
         row |= {str(s): b.loss(v, delta) for s, v in zip(SPARSITIES, variants, strict=True)}
         rows["aggregation"][how] = row
         print(f"  {how}: global {row['global']['loss']:.4f}", flush=True)
+        if how == "masked":
+            for s, v in zip(SPARSITIES, variants, strict=True):
+                b.score(f"globally updated {s:.0%}", v, delta)
     rows["leave_one_out"] = {}
     for out in range(4):
         keep = [i for i in range(4) if i != out]
@@ -207,7 +260,7 @@ def table1(b: Bench, split: str, clients: int) -> dict[str, Any]:
     from assy.federation.lego import add_update
 
     print(f"table 1 ({split}): LEGO {clients} SLMs at 75% vs FedIT {clients} dense", flush=True)
-    parts, _ = instruction_splits(b.args.data, split, clients, b.args.seed, b.args.limit)
+    parts, _ = instruction_splits(b.args.data, split, clients, b.seed, b.args.limit)
     counts = [len(p) for p in parts]
     result: dict[str, Any] = {"llm_initial": b.loss(ANCHOR)}
     slm = b.variant[0.75]
@@ -221,6 +274,8 @@ def table1(b: Bench, split: str, clients: int) -> dict[str, Any]:
             delta, _ = _aggregate(b, states, [model] * clients, how, counts)
             update = add_update(update, delta)
             row = {"round": r, "llm_recombined": b.loss(ANCHOR, update, whole=True)}
+            if split == "iid" and r == b.args.rounds:
+                b.score(f"LLM recombined, {method} {split}", ANCHOR, update, whole=True)
             if method == "lego":  # every SLM is the same variant: one model, one loss
                 row["slms_globally_updated"] = b.loss(slm, update)
             row["step_seconds"] = sum(m["step_seconds"] for m in metrics) / len(metrics)
@@ -230,7 +285,11 @@ def table1(b: Bench, split: str, clients: int) -> dict[str, Any]:
 
 
 def _fmt(x: dict | None) -> str:
-    return "-" if x is None else f"{x['loss']:.4f}"
+    if x is None:
+        return "-"
+    if x.get("n", 1) > 1:
+        return f"{x['loss']:.4f} ± {x['loss_sd']:.4f}"
+    return f"{x['loss']:.4f}"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -239,7 +298,34 @@ def report(results: dict[str, Any]) -> str:
     t2 = results.get("table2")
     if t2:
         lines += _table2_lines(t2)
-    return "\n".join(lines + _table1_lines(results))
+    lines += _table1_lines(results)
+    if len(results.get("seeds", [])) > 1 and "paired" in results:
+        n = len(results["seeds"])
+        lines += ["", f"Paired differences of held-out loss over {n} seeds (positive: the first "
+                  "named is better)", "", "| claim | mean ± sd | positive | per seed |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for r in results["paired"]:
+            per = ", ".join(f"{d:+.4f}" for d in r["diffs"])
+            lines.append(
+                f"| {r['claim']} | {r['mean']:+.4f} ± {r['sd']:.4f} | {r['positive']}/{n} | {per} |"
+            )
+    if results.get("zero_shot"):
+        lines += _zero_shot_lines(results["zero_shot"])
+    return "\n".join(lines)
+
+
+def _zero_shot_lines(zero: dict[str, dict]) -> list[str]:
+    tasks = [t for t in next(iter(zero.values())) if t != "seconds"]
+    n = next(iter(zero.values()))[tasks[0]]["n"]
+    lines = ["", f"Zero-shot acc_norm ± standard error (first seed, n = {n} per task; "
+             "assy eval's scoring)", "", "| model | " + " | ".join(tasks) + " |",
+             "|---|" + "---|" * len(tasks)]  # fmt: skip
+    for label, row in zero.items():
+        cells = " | ".join(
+            f"{row[t]['acc_norm']:.3f} ± {row[t]['acc_norm_stderr']:.3f}" for t in tasks
+        )
+        lines.append(f"| {label} | {cells} |")
+    return lines
 
 
 def _table2_lines(t2: dict[str, Any]) -> list[str]:
@@ -282,13 +368,76 @@ def _table1_lines(results: dict[str, Any]) -> list[str]:
             last = t1[method][-1]
             slm_init = _fmt(t1["slms_initial"]) if method == "lego" else "N/A"
             slm_upd = _fmt(last.get("slms_globally_updated")) if method == "lego" else "N/A"
-            paper = PAPER["table1"][f"{method}_{split}"]
+            paper = " / ".join(
+                "N/A" if x is None else str(x) for x in PAPER["table1"][f"{method}_{split}"]
+            )
             lines.append(f"| {method} | {_fmt(t1['llm_initial'])} | {slm_init} | {slm_upd} | "
                          f"{_fmt(last['llm_recombined'])} | {paper} |")  # fmt: skip
         if len(t1["lego"]) > 1:
             per = ", ".join(_fmt(r["slms_globally_updated"]) for r in t1["lego"])
             lines.append(f"\nFigure 3: SLMs after each global update: {per}")
     return lines
+
+
+def mean_over_seeds(runs: list[Any]) -> Any:
+    """The runs' results cell by cell: a loss cell becomes ``{"loss": mean, "bpb": mean,
+    "loss_sd": sd, "n": seeds}``, a number its mean; the other leaves are the first run's."""
+    first = runs[0]
+    if isinstance(first, dict) and set(first) == {"loss", "bpb"}:
+        losses = [r["loss"] for r in runs]
+        return {
+            "loss": round(statistics.fmean(losses), 5),
+            "bpb": round(statistics.fmean(r["bpb"] for r in runs), 5),
+            "loss_sd": round(statistics.stdev(losses), 5) if len(runs) > 1 else 0.0,
+            "n": len(runs),
+        }
+    if isinstance(first, dict):
+        return {k: mean_over_seeds([r[k] for r in runs]) for k in first}
+    if isinstance(first, list):
+        return [mean_over_seeds(list(xs)) for xs in zip(*runs, strict=True)]
+    if isinstance(first, int | float) and not isinstance(first, bool):
+        return round(statistics.fmean(runs), 5)
+    return first
+
+
+def paired(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The claims as paired differences of held-out loss (b - a: positive = a is better),
+    one per seed, with their mean and sd."""
+    checks = [
+        ("FedIT IID (4 dense) recombined vs LEGO IID (4 x 75%) recombined: LEGO - FedIT",
+         lambda r: r["table1_iid"]["fedit"][-1]["llm_recombined"],
+         lambda r: r["table1_iid"]["lego"][-1]["llm_recombined"]),
+        ("HeteAgg masked vs factors (= FedAvg) on the global model: factors - masked",
+         lambda r: r["table2"]["aggregation"]["masked"]["global"],
+         lambda r: r["table2"]["aggregation"]["factors"]["global"]),
+        ("HeteAgg masked vs exact on the global model: exact - masked",
+         lambda r: r["table2"]["aggregation"]["masked"]["global"],
+         lambda r: r["table2"]["aggregation"]["exact"]["global"]),
+    ]  # fmt: skip
+    for s in SPARSITIES:
+        checks += [
+            (f"{s:.0%}: fine-tuned vs pruned: pruned - fine-tuned",
+             lambda r, s=s: r["table2"]["fine_tuned"][str(s)],
+             lambda r, s=s: r["table2"]["pruned"][str(s)]),
+            (f"{s:.0%}: globally updated vs fine-tuned: fine-tuned - globally updated",
+             lambda r, s=s: r["table2"]["aggregation"]["masked"][str(s)],
+             lambda r, s=s: r["table2"]["fine_tuned"][str(s)]),
+        ]  # fmt: skip
+    for out in SPARSITIES:  # Figure 5: does leaving a client out hurt the dense model?
+        checks.append(
+            (f"dense model without the {out:.0%} client: without - with",
+             lambda r: r["table2"]["aggregation"]["masked"]["0.0"],
+             lambda r, out=out: r["table2"]["leave_one_out"][f"without {out}"]["0.0"])
+        )  # fmt: skip
+    rows = []
+    for name, a, b in checks:
+        diffs = [round(b(r)["loss"] - a(r)["loss"], 5) for r in per_seed]
+        rows.append({
+            "claim": name, "diffs": diffs, "mean": round(statistics.fmean(diffs), 5),
+            "sd": round(statistics.stdev(diffs), 5) if len(diffs) > 1 else 0.0,
+            "positive": sum(d > 0 for d in diffs),
+        })  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -305,12 +454,22 @@ def main() -> None:
         "variants": b.made,
         "prune_seconds": round(b.prune_seconds, 1),
         "test_rows": len(b.test),
+        "seeds": b.seeds,
     }
+    per_seed = []
     if not args.only_categories:
-        results["table2"] = table2(b)
-        results["table1_iid"] = table1(b, "iid", 4)
+        for seed in b.seeds:
+            b.seed = seed
+            print(f"seed {seed}", flush=True)
+            per_seed.append({"table2": table2(b), "table1_iid": table1(b, "iid", 4)})
+        results["per_seed"] = per_seed
+        results |= mean_over_seeds(per_seed)
+        results["paired"] = paired(per_seed)
     if not args.skip_categories:
+        b.seed = b.seeds[0]
         results["table1_categories"] = table1(b, "categories", 8)
+    if b.tasks:
+        results["zero_shot"] = b.zero_shot
     results["evaluations"] = b.evals
     results["eval_seconds"] = round(b.eval_seconds, 1)
     results["seconds"] = round(time.perf_counter() - start, 1)
