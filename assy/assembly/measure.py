@@ -1,7 +1,9 @@
 """Measure an assembly under a budget: a real evaluation in a fresh process.
 
-A fresh interpreter imports torch, transformers, assy and ``datasets`` (the code that reads
-the task data, as a federated client's floor does), runs one tiny forward of the anchor's
+A fresh interpreter imports torch, transformers, assy, ``datasets`` (the code that reads
+the task data, as a federated client's floor does) and bitsandbytes (the code packed
+quantized blocks run with: ~110 MB of resident set on import, which a run of an int8 or
+nf4 variant would otherwise count as its own), runs one tiny forward of the anchor's
 family and reads its resident set: the *warm floor* (DESIGN.md "Budget"; the budget is
 what a run may hold beyond it). It then
 evaluates the assembly through the swapper with ``--budget`` and reports the swapper's
@@ -27,6 +29,7 @@ _WORKER = r"""
 import json, sys
 from pathlib import Path
 
+import bitsandbytes.functional  # noqa: F401 - code packed (quantized) blocks run with
 import datasets  # noqa: F401 - code that reads the task data: part of the warm floor
 import torch
 import transformers  # noqa: F401 - part of the warm floor
