@@ -84,7 +84,7 @@ def two_family_fed(tmp_path_factory):
         # a round's memory for a tier to hold a training step but no whole model (adapter
         # rounds keep the tier's budget too)
         tiny = TINY[family]()
-        wide = {"hidden_size": 1024, "intermediate_size": 2048}
+        wide = {"hidden_size": 768, "intermediate_size": 1536}
         if family == "gemma3":
             wide |= {"head_dim": 64, "query_pre_attn_scalar": 64}
         model = type(tiny)(type(tiny.config)(**(tiny.config.to_dict() | wide))).eval()
