@@ -131,6 +131,14 @@ def sample_plans(
     return out
 
 
+def _linear_anchor(cands, planned_anchor: str) -> str:
+    """The linear baseline's anchor: the planned one when it is SmolLM2 or a variant of
+    it (an int8 SmolLM2 fits where the fp16 one does not: the baseline's best
+    configuration), else SmolLM2."""
+    c = next((x for x in cands if x.name == planned_anchor), None)
+    return planned_anchor if c is not None and c.root == ANCHOR else ANCHOR
+
+
 def linear_recipe(pool, cands, anchor, budget, compat, swap, target_weights):
     """The anchor with the shortest span ending before its last layer replaced by one
     linear map such that its bytes fit (or, planning for the swapper, its weights come
@@ -254,7 +262,7 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
         recipe, lplan = linear_recipe(
             pool,
             cands,
-            planned.plan.recipe.anchor if planned.plan.recipe.anchor == ANCHOR else ANCHOR,
+            _linear_anchor(cands, planned.plan.recipe.anchor),
             budget,
             compat,
             swap,
