@@ -29,6 +29,7 @@ _WORKER = r"""
 import json, sys
 from pathlib import Path
 
+import blockpool  # noqa: F401 - first: its log filter (blockpool.noise) before bitsandbytes
 import bitsandbytes.functional  # noqa: F401 - code packed (quantized) blocks run with
 import datasets  # noqa: F401 - code that reads the task data: part of the warm floor
 import torch
