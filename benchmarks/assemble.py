@@ -219,9 +219,11 @@ def single_plans(cands, budget, compat, swap) -> list:
 
 
 def proxy_choice(pool, cands, plans, budget, compat, swap, data, fit, args, cache):
-    """``assy assemble``'s choice: the planner's plans and every single model that fits,
-    scored by the measured proxy (closed-form fit, held-back windows); the lowest bits per
-    byte wins. Returns ``(best, scored, singles)``."""
+    """``assy assemble``'s choice, widened: the planner's plans and *every* single model
+    that fits (the command adds only the planner's best single model), scored by the
+    measured proxy (closed-form fit, held-back windows); the lowest bits per byte wins.
+    On this run's pool both pick the same (SmolLM2-int8 ranks above SmolLM2-nf4 in the
+    planner's objective and by the proxy). Returns ``(best, scored, singles)``."""
     singles = single_plans(cands, budget, compat, swap)
     todo = plans + [s for s in singles if all(s.recipe != p.recipe for p in plans)]
     scored = score_plans(pool, todo, data, fit, score_windows=args.score_windows, cache=cache)
@@ -370,8 +372,8 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
-    # the planned recipe is assy assemble's choice: the planner's --candidates plans and
-    # the single models that fit, measured by the proxy (its forwards are counted too)
+    # the planned recipe is the proxy's choice among the planner's --candidates plans and
+    # the single models that fit (proxy_choice; its forwards are counted too)
     before = FORWARDS.value
     top = plan_candidates(cands, budget, args.candidates, compat=compat, seed=args.seed)
     choice, _, _ = proxy_choice(pool, cands, top, budget, compat, None, data, fit, args, cache)
