@@ -29,8 +29,9 @@ Parts (``--parts``):
   held-out text, then evaluated *within the budget* in a fresh process (the swapper,
   ``--budget``): bits per byte on held-out text (``assy.data.heldout_text``) and
   accuracy on ARC-Easy, PIQA and OBQA validation (``--limit`` examples, standard errors):
-  ``planned`` (``assy assemble``'s choice: the planner's best ``--candidates`` and the
-  best single model, ranked by the measured proxy); ``single`` (the best whole model or
+  ``planned`` (``assy assemble``'s choice: its shortlist -- the planner's best
+  ``--candidates``, the best chain of each model line, the best single model -- and every
+  single model that fits, ranked by the measured proxy); ``single`` (the best whole model or
   variant whose plan fits, chosen by measuring every one that fits); ``random`` (a random
   feasible recipe whose weights are within 15% of the planned one's); ``linear`` (the
   planned anchor with the span it would need to drop replaced by one affine map fitted in
@@ -73,10 +74,11 @@ from assy.assembly.planner import (  # noqa: E402
     load_compat,
     plan_candidates,
     plan_chain,
+    plan_shortlist,
     pool_candidates,
     swap_ends_bytes,
 )
-from assy.assembly.proxy import score_plans, window_losses  # noqa: E402
+from assy.assembly.proxy import measured_choice, score_plans, window_losses  # noqa: E402
 from assy.assembly.recipe import plan_replacements  # noqa: E402
 from assy.assembly.states import FORWARDS, StateCache  # noqa: E402
 from assy.errors import UsageError  # noqa: E402
@@ -84,6 +86,7 @@ from blockpool import Pool, RunOptions, format_size, parse_size  # noqa: E402
 
 TASKS = ("arc_easy", "piqa", "obqa")
 ANCHOR = "smollm2-135m"
+EVAL_WINDOW = 256  # the perplexity window of the measured runs (measure_runs' default)
 
 
 # --------------------------------------------------------------------------- recipes
@@ -112,10 +115,22 @@ def random_chain(cands, rng: random.Random, max_seams: int) -> tuple[str, list[t
 
 
 def sample_plans(
-    cands, budget, compat, swap, rng, n, *, near=None, max_seams=4, tries=20000, exclude=()
+    cands,
+    budget,
+    compat,
+    swap,
+    rng,
+    n,
+    *,
+    near=None,
+    max_seams=4,
+    tries=20000,
+    exclude=(),
+    max_read=None,
 ):
-    """``n`` distinct random feasible plans (weights within 15% of ``near``, if given),
-    none of them one of the plans in ``exclude``."""
+    """``n`` distinct random feasible plans (weights within 15% of ``near``, if given;
+    reading at most ``max_read`` a pass, planning for the swapper), none of them one of the
+    plans in ``exclude``."""
     out = []
     seen = {(p.recipe.anchor, tuple(p.chain)) for p in exclude}
     for _ in range(tries):
@@ -125,6 +140,8 @@ def sample_plans(
         plan = plan_chain(cands, anchor, chain, budget, compat=compat, swap_ends=swap)
         size = plan.bytes["working_set"] if swap else plan.bytes["total"]
         if plan.seams > max_seams or size > budget:
+            continue
+        if max_read is not None and plan.bytes["read_per_token"] > max_read:
             continue
         if near is not None and abs(plan.bytes["weights"] - near) > 0.15 * near:
             continue
@@ -205,29 +222,49 @@ def describe(plan) -> str:
     return f"{plan.recipe.anchor}: " + ", ".join(parts)
 
 
-def single_plans(cands, budget, compat, swap) -> list:
-    """Every whole causal model or variant of the pool whose plan fits ``budget``."""
+def single_plans(cands, budget, compat, swap, max_read=None) -> list:
+    """Every whole causal model or variant of the pool whose plan fits ``budget`` (and
+    reads at most ``max_read`` a pass, planning for the swapper)."""
     singles = []
     for c in cands:
         if not (c.causal and c.n):
             continue
         chain = [(c.name, i) for i in range(c.n)]
         p = plan_chain(cands, c.name, chain, budget, compat=compat, swap_ends=swap)
-        if (p.bytes["working_set"] if swap else p.bytes["total"]) <= budget:
+        if (p.bytes["working_set"] if swap else p.bytes["total"]) > budget:
+            continue
+        if max_read is None or p.bytes["read_per_token"] <= max_read:
             singles.append(p)
     return singles
 
 
-def proxy_choice(pool, cands, plans, budget, compat, swap, data, fit, args, cache):
-    """``assy assemble``'s choice, widened: the planner's plans and *every* single model
-    that fits (the command adds only the planner's best single model), scored by the
-    measured proxy (closed-form fit, held-back windows); the lowest bits per byte wins.
-    On this run's pool both pick the same (SmolLM2-int8 ranks above SmolLM2-nf4 in the
-    planner's objective and by the proxy). Returns ``(best, scored, singles)``."""
-    singles = single_plans(cands, budget, compat, swap)
+def proxy_choice(pool, cands, budget, compat, swap, data, fit, args, cache, max_read=None):
+    """``assy assemble``'s choice, widened: the command's shortlist (the planner's
+    ``--candidates`` best, the best plan of each model line, the best single model) and
+    *every* single model that fits, scored by the measured proxy (closed-form fit,
+    held-back windows); the lowest bits per byte wins. Returns ``(best, scored,
+    singles)``."""
+    plans, _ = plan_shortlist(
+        cands,
+        budget,
+        args.candidates,
+        compat=compat,
+        seed=args.seed,
+        swap_ends=swap,
+        max_read=max_read,
+    )
+    singles = single_plans(cands, budget, compat, swap, max_read)
     todo = plans + [s for s in singles if all(s.recipe != p.recipe for p in plans)]
-    scored = score_plans(pool, todo, data, fit, score_windows=args.score_windows, cache=cache)
-    return min(scored, key=lambda s: s.bits_per_byte), scored, singles
+    best, scored = measured_choice(
+        pool,
+        todo,
+        data,
+        fit,
+        score_windows=args.score_windows,
+        cache=cache,
+        say=lambda line: print(line, flush=True),
+    )
+    return best, scored, singles
 
 
 def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict[str, Any]]:
@@ -242,22 +279,24 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
         label = f"{float(spec):.0%}" if _is_fraction(spec) else spec
         swap, note = None, ""
         try:
-            plans = plan_candidates(cands, budget, args.candidates, compat=compat, seed=args.seed)
+            plan_candidates(cands, budget, 1, compat=compat, seed=args.seed)
         except UsageError as e:
-            note = f"no resident plan ({e}); planned for the swapper"
+            note = f"no resident plan ({e}); planned for the swapper, reading at most the budget"
             swap = {c.name: swap_ends_bytes(pool, c.name) for c in cands if c.causal}
-            plans = plan_candidates(
-                cands, budget, args.candidates, compat=compat, seed=args.seed, swap_ends=swap
-            )
+        # the swapper's plans read at most their budget again per pass: streaming whole
+        # models (the best objective) would take hours to evaluate here
+        max_read = budget if swap else None
+        # a swapper's plan holds the KV caches of the evaluation's windows (256 tokens)
+        shaped = cands if swap is None else pool_candidates(pool, tokens=EVAL_WINDOW)
         print(f"[{label} = {format_size(budget)}] {note or 'resident plans'}", flush=True)
         planned, scored, singles = proxy_choice(
-            pool, cands, plans, budget, compat, swap, data, fit, args, cache
+            pool, shaped, budget, compat, swap, data, fit, args, cache, max_read
         )
         directory = work / f"b{label}"
         cases: list[tuple[str, Any, Any]] = [("planned", planned.plan, planned.plan.recipe)]
         rng = random.Random(args.seed)
         randoms = sample_plans(
-            cands,
+            shaped,
             budget,
             compat,
             swap,
@@ -265,13 +304,14 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
             1,
             near=planned.plan.bytes["weights"],
             exclude=[planned.plan],
+            max_read=max_read,
         )
         if randoms:
             cases.append(("random", randoms[0], randoms[0].recipe))
         recipe, lplan = linear_recipe(
             pool,
-            cands,
-            _linear_anchor(cands, planned.plan.recipe.anchor),
+            shaped,
+            _linear_anchor(shaped, planned.plan.recipe.anchor),
             budget,
             compat,
             swap,
@@ -372,11 +412,9 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
-    # the planned recipe is the proxy's choice among the planner's --candidates plans and
-    # the single models that fit (proxy_choice; its forwards are counted too)
+    # the planned recipe is the proxy's choice (proxy_choice; its forwards are counted too)
     before = FORWARDS.value
-    top = plan_candidates(cands, budget, args.candidates, compat=compat, seed=args.seed)
-    choice, _, _ = proxy_choice(pool, cands, top, budget, compat, None, data, fit, args, cache)
+    choice, _, _ = proxy_choice(pool, cands, budget, compat, None, data, fit, args, cache)
     planned = choice.plan
     randoms = sample_plans(
         cands, budget, compat, None, random.Random(args.seed + 1), args.random, exclude=[planned]
@@ -531,8 +569,8 @@ def part_cost(cands, compat, args) -> list[dict[str, Any]]:
                 c.layer_work + c.logit_work for c in base
             )
             tic = time.perf_counter()
-            try:
-                plan_candidates(pool_cands, budget, 3, compat=compat, seed=0)
+            try:  # what assy assemble plans: its shortlist for the proxy
+                plan_shortlist(pool_cands, budget, 3, compat=compat, seed=0)
                 ok = True
             except UsageError:
                 ok = False

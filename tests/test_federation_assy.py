@@ -99,12 +99,13 @@ def two_family_fed(tmp_path_factory):
     return root / "pool", data
 
 
-def _tiers(pool: Path, path: Path) -> Path:
-    """An unlimited tier and one below the smallest whole model (assemblies only)."""
+def _tiers(pool: Path, path: Path, batch: int = 4) -> Path:
+    """An unlimited tier and one below the smallest whole model (assemblies only), for
+    clients that train on ``batch`` × 64 tokens."""
     from assy.assembly.planner import pool_candidates
     from blockpool import Pool
 
-    cands = [c for c in pool_candidates(Pool(pool), tokens=64) if c.causal]
+    cands = [c for c in pool_candidates(Pool(pool), batch=batch, tokens=64) if c.causal]
     whole = min(c.bytes + c.layer_work + c.logit_work for c in cands)
     tiers = [
         {"name": "big", "share": 0.5, "budget": None},
@@ -126,7 +127,7 @@ def test_assy_selects_per_tier_then_trains_and_averages_adapters(
     torch.set_num_threads(1)
     cfg = FederationConfig(
         pool=str(pool), task="arc_easy", method="assy", rounds=3, out=str(tmp_path / "run"),
-        data=str(data), clients=4, per_round=4, tiers=str(_tiers(pool, tmp_path / "t.json")),
+        data=str(data), clients=4, per_round=4, tiers=str(_tiers(pool, tmp_path / "t.json", 1)),
         local_steps=3, batch_size=1, max_length=64, fit_samples=8, candidates=2, test_limit=24,
         compat=str(compared / "all"),
     )  # fmt: skip
@@ -210,7 +211,8 @@ def test_assy_proposals_follow_compat(two_family_fed, compared, tmp_path):
 
     pool, data = two_family_fed
     opened = Pool(pool)
-    cands = {c.name: c for c in pool_candidates(opened, tokens=64)}
+    batch = FederationConfig.batch_size  # the planner sizes a client's batch of max_length
+    cands = {c.name: c for c in pool_candidates(opened, batch=batch, tokens=64)}
     whole = {n: c.bytes + c.layer_work + c.logit_work for n, c in cands.items()}
     # room for Llama (2 layers) whole, not for gemma3 (3 layers) whole
     budgets = {"mid": (whole["llama"] + whole["gemma3"]) // 2}
@@ -273,7 +275,7 @@ def test_assy_secagg_adapter_rounds_match_plain_within_quantization(two_family_f
 
     pool, data = two_family_fed
     torch.set_num_threads(1)
-    tiers = str(_tiers(pool, tmp_path / "t.json"))
+    tiers = str(_tiers(pool, tmp_path / "t.json", 1))
     runs = {}
     for secagg in (False, True):
         cfg = FederationConfig(

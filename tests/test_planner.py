@@ -17,6 +17,8 @@ from assy.assembly.planner import (
     CompatTable,
     adapter_nbytes,
     plan_assembly,
+    plan_candidates,
+    plan_shortlist,
     pool_candidates,
     quality_prior,
 )
@@ -109,11 +111,38 @@ def test_max_seams_zero_is_the_best_single_model_that_fits():
     assert plan.recipe.slices[0].variant == "big-int4" and plan.recipe.slices[0].model == "big"
 
 
+def test_shortlist_holds_the_best_chain_of_each_line_and_the_single_model():
+    """A small encoder covers the depth in few bytes, so the objective ranks its chains
+    first; the measured proxy must still see the anchor's own line, thinned to fit, and
+    the best whole model (here none fits)."""
+    big = cand("big", 6, 100, width=4)
+    half = cand("big-int4", 6, 60, root="big", q=quality_prior("nf4", 0.0), width=4)
+    enc = cand("enc", 3, 5, causal=False, width=4)
+    cands = [big, half, enc]
+    ids = [b for c in cands for b in c.layer_ids]
+    table = CompatTable(ids, [[0.0] * len(ids) for _ in ids])
+    top = plan_candidates(cands, 400, 2, compat=table)
+    assert all({s.model for s in p.recipe.slices} == {"enc"} for p in top)
+    plans, single = plan_shortlist(cands, 400, 2, compat=table)
+    assert plans[:2] == top and single is None
+    line = plans[2]
+    assert {s.model for s in line.recipe.slices} == {"big"} and line.seams >= 1
+    assert line.bytes["total"] <= 400
+    assert line == plan_assembly([big, half], 400, compat=table)
+    # distinct recipes, the single model among them; max_seams 0: whole models only
+    plans, single = plan_shortlist(cands, 10_000, 3, compat=table)
+    assert len({(p.recipe.anchor, p.recipe.slices) for p in plans}) == len(plans)
+    assert single == plan_assembly(cands, 10_000, compat=table, max_seams=0)
+    assert single in plans
+    plans, alone = plan_shortlist(cands, 10_000, 3, max_seams=0)
+    assert alone == plans[0] and all(p.seams == 0 for p in plans)
+
+
 def test_too_small_budget_names_the_minimum():
     cands = _pool_of_two()
-    # smallest: the anchor small's ends + work and either its first layer with a diagonal
+    # smallest: the anchor small's ends + work and either its first layer with an affine
     # seam to its head or its 4 layers whole
-    seam = adapter_nbytes(6, 6, "diagonal")
+    seam = adapter_nbytes(6, 6, "affine")
     floor = 50 + 10 + 5 + min(40 + seam, 4 * 40)
     plan = plan_assembly(cands, floor, max_seams=1)
     assert plan.bytes["total"] == floor
@@ -323,6 +352,8 @@ def test_proxy_shares_the_forward_passes_of_a_common_prefix(plan_pool):
         (["--budget", "1GB", "--make-variants", "fp16", "--dry-run"], r"not a quantized"),
         (["--budget", "1GB", "--make-variants", "int8,int3", "--dry-run"], r"unknown precision"),
         (["--budget", "1GB", "--make-variants", "int8,", "--dry-run"], r"give precisions"),
+        (["--budget", "1GB", "--max-read", "10MB", "--dry-run"], r"--max-read .* add --allow-swap"),
+        (["--budget", "1GB", "--allow-swap", "--max-read", "lots", "--dry-run"], r"cannot read size"),
     ],
 )
 def test_assemble_bad_input_is_one_line_and_writes_nothing(plan_pool, tmp_path, args, pattern):
@@ -365,8 +396,45 @@ def test_assemble_refuses_a_pool_without_a_decoder_and_max_seams_0_is_one_model(
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)["plan"]
     assert plan["seams"] == 0 and len(plan["recipe"]["slices"]) == 1
-    assert plan["bytes"]["working_set"] <= plan["bytes"]["total"]
+    assert plan["bytes"]["working_set"] <= 10**9 and plan["bytes"]["cache"] > 0
     assert plan["bytes"]["read_per_token"] == 0  # everything fits 1 GB
+    capped = CliRunner().invoke(
+        cli,
+        ["assemble", str(plan_pool.root), "--budget", "1GB", "--max-seams", "0", "--dry-run"]
+        + ["--json", "--allow-swap", "--max-read", "0"],
+    )
+    assert capped.exit_code == 0, capped.output
+    doc = json.loads(capped.stdout)
+    assert doc["max_read"] == 0 and doc["plan"]["bytes"]["read_per_token"] == 0
+
+
+def test_swap_plans_fit_the_working_set_and_max_read_bounds_the_reads():
+    from dataclasses import replace
+
+    # logits of a whole call (40 B) against one token's (2 B): the swapper's plan counts one
+    big = cand("big", 6, 100)
+    small = cand("small", 4, 40, width=6, q=0.9)  # fewer bytes, lower quality
+    cands = [replace(c, logit_work=40, logit_row=2) for c in (big, small)]
+    swap = {c.name: 20 for c in cands}
+    budget = 200
+    free = plan_assembly(cands, budget, max_seams=0, swap_ends=swap)
+    assert free.recipe.anchor == "big"  # streamed whole: the best objective
+    assert free.bytes["working_set"] <= budget
+    assert free.bytes["work"] == 10 + 2  # the largest layer call and one token's logits
+    assert free.bytes["read_per_token"] == 650 - 20 - (budget - 20 - 12)
+    chosen = []
+    for cap in (30, 100, 500):
+        plans = plan_candidates(cands, budget, 3, max_seams=0, swap_ends=swap, max_read=cap)
+        for plan in plans:
+            assert plan.bytes["working_set"] <= budget
+            assert plan.bytes["read_per_token"] <= cap
+        chosen.append((plans[0].recipe.anchor, plans[0].objective))
+    assert [a for a, _ in chosen] == ["small", "small", "big"]
+    assert chosen[-1][1] == pytest.approx(free.objective) and chosen[0][1] < free.objective
+    with pytest.raises(UsageError, match="max_read"):
+        plan_assembly(cands, budget, max_read=100)  # no swapper
+    with pytest.raises(UsageError, match="reading at most 0B"):
+        plan_assembly(cands, budget, swap_ends=swap, max_read=0)
 
 
 def test_plan_chain_scores_and_sizes_a_chain_as_the_search_does():

@@ -19,7 +19,9 @@ Layer ``i`` of a model of ``n`` layers covers the relative depths ``[i/n, (i+1)/
 each layer of the chain starts at or after the depth where the one before it ends (so it
 never runs a model's layers backwards or twice, and the depths it covers sum to at most 1). Consecutive
 layers of one model line (a model and its variants: same residual space) need no adapter;
-a skipped span inside a line gets a ``diagonal`` seam, a change of line an ``affine`` one.
+a skipped span inside a line or a change of line gets an ``affine`` seam (a skipped span's
+is ReplaceMe's linear map: on SmolLM2 at 35% of its bytes, layers 0-1 and 26-29 scored
+2.21 bits per byte bridged by an affine map and 2.61 by a diagonal one).
 ``max_seams`` caps those seams; 0 leaves the single models and variants, whole.
 
 **The objective** sums the compatibility of every transition into a layer, weighted by the
@@ -82,6 +84,8 @@ __all__ = [
     "plan_assembly",
     "plan_candidates",
     "plan_chain",
+    "plan_lines",
+    "plan_shortlist",
     "pool_candidates",
     "quality_prior",
     "swap_ends_bytes",
@@ -112,6 +116,9 @@ class Candidate:
         ends_quality: ``q`` of its embedding and head (the lower).
         layer_work: working bytes of its largest layer call (activations, attention).
         logit_work: working bytes of its logits (as an anchor's head).
+        logit_row: working bytes of one token's logits (``logit_work`` of one row).
+        layer_cache: per layer, the bytes of its KV cache over the planned tokens (what a
+            run through the swapper holds beside the weights it streams).
         precision, sparsity: a summary for the plan (the most common / the mean).
     """
 
@@ -126,12 +133,18 @@ class Candidate:
     ends_quality: float = 1.0
     layer_work: int = 0
     logit_work: int = 0
+    logit_row: int = 0
+    layer_cache: tuple[int, ...] = ()
     precision: str = "fp32"
     sparsity: float = 0.0
 
     @property
     def n(self) -> int:
         return len(self.layer_ids)
+
+    def cache(self, i: int) -> int:
+        """KV cache bytes of layer ``i`` (0 where not given)."""
+        return self.layer_cache[i] if self.layer_cache else 0
 
     @property
     def bytes(self) -> int:
@@ -311,7 +324,7 @@ class _Search:
         same = ca.root == cb.root
         if same and ib == ia + 1:
             return 1.0, "own", None
-        seam = "diagonal" if same else "affine"
+        seam = "affine"  # inside a line too: a diagonal map lost 0.4 bits/byte at 35%
         if a is not None and b is not None and self.compat is not None:
             value = self.compat.get(ca.layer_ids[ia], cb.layer_ids[ib])
             if value is not None:
@@ -494,6 +507,7 @@ def plan_assembly(
     seed: int = 0,
     anchors: Sequence[str] | None = None,
     swap_ends: Mapping[str, int] | None = None,
+    max_read: int | None = None,
 ) -> Plan:
     """The best assembly of ``candidates`` whose resident bytes fit ``budget``.
 
@@ -507,9 +521,16 @@ def plan_assembly(
         swap_ends: plan for the swapper (``--allow-swap``): per anchor, the bytes its
             embedding and head pin when served in pieces (:func:`swap_ends_bytes`). Then
             the *working set* must fit -- the chain's largest layer, those pinned parts,
-            the adapters and the working memory -- not every weight; the plan's bytes add
-            ``working_set`` and ``read_per_token`` (an estimate: what does not fit beside
-            the working set is read again on every pass).
+            the adapters, the KV caches of its layers and the working memory -- not every
+            weight; the plan's bytes add ``cache``, ``working_set`` and
+            ``read_per_token`` (an estimate: what does not fit beside the working set is
+            read again on every pass). The anchor's logits count one token's worth: a
+            budgeted run computes them in groups that fit the room left.
+        max_read: with ``swap_ends``, the most bytes a plan may read again per pass
+            (``read_per_token``; ``None``: no limit). Since ``read_per_token`` is the
+            weights and adapters beyond ``budget`` less the working memory, this bounds
+            them by ``budget + max_read``, searched exactly as a resident plan is; the
+            working set must still fit ``budget``.
 
     Raises:
         UsageError: no causal candidate, a negative ``max_seams``, or a budget below the
@@ -524,6 +545,7 @@ def plan_assembly(
         seed=seed,
         anchors=anchors,
         swap_ends=swap_ends,
+        max_read=max_read,
     )[0]
 
 
@@ -537,6 +559,7 @@ def plan_candidates(
     seed: int = 0,
     anchors: Sequence[str] | None = None,
     swap_ends: Mapping[str, int] | None = None,
+    max_read: int | None = None,
 ) -> list[Plan]:
     """The ``k`` best plans (best first, distinct recipes) for the measured proxy to rank;
     see :func:`plan_assembly` for the arguments. The first is :func:`plan_assembly`'s."""
@@ -556,27 +579,37 @@ def plan_candidates(
     real = {c.name: c for c in candidates}
     found: list[tuple[_Label, _Search, int]] = []
     floor: int | None = None
+    swap = swap_ends is not None
+    if max_read is not None and (not swap or max_read < 0):
+        raise UsageError(f"{arg('max_read')} needs the swapper and 0 bytes or more")
+    capped = swap and max_read is not None
     for anchor in sorted(pool_anchors, key=lambda c: c.name):
         pool_for = layers if max_seams else [anchor]
-        if swap_ends is not None:  # only adapters are held whole; layers pass through
-            pool_for = [replace(c, layer_bytes=(0,) * c.n) for c in pool_for]
+        if swap:  # layers pass through; adapters and KV caches are held (see _swap_bytes)
+            pool_for = [_swap_bytes(c, capped) for c in pool_for]
             anchor = next(c for c in pool_for if c.name == anchor.name)
         search = _Search(pool_for, anchor, compat, seed)
-        for level, largest in _levels(pool_for, real, swap_ends is not None):
+        for level, largest in _levels(pool_for, real, swap):
             allowed = {
                 c.name
                 for c in pool_for
-                if c.layer_work <= level
-                and (swap_ends is None or max(real[c.name].layer_bytes) <= largest)
+                if c.layer_work <= level and (not swap or max(real[c.name].layer_bytes) <= largest)
             }
-            ends = anchor.ends_bytes if swap_ends is None else swap_ends[anchor.name]
-            fixed = ends + level + anchor.logit_work + largest
+            work = level + _logit_bytes(anchor, swap)
             need = _minimum(search, allowed, max_seams)
-            if need is not None and (floor is None or fixed + need < floor):
-                floor = fixed + need
-            if need is None or fixed + need > budget:
+            if need is None:
                 continue
-            for label in search.run(allowed, budget - fixed, max_seams, k):
+            if capped:  # the working set fits, and all beyond it is read at most max_read
+                pinned = swap_ends[anchor.name] + work + largest
+                room = budget + max_read - work - anchor.ends_bytes
+                least = max(pinned, anchor.ends_bytes + work + need - max_read)
+            else:
+                fixed = (swap_ends[anchor.name] + largest if swap else anchor.ends_bytes) + work
+                room, least = budget - fixed, fixed + need
+            floor = least if floor is None else min(floor, least)
+            if least > budget:
+                continue
+            for label in search.run(allowed, room, max_seams, 4 * k if capped else k):
                 label.score *= anchor.ends_quality
                 found.append((label, search, level))
     if not found:
@@ -584,9 +617,10 @@ def plan_candidates(
             raise UsageError(
                 f"no assembly can be made with {arg('max_seams')} {max_seams} from this pool"
             )
-        what = "working set" if swap_ends is not None else "runnable assembly"
+        what = "working set" if swap else "runnable assembly"
+        read = f" reading at most {format_size(max_read)} a pass" if capped else ""
         raise UsageError(
-            f"{arg('budget')} {format_size(budget)} is below the smallest {what} "
+            f"{arg('budget')} {format_size(budget)} is below the smallest {what}{read} "
             f"of this pool ({format_size(floor)}: weights, adapters and one forward call's "
             f"working memory); use {arg('budget')} {format_size(floor)} or more"
         )
@@ -599,13 +633,93 @@ def plan_candidates(
     for i in order:
         label, search, level = found[i]
         plan = _to_plan(label, search, level, budget, real, swap_ends)
+        if capped and plan.bytes["working_set"] > budget:  # its adapters did not fit
+            continue
         key = (plan.recipe.anchor, plan.recipe.slices, plan.recipe.seams)
         if key not in seen:
             seen.add(key)
             plans.append(plan)
         if len(plans) == k:
             break
+    if not plans:  # every chain that fits the reads held adapters the working set cannot
+        raise UsageError(
+            f"{arg('budget')} {format_size(budget)}: no plan reading at most "
+            f"{format_size(max_read or 0)} a pass leaves room for its adapters in the "
+            f"working set; raise {arg('budget')} or {arg('max_read')}"
+        )
     return plans
+
+
+def plan_lines(
+    candidates: Sequence[Candidate],
+    budget: int,
+    *,
+    compat: CompatTable | None = None,
+    max_seams: int = 4,
+    seed: int = 0,
+    swap_ends: Mapping[str, int] | None = None,
+    max_read: int | None = None,
+) -> list[Plan]:
+    """Per model line that holds a decoder (a model and its variants), the best plan made
+    of that line's blocks alone, under one of its anchors; lines where nothing fits are
+    left out. Such a chain has seams only where it skips layers, and the objective ranks
+    it below chains of a small foreign model that cover more of the depth (a 6-layer
+    encoder's layers carry 1/6 of the depth each), though on text it usually predicts far
+    better: the measured proxy needs to see it (see :func:`plan_shortlist`)."""
+    plans = []
+    for root in sorted({c.root for c in candidates if c.causal and c.n}):
+        line = [c for c in candidates if c.root == root]
+        try:
+            plans.append(
+                plan_assembly(
+                    line,
+                    budget,
+                    compat=compat,
+                    max_seams=max_seams,
+                    seed=seed,
+                    swap_ends=swap_ends,
+                    max_read=max_read,
+                )
+            )
+        except UsageError:
+            continue
+    return plans
+
+
+def plan_shortlist(
+    candidates: Sequence[Candidate],
+    budget: int,
+    k: int,
+    *,
+    compat: CompatTable | None = None,
+    max_seams: int = 4,
+    seed: int = 0,
+    swap_ends: Mapping[str, int] | None = None,
+    max_read: int | None = None,
+) -> tuple[list[Plan], Plan | None]:
+    """What the measured proxy ranks: the planner's ``k`` best plans, then the best plan
+    of each model line (:func:`plan_lines`), then the best whole single model or variant,
+    without repeats; and that single model (``None`` when none fits).
+
+    The planner's objective sees compatibility, not what a chain predicts; the three kinds
+    are the shapes an assembly takes (a mix of models, one model thinned, one model
+    whole), so the proxy chooses among them on the user's data.
+
+    Raises:
+        UsageError: as :func:`plan_candidates`.
+    """
+    kwargs = {"compat": compat, "seed": seed, "swap_ends": swap_ends, "max_read": max_read}
+    plans = plan_candidates(candidates, budget, k, max_seams=max_seams, **kwargs)
+    lines = plan_lines(candidates, budget, max_seams=max_seams, **kwargs) if max_seams else []
+    try:
+        single = plan_assembly(candidates, budget, max_seams=0, **kwargs)
+    except UsageError:
+        single = None
+    out: list[Plan] = []
+    for plan in [*plans, *lines, *([single] if single else [])]:
+        if all(plan.recipe != p.recipe for p in out):
+            out.append(plan)
+    return out, single
 
 
 def plan_chain(
@@ -624,7 +738,7 @@ def plan_chain(
     real = {c.name: c for c in candidates}
     pool_for = [c for c in candidates if c.n]
     if swap_ends is not None:
-        pool_for = [replace(c, layer_bytes=(0,) * c.n) for c in pool_for]
+        pool_for = [_swap_bytes(c, False) for c in pool_for]
     head = next(c for c in pool_for if c.name == anchor)
     search = _Search(pool_for, head, compat, 0)
     index = {(c.name, i): k for k, (c, i) in enumerate(search.nodes)}
@@ -664,6 +778,25 @@ class _SortKey:
 
     def __lt__(self, other: _SortKey) -> bool:
         return _better(self.label, other.label)
+
+
+def _swap_bytes(c: Candidate, capped: bool) -> Candidate:
+    """``c`` as the swapper's search counts its layers: by their KV caches alone (the
+    working set holds those; the weights pass through), or with ``capped`` (a read limit)
+    by weights and caches both (see :func:`plan_assembly`)."""
+    caches = tuple(c.cache(i) for i in range(c.n))
+    if capped:
+        return replace(c, layer_bytes=tuple(map(sum, zip(c.layer_bytes, caches, strict=True))))
+    return replace(c, layer_bytes=caches)
+
+
+def _logit_bytes(anchor: Candidate, swap: bool) -> int:
+    """Working bytes of the anchor's logits in a plan: one forward call's when resident;
+    one token's for the swapper's (a budgeted run computes them in groups of the rows that
+    fit the room left, one at the least: :mod:`assy.evaluation.scoring`)."""
+    if swap and anchor.logit_row:
+        return min(anchor.logit_work, anchor.logit_row)
+    return anchor.logit_work
 
 
 def _levels(
@@ -724,7 +857,7 @@ def _to_plan(
     chain = [(search.nodes[b][0].name, search.nodes[b][1]) for b in path]
     layer_bytes = [real[name].layer_bytes[i] for name, i in chain]
     weights = anchor.ends_bytes + sum(layer_bytes)
-    work = level + anchor.logit_work
+    work = level + _logit_bytes(anchor, swap_ends is not None)
     recipe = Recipe(anchor.name, tuple(slices), tuple(seams))
     sizes = {
         "weights": weights,
@@ -733,7 +866,9 @@ def _to_plan(
         "total": weights + adapters + work,
     }
     if swap_ends is not None:
-        pinned = swap_ends[anchor.name] + adapters + work
+        sizes["cache"] = sum(real[name].cache(i) for name, i in chain)
+        sizes["total"] += sizes["cache"]
+        pinned = swap_ends[anchor.name] + adapters + work + sizes["cache"]
         sizes["working_set"] = pinned + max(layer_bytes, default=0)
         # what does not fit beside the pinned parts is read again on every pass
         swappable = weights - swap_ends[anchor.name]
@@ -778,6 +913,7 @@ def pool_candidates(
         entries = [pool.blocks[b] for b in ids]
         runner = BlockRunner(pool, name, dtype=torch_dtype)
         layer_work = runner.working_bytes(batch, tokens, 0, 0)
+        cache = runner.cache_bytes(batch, tokens) // max(len(layer_ids), 1)
         causal = bool(pool.family(name).causal) and any(k == "head" for k in kinds.values())
         logit_work = runner.working_bytes(batch, tokens, 0, batch * tokens) - layer_work
         precisions = [e.precision for e in entries if e.kind == "layer"] or ["fp32"]
@@ -803,6 +939,8 @@ def pool_candidates(
                 ),
                 layer_work=layer_work,
                 logit_work=logit_work if causal else 0,
+                logit_row=logit_work // (batch * tokens) if causal else 0,
+                layer_cache=(cache,) * len(layer_ids),
                 precision=max(set(precisions), key=precisions.count),
                 sparsity=sum(pool.blocks[b].sparsity for b in layer_ids) / max(len(layer_ids), 1),
             )

@@ -42,8 +42,9 @@ __all__ = ["assemble_cmd"]
     default=3,
     show_default=True,
     type=int,
-    help="Plans the measured proxy scores on your data (the planner's best, plus the best "
-    "single model); 0: take the planner's best unmeasured.",
+    help="The planner's best plans the measured proxy scores on your data; it also scores "
+    "the best plan of each model line alone and the best single model. 0: take the "
+    "planner's best unmeasured.",
 )
 @click.option(
     "--samples", default=32, show_default=True, help="Calibration windows per candidate fit."
@@ -78,6 +79,13 @@ __all__ = ["assemble_cmd"]
     is_flag=True,
     help="Plan for the swapper: the working set (largest layer, pinned parts, adapters, "
     "working memory) must fit, not every weight; the plan shows the bytes read per token.",
+)
+@click.option(
+    "--max-read",
+    metavar="SIZE",
+    help="With --allow-swap: read at most SIZE of weights again per token (e.g. 100MB; "
+    "0: only what stays resident). Without it a plan may stream whole models, best in "
+    "quality and slowest.",
 )
 @click.option(
     "--measure",
@@ -120,6 +128,7 @@ def assemble_cmd(
     steps,
     make_variants,
     allow_swap,
+    max_read,
     measure,
     dtype,
     threads,
@@ -135,9 +144,10 @@ def assemble_cmd(
     The planner maximizes the compatibility along the chain (the comparator's scores with
     --compat, a depth fallback otherwise) under resident bytes of weights + adapters + one
     forward call's working memory <= --budget (with --allow-swap: the swapper's working
-    set). Its best --candidates plans and the best single model that fits are then fitted
-    in closed form on the first 80% of --data or --task and scored in bits per byte on the
-    rest; states shared by candidates are computed once. The best is written, then
+    set). Its best --candidates plans, the best plan of each model line alone (one model
+    and its variants, thinned where it must be) and the best single model that fits are
+    fitted in closed form on the first 80% of --data or --task and scored in bits per byte
+    on the rest; states shared by candidates are computed once. The best is written, then
     evaluated in a fresh process within --budget: peak resident weights and peak RSS are
     printed beside the plan's prediction. --dry-run prints the plan only.
     """
@@ -145,7 +155,7 @@ def assemble_cmd(
     from assy.assembly.planner import (
         compat_source,
         load_compat,
-        plan_candidates,
+        plan_shortlist,
         pool_candidates,
         swap_ends_bytes,
     )
@@ -153,6 +163,9 @@ def assemble_cmd(
     from blockpool import Pool, parse_size
 
     size = parse_size(budget)
+    if max_read is not None and not allow_swap:
+        raise UsageError("--max-read limits what the swapper reads: add --allow-swap")
+    read_cap = None if max_read is None else 0 if max_read.strip() == "0" else parse_size(max_read)
     if max_seams < 0:
         raise UsageError(f"--max-seams must be 0 or more, got {max_seams}")
     if seq_len < 1:
@@ -183,7 +196,7 @@ def assemble_cmd(
         else None
     )
     tic = time.perf_counter()
-    plans = plan_candidates(
+    plans, alone = plan_shortlist(
         cands,
         size,
         max(candidates, 1),
@@ -191,9 +204,9 @@ def assemble_cmd(
         max_seams=max_seams,
         seed=seed,
         swap_ends=swap,
+        max_read=read_cap,
     )
     plan = plans[0]
-    alone = plan if plan.seams == 0 else _single(cands, size, seed, swap)
     planning = time.perf_counter() - tic
     doc: dict = {
         "plan": plan.to_json(),
@@ -201,6 +214,7 @@ def assemble_cmd(
         "compatibility": compat_source(compat),
         "planning_seconds": round(planning, 3),
         "allow_swap": allow_swap,
+        "max_read": read_cap,
         "made_variants": made,
     }
     say.plan(plan, alone, doc["compatibility"], planning)
@@ -221,8 +235,17 @@ def assemble_cmd(
     start = time.perf_counter()
     forwards0 = FORWARDS.value
     if candidates:
-        chosen, scored = _measured_choice(
-            opened, plans, alone, fit_data, fit, score_windows, options, cache, say
+        from assy.assembly.proxy import measured_choice
+
+        chosen, scored = measured_choice(
+            opened,
+            plans,
+            fit_data,
+            fit,
+            score_windows=score_windows,
+            options=options,
+            cache=cache,
+            say=say.line,
         )
         doc["candidates"] = [s.to_json() for s in scored]
         fitted, plan = chosen.fitted, chosen.plan
@@ -347,41 +370,6 @@ def _fit_part(data):
     return replace(data, text=text, source={**data.source, "held_back": SCORE_SHARE})
 
 
-def _measured_choice(pool, plans, alone, data, fit, score_windows, options, cache, say):
-    """Score the plans (and the best single model) on the held-back data; the best wins."""
-    from assy.assembly.proxy import score_plans
-    from assy.assembly.recipe import describe_recipe
-
-    todo = list(plans)
-    if alone is not None and all(p.recipe != alone.recipe for p in todo):
-        todo.append(alone)
-    say.line(
-        f"measuring {len(todo)} candidates on your data: closed-form fit on 80%, bits per "
-        f"byte on {score_windows} windows of the last 20%"
-    )
-
-    def done(i, s) -> None:
-        say.line(
-            f"  [{i + 1}/{len(todo)}] {describe_recipe(s.plan.recipe)} (objective "
-            f"{s.plan.objective:.3f}): {s.bits_per_byte:.4f} bits/byte, "
-            f"{s.forwards:,} block passes run, {s.seconds:.0f} s"
-        )
-
-    scored = score_plans(
-        pool,
-        todo,
-        data,
-        fit,
-        score_windows=score_windows,
-        options=options,
-        cache=cache,
-        done=done,
-    )
-    best = min(scored, key=lambda s: s.bits_per_byte)
-    say.line(f"  chosen: [{scored.index(best) + 1}] {describe_recipe(best.plan.recipe)}")
-    return best, scored
-
-
 def _write_and_measure(
     pool,
     plan,
@@ -471,9 +459,10 @@ def _print_measured(plan, m, line) -> None:
         return format_size(v) if v is not None else "n/a"
 
     b = plan.bytes
+    cache = f" + KV cache {fmt(b['cache'])}" if "cache" in b else ""
     line(
         f"  predicted: weights {fmt(b['weights'])} + adapters {fmt(b['adapters'])} + "
-        f"working memory {fmt(b['work'])} = {fmt(b['total'])} of {fmt(plan.budget)}"
+        f"working memory {fmt(b['work'])}{cache} = {fmt(b['total'])} of {fmt(plan.budget)}"
     )
     line(
         f"  measured:  weights resident peak {fmt(m['weights_resident_peak_bytes'])}, budget "
@@ -492,16 +481,6 @@ def _print_measured(plan, m, line) -> None:
         )
 
 
-def _single(cands, size, seed, swap):
-    from assy.assembly.planner import plan_assembly
-    from assy.errors import UsageError
-
-    try:
-        return plan_assembly(cands, size, max_seams=0, seed=seed, swap_ends=swap)
-    except UsageError:
-        return None
-
-
 def _print_plan(plan, alone, source: str, seconds: float, line) -> None:
     from blockpool import format_size
 
@@ -511,9 +490,10 @@ def _print_plan(plan, alone, source: str, seconds: float, line) -> None:
         f"{len(plan.chain)} layers, {plan.seams} seams, objective {plan.objective:.3f} "
         f"(compatibility: {source}; planned in {seconds:.2f} s)"
     )
+    cache = f" + KV cache {format_size(b['cache'])}" if "cache" in b else ""
     line(
         f"  resident {format_size(b['total'])} = weights {format_size(b['weights'])} + "
-        f"adapters {format_size(b['adapters'])} + working memory {format_size(b['work'])}"
+        f"adapters {format_size(b['adapters'])} + working memory {format_size(b['work'])}" + cache
     )
     if "working_set" in b:
         line(

@@ -129,7 +129,8 @@ def propose(
     from assy.assembly.planner import plan_assembly, pool_candidates
     from assy.assembly.recipe import pin_blocks
 
-    cands = pool_candidates(pool, tokens=cfg.max_length)
+    # the working memory of a client's largest call: a batch of max_length tokens
+    cands = pool_candidates(pool, batch=cfg.batch_size, tokens=cfg.max_length)
     compat = federation_compat(cfg, cands)
     unlimited = 2 * sum(c.bytes + c.layer_work + c.logit_work for c in cands)
     out: dict[str, list[Candidate]] = {}
