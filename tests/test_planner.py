@@ -138,6 +138,20 @@ def test_shortlist_holds_the_best_chain_of_each_line_and_the_single_model():
     assert alone == plans[0] and all(p.seams == 0 for p in plans)
 
 
+def test_an_anchor_whose_ends_equal_its_models_is_planned_once():
+    from dataclasses import replace
+
+    big = replace(cand("big", 6, 100), ends_key="e")
+    pruned = replace(cand("big-s50", 6, 100, root="big", q=0.75), ends_key="e")
+    plans = plan_candidates([pruned, big], 10_000, 4)
+    assert {p.recipe.anchor for p in plans} == {"big"}  # the model, not its variant
+    other = replace(pruned, ends_key="f")  # ends of its own: an anchor of its own
+    assert {p.recipe.anchor for p in plan_candidates([other, big], 10_000, 4)} == {
+        "big",
+        "big-s50",
+    }
+
+
 def test_too_small_budget_names_the_minimum():
     cands = _pool_of_two()
     # smallest: the anchor small's ends + work and either its first layer with an affine
@@ -353,7 +367,10 @@ def test_proxy_shares_the_forward_passes_of_a_common_prefix(plan_pool):
         (["--budget", "1GB", "--make-variants", "int8,int3", "--dry-run"], r"unknown precision"),
         (["--budget", "1GB", "--make-variants", "int8,", "--dry-run"], r"give precisions"),
         (["--budget", "1GB", "--max-read", "10MB", "--dry-run"], r"--max-read .* add --allow-swap"),
-        (["--budget", "1GB", "--allow-swap", "--max-read", "lots", "--dry-run"], r"cannot read size"),
+        (
+            ["--budget", "1GB", "--allow-swap", "--max-read", "lots", "--dry-run"],
+            r"cannot read size",
+        ),
     ],
 )
 def test_assemble_bad_input_is_one_line_and_writes_nothing(plan_pool, tmp_path, args, pattern):

@@ -119,6 +119,8 @@ class Candidate:
         logit_row: working bytes of one token's logits (``logit_work`` of one row).
         layer_cache: per layer, the bytes of its KV cache over the planned tokens (what a
             run through the swapper holds beside the weights it streams).
+        ends_key: the sums of its embedding and head blocks ("": unknown): anchors with
+            the same key and root give the same ends, and are planned once.
         precision, sparsity: a summary for the plan (the most common / the mean).
     """
 
@@ -135,6 +137,7 @@ class Candidate:
     logit_work: int = 0
     logit_row: int = 0
     layer_cache: tuple[int, ...] = ()
+    ends_key: str = ""
     precision: str = "fp32"
     sparsity: float = 0.0
 
@@ -447,20 +450,24 @@ def _better(x: _Label, y: _Label) -> bool:
 def _pareto(labels: list[_Label]) -> list[_Label]:
     """Labels no other label dominates: one with no more bytes, no more seams and a higher
     score (or the same score, bytes and seams and a higher tie rank). Equal scores at
-    different bytes both stay: a tie goes to the larger assembly."""
+    different bytes both stay: a tie goes to the larger assembly.
+
+    In order of bytes, a label is dominated exactly when a label kept before it with no
+    more seams scores higher, or one with its bytes and seams scores the same: the best
+    score kept per seam count and the scores kept per (bytes, seams) decide it."""
     labels.sort(key=lambda x: (x.bytes, x.seams, -x.score, -x.tie))
     kept: list[_Label] = []
+    best: dict[int, float] = {}  # seams -> the highest score kept with that many
+    same: dict[tuple[int, int], list[float]] = {}
     for x in labels:
-        if any(
-            y.seams <= x.seams
-            and (
-                y.score > x.score + _EPS
-                or (abs(y.score - x.score) <= _EPS and (y.bytes, y.seams) == (x.bytes, x.seams))
-            )
-            for y in kept
-        ):  # y has no more bytes (sorted)
+        top = max((v for k, v in best.items() if k <= x.seams), default=-math.inf)
+        if top > x.score + _EPS:
+            continue
+        if any(abs(v - x.score) <= _EPS for v in same.get((x.bytes, x.seams), ())):
             continue
         kept.append(x)
+        best[x.seams] = max(best.get(x.seams, -math.inf), x.score)
+        same.setdefault((x.bytes, x.seams), []).append(x.score)
     return kept
 
 
@@ -575,6 +582,7 @@ def plan_candidates(
             "no decoder to anchor an assembly: the pool needs a causal language model "
             "(its tokenizer, embedding and head)"
         )
+    pool_anchors = _distinct_ends(pool_anchors)
     layers = [c for c in candidates if c.n]
     real = {c.name: c for c in candidates}
     found: list[tuple[_Label, _Search, int]] = []
@@ -780,6 +788,18 @@ class _SortKey:
         return _better(self.label, other.label)
 
 
+def _distinct_ends(anchors: Sequence[Candidate]) -> list[Candidate]:
+    """One anchor per distinct ends (a pruned variant keeps its model's embedding and head:
+    planning under both gives the same chains twice): the model itself where it is among
+    them, else the first by name."""
+    keep: dict[tuple[str, str], Candidate] = {}
+    for c in sorted(anchors, key=lambda c: (c.name != c.root, c.name)):
+        key = (c.root, c.ends_key or c.name)
+        keep.setdefault(key, c)
+    chosen = {c.name for c in keep.values()}
+    return [c for c in anchors if c.name in chosen]
+
+
 def _swap_bytes(c: Candidate, capped: bool) -> Candidate:
     """``c`` as the swapper's search counts its layers: by their KV caches alone (the
     working set holds those; the weights pass through), or with ``capped`` (a read limit)
@@ -941,11 +961,30 @@ def pool_candidates(
                 logit_work=logit_work if causal else 0,
                 logit_row=logit_work // (batch * tokens) if causal else 0,
                 layer_cache=(cache,) * len(layer_ids),
+                ends_key=",".join(_content_sum(pool, b) for b in ends),
                 precision=max(set(precisions), key=precisions.count),
                 sparsity=sum(pool.blocks[b].sparsity for b in layer_ids) / max(len(layer_ids), 1),
             )
         )
     return out
+
+
+def _content_sum(pool, bid: str) -> str:
+    """The sum of block ``bid``, or of its parent's where it is the parent's tensors
+    unchanged (a pruned variant's embedding and head: same precision, nothing pruned or
+    quantized), so that both have one key."""
+    entry = pool.blocks[bid]
+    parent = entry.parent
+    source = pool.blocks.get(parent.block) if parent is not None and parent.pool == "." else None
+    unchanged = (
+        source is not None
+        and parent.sha256 == source.sha256
+        and entry.precision == source.precision
+        and not entry.sparsity
+        and entry.quant is None
+        and entry.pruning is None
+    )
+    return source.sha256 if unchanged else entry.sha256
 
 
 def _torch_dtype(name: str):
