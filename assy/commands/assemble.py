@@ -78,7 +78,8 @@ __all__ = ["assemble_cmd"]
     "--allow-swap",
     is_flag=True,
     help="Plan for the swapper: the working set (largest layer, pinned parts, adapters, "
-    "working memory) must fit, not every weight; the plan shows the bytes read per token.",
+    "KV caches, working memory) must fit, not every weight; the plan shows the bytes read "
+    "per token.",
 )
 @click.option(
     "--max-read",
