@@ -2,9 +2,9 @@
 
 The seed's Figures 13-16 in miniature, on a real pool (the three builtin models and any
 variants it holds). The run reported in the README (the issue's full size: all budgets,
-``--limit 200``, 30 random recipes), on the 2-core CPU machine beside other jobs: the
-quality and cost parts in 35 minutes, the rows in two processes side by side (56 and 34
-minutes)::
+``--limit 200``, 30 random recipes), on the 2-core CPU machine, up to four processes side
+by side: the cost part in 2 minutes, the quality part in about 40, the rows 20-36 minutes
+per budget::
 
     assy build-pool smollm2-135m gemma3-270m minilm-l6 --out work/pool
     assy assemble work/pool --budget 300MB --make-variants int8,int4 --max-seams 0 --dry-run
@@ -12,12 +12,14 @@ minutes)::
         --as smollm2-135m-sparsegpt-s50
     assy compare work/pool --task piqa --samples 128 --out work/compare
     B="--pool work/pool --compat work/compare --samples 16 --seq-len 128 --threads 1"
-    .venv/bin/python benchmarks/assemble.py $B --parts cost,quality --random 30 \\
-        --quality-limit 200 --out results/assemble-quality.json
-    .venv/bin/python benchmarks/assemble.py $B --parts rows --budgets 1,4GB --limit 200 \\
-        --out results/assemble-rows-A.json &
-    .venv/bin/python benchmarks/assemble.py $B --parts rows --budgets 0.5,0.35,0.25 \\
-        --limit 200 --out results/assemble-rows-B.json
+    .venv/bin/python benchmarks/assemble.py $B --parts cost --out results/assemble-cost.json
+    .venv/bin/python benchmarks/assemble.py $B --parts quality --random 30 \\
+        --quality-limit 200 --out results/assemble-quality2.json
+    R="$B --parts rows --limit 200"
+    .venv/bin/python benchmarks/assemble.py $R --budgets 1 --out results/assemble-rows-E.json
+    .venv/bin/python benchmarks/assemble.py $R --budgets 0.35,0.5 --out results/assemble-rows-D.json
+    .venv/bin/python benchmarks/assemble.py $R --budgets 0.25 --out results/assemble-rows-C.json
+    .venv/bin/python benchmarks/assemble.py $R --budgets 4GB --out results/assemble-rows-A.json
 
 A quick look (``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``): 39
 minutes in one process.
@@ -36,7 +38,8 @@ Parts (``--parts``):
   feasible recipe whose weights are within 15% of the planned one's); ``linear`` (the
   planned anchor with the span it would need to drop replaced by one affine map fitted in
   closed form, ReplaceMe-style). Where no resident plan fits the budget, the row plans for
-  the swapper (``--allow-swap``) and says so. Peak resident weights (the swapper's count)
+  the swapper (``--allow-swap``), reading at most the budget again per pass
+  (``--max-read``), and says so. Peak resident weights (the swapper's count)
   and peak RSS over the warm floor are reported for every row.
 - ``quality``: at one budget (``--quality-budget``), the planner's choice against
   ``--random`` random feasible recipes, all fitted in closed form: held-out bits per byte
