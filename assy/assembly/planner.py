@@ -45,10 +45,11 @@ data is what should replace them.
 **Bytes** (the budget contract of DESIGN.md): the anchor's embedding and head (a tied
 pair once), every layer, every adapter (its fp32 parameters and buffers), and the
 runtime's working memory of one forward call of ``batch × tokens`` (the largest layer call
-among the models used, plus the anchor's logits). Blocks are counted as the runtime holds
-them: quantized blocks are dequantized to the compute dtype at load and pruned ones are
-stored dense, so today a variant saves bytes on disk but not in memory, and the planner
-says so rather than pretend otherwise.
+among the models used, plus the anchor's logits; planning for the swapper, one token's
+logits and the KV caches of the chain's layers: see :func:`plan_assembly`). Blocks are
+counted as the runtime holds them (:func:`blockpool.block_nbytes`): int8 and 4-bit blocks
+packed, floating ones at the compute dtype, pruned ones dense (a pruned variant saves
+nothing in memory yet, and the planner says so rather than pretend otherwise).
 
 **Search**: exact dynamic programming over the depth-ordered DAG of layers, with Pareto
 labels ``(bytes, seams, score)`` per layer (a label is dropped only when another reaches
@@ -534,10 +535,10 @@ def plan_assembly(
             read again on every pass). The anchor's logits count one token's worth: a
             budgeted run computes them in groups that fit the room left.
         max_read: with ``swap_ends``, the most bytes a plan may read again per pass
-            (``read_per_token``; ``None``: no limit). Since ``read_per_token`` is the
-            weights and adapters beyond ``budget`` less the working memory, this bounds
-            them by ``budget + max_read``, searched exactly as a resident plan is; the
-            working set must still fit ``budget``.
+            (``read_per_token``; ``None``: no limit). Since ``read_per_token`` is what
+            the weights, adapters, KV caches and working memory hold beyond ``budget``,
+            this bounds them by ``budget + max_read``, searched exactly as a resident
+            plan is; the working set must still fit ``budget``.
 
     Raises:
         UsageError: no causal candidate, a negative ``max_seams``, or a budget below the
