@@ -75,7 +75,6 @@ from assy.assembly.calibration import passages_text, token_windows  # noqa: E402
 from assy.assembly.measure import measure_runs  # noqa: E402
 from assy.assembly.planner import (  # noqa: E402
     load_compat,
-    plan_candidates,
     plan_chain,
     plan_shortlist,
     pool_candidates,
@@ -241,12 +240,9 @@ def single_plans(cands, budget, compat, swap, max_read=None) -> list:
     return singles
 
 
-def proxy_choice(pool, cands, budget, compat, swap, data, fit, args, cache, max_read=None):
-    """``assy assemble``'s choice, widened: the command's shortlist (the planner's
-    ``--candidates`` best, the best plan of each model line, the best single model) and
-    *every* single model that fits, scored by the measured proxy (closed-form fit,
-    held-back windows); the lowest bits per byte wins. Returns ``(best, scored,
-    singles)``."""
+def shortlist(cands, budget, compat, args, swap=None, max_read=None) -> list:
+    """``assy assemble``'s shortlist: the planner's ``--candidates`` best, the best plan
+    of each model line, the best single model."""
     plans, _ = plan_shortlist(
         cands,
         budget,
@@ -256,6 +252,14 @@ def proxy_choice(pool, cands, budget, compat, swap, data, fit, args, cache, max_
         swap_ends=swap,
         max_read=max_read,
     )
+    return plans
+
+
+def proxy_choice(pool, cands, plans, budget, compat, swap, data, fit, args, cache, max_read=None):
+    """``assy assemble``'s choice, widened: its shortlist (``plans``: :func:`shortlist`)
+    and *every* single model that fits, scored by the measured proxy (closed-form fit,
+    held-back windows); the lowest bits per byte wins. Returns ``(best, scored,
+    singles)``."""
     singles = single_plans(cands, budget, compat, swap, max_read)
     todo = plans + [s for s in singles if all(s.recipe != p.recipe for p in plans)]
     best, scored = measured_choice(
@@ -280,20 +284,21 @@ def part_rows(pool, cands, compat, data, heldout, args, work: Path) -> list[dict
     for spec in args.budgets:
         budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
         label = f"{float(spec):.0%}" if _is_fraction(spec) else spec
-        swap, note = None, ""
+        swap, note, max_read, shaped = None, "", None, cands
         try:
-            plan_candidates(cands, budget, 1, compat=compat, seed=args.seed)
+            plans = shortlist(cands, budget, compat, args)
         except UsageError as e:
             note = f"no resident plan ({e}); planned for the swapper, reading at most the budget"
             swap = {c.name: swap_ends_bytes(pool, c.name) for c in cands if c.causal}
-        # the swapper's plans read at most their budget again per pass: streaming whole
-        # models (the best objective) would take hours to evaluate here
-        max_read = budget if swap else None
-        # a swapper's plan holds the KV caches of the evaluation's windows (256 tokens)
-        shaped = cands if swap is None else pool_candidates(pool, tokens=EVAL_WINDOW)
+            # the swapper's plans read at most their budget again per pass: streaming whole
+            # models (the best objective) would take hours to evaluate here
+            max_read = budget
+            # a swapper's plan holds the KV caches of the evaluation's windows (256 tokens)
+            shaped = pool_candidates(pool, tokens=EVAL_WINDOW)
+            plans = shortlist(shaped, budget, compat, args, swap, max_read)
         print(f"[{label} = {format_size(budget)}] {note or 'resident plans'}", flush=True)
         planned, scored, singles = proxy_choice(
-            pool, shaped, budget, compat, swap, data, fit, args, cache, max_read
+            pool, shaped, plans, budget, compat, swap, data, fit, args, cache, max_read
         )
         directory = work / f"b{label}"
         cases: list[tuple[str, Any, Any]] = [("planned", planned.plan, planned.plan.recipe)]
@@ -417,7 +422,8 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     cache = StateCache(work / "states")
     # the planned recipe is the proxy's choice (proxy_choice; its forwards are counted too)
     before = FORWARDS.value
-    choice, _, _ = proxy_choice(pool, cands, budget, compat, None, data, fit, args, cache)
+    plans = shortlist(cands, budget, compat, args)
+    choice, _, _ = proxy_choice(pool, cands, plans, budget, compat, None, data, fit, args, cache)
     planned = choice.plan
     randoms = sample_plans(
         cands, budget, compat, None, random.Random(args.seed + 1), args.random, exclude=[planned]
