@@ -6,7 +6,7 @@ import re
 
 from blockpool.errors import UsageError
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["budget_allowance", "format_size", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -55,3 +55,10 @@ def format_size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f}{unit}"
     return f"{int(n)}B"
+
+
+def budget_allowance(budget: int) -> int:
+    """The most a run within ``budget`` may hold over its warm floor, peak RSS (DESIGN.md's
+    budget contract): the budget and a tolerance of max(10%, 32 MiB), for what no plan
+    counts (allocator slack, a tokenizer's tables, read buffers)."""
+    return budget + max(budget // 10, 32 << 20)

@@ -277,8 +277,11 @@ def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
     from assy.assembly import load_assembly
     from assy.cli import cli
 
-    cands = pool_candidates(plan_pool, tokens=32)
-    whole = min(c.bytes + c.layer_work + c.logit_work for c in cands if c.causal)
+    # as the command counts them: scored (one token's logits and the KV caches)
+    cands = pool_candidates(plan_pool, tokens=32, scored=True)
+    whole = min(
+        c.bytes + c.layer_work + c.logit_row + sum(c.layer_cache) for c in cands if c.causal
+    )
     budget = str(whole - 1)  # no whole model fits: layers must go
     data = tmp_path / "fit.txt"
     data.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 80))
@@ -306,6 +309,9 @@ def test_assemble_writes_an_assembly_that_loads(plan_pool, tmp_path):
     assert 0 < measured["weights_resident_peak_bytes"] <= int(budget)
     assert measured["budget_used_peak_bytes"] <= int(budget)
     assert measured["peak_rss_bytes"] > measured["floor_rss_bytes"] > 0
+    # and its peak RSS judged by the budget contract (budget + max(10%, 32 MiB))
+    over = measured["peak_rss_over_floor_bytes"]
+    assert measured["rss_within_contract"] == (over <= int(budget) + (32 << 20))
     assert doc["plan"]["bytes"]["total"] <= int(budget)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # --fit train: the chosen plan's adapters trained after the closed form
@@ -425,6 +431,92 @@ def test_assemble_refuses_a_pool_without_a_decoder_and_max_seams_0_is_one_model(
     assert doc["max_read"] == 0 and doc["plan"]["bytes"]["read_per_token"] == 0
 
 
+def test_contract_budget_plans_again_within_less_by_the_excess():
+    from assy.assembly.measure import contract_budget
+    from blockpool import budget_allowance
+
+    budget = 100 * 10**6
+    allowed = budget_allowance(budget)
+    assert contract_budget({"peak_rss_over_floor_bytes": allowed}, budget, budget) is None
+    assert contract_budget({"peak_rss_over_floor_bytes": None}, budget, budget) is None
+    over = {"peak_rss_over_floor_bytes": allowed + 5 * 10**6}
+    slack = budget // 100 + (2 << 20)
+    assert contract_budget(over, budget, budget) == budget - 5 * 10**6 - slack
+    assert contract_budget(over, budget, 90 * 10**6) == 90 * 10**6 - 5 * 10**6 - slack
+
+
+def _measured(over: int, weights: int) -> dict:
+    """What :func:`assy.assembly.measure.measure_assembly` returns, with ``over`` bytes of
+    RSS over the floor (the command's control flow is under test, not the process)."""
+    return {
+        "task": "perplexity",
+        "budget": 0,
+        "weights_resident_peak_bytes": weights,
+        "budget_used_peak_bytes": weights,
+        "bytes_read": weights,
+        "floor_rss_bytes": 10**8,
+        "peak_rss_over_floor_bytes": over,
+        "peak_rss_bytes": 10**8 + over,
+        "seconds": 0.1,
+        "n": 10,
+        "score": {"bits_per_byte": 2.0, "bits_per_byte_stderr": 0.1},
+    }
+
+
+@pytest.mark.parametrize("second_fits", [True, False])
+def test_assemble_plans_again_where_the_run_broke_the_contract(
+    plan_pool, tmp_path, monkeypatch, second_fits
+):
+    from click.testing import CliRunner
+
+    import assy.assembly.measure as measure
+    from assy.cli import cli
+    from blockpool import budget_allowance
+
+    cands = pool_candidates(plan_pool, tokens=32, scored=True)
+    whole = min(
+        c.bytes + c.layer_work + c.logit_row + sum(c.layer_cache) for c in cands if c.causal
+    )
+    size = whole + (3 << 20)  # a whole model fits
+    slack = size // 100 + (2 << 20)
+    target = whole - 1 if second_fits else 1000  # where the second plan is to be made
+    runs = []
+
+    def fake(pool, assembly, budget, **kwargs):
+        runs.append(budget)
+        excess = size - slack - target  # the first run: over by this much
+        over = budget_allowance(size) + excess if len(runs) == 1 else budget_allowance(size)
+        return _measured(over, budget // 2)
+
+    monkeypatch.setattr(measure, "measure_assembly", fake)
+    data = tmp_path / "fit.txt"
+    data.write_text(" ".join(["the quick brown fox jumps over the lazy dog."] * 80))
+    out = tmp_path / "asm"
+    result = CliRunner().invoke(
+        cli,
+        ["assemble", str(plan_pool.root), "--budget", str(size), "--seq-len", "32"]
+        + ["--samples", "4", "--data", str(data), "--out", str(out), "--max-seams", "2"]
+        + ["--candidates", "1", "--score-windows", "2", "--measure", "2", "--json"],
+    )
+    if not second_fits:  # nothing fits within less: one line, nothing written
+        assert result.exit_code == 2 and runs == [size]
+        assert "no smaller plan fits" in result.output and "Traceback" not in result.output
+        assert not out.exists() and list(tmp_path.iterdir()) == [data]
+        return
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert runs == [size, target]  # measured within the budget it was planned within
+    attempts = doc["contract"]["attempts"]
+    assert [a["within_contract"] for a in attempts] == [False, True]
+    assert [a["planned_within"] for a in attempts] == [size, target]
+    assert doc["plan"]["bytes"]["total"] <= target < doc["contract"]["budget"] == size
+    assert doc["measured"]["rss_within_contract"] is True
+    assert json.loads((out / "measured.json").read_text()) == doc["measured"]
+    from assy.assembly import load_assembly
+
+    assert load_assembly(plan_pool, out).recipe.seams  # within less than a whole model
+
+
 def test_swap_plans_fit_the_working_set_and_max_read_bounds_the_reads():
     from dataclasses import replace
 
@@ -455,15 +547,39 @@ def test_swap_plans_fit_the_working_set_and_max_read_bounds_the_reads():
 
 
 def test_plan_chain_scores_and_sizes_a_chain_as_the_search_does():
+    from dataclasses import replace
+
     from assy.assembly.planner import plan_chain
 
-    cands = _pool_of_two()
-    table = _table(cands, seed=2)
-    for budget in (300, 500, 700):
-        plan = plan_assembly(cands, budget, compat=table, max_seams=3)
-        again = plan_chain(cands, plan.recipe.anchor, plan.chain, budget, compat=table)
-        assert again.objective == pytest.approx(plan.objective)
-        assert again.bytes == plan.bytes and again.recipe == plan.recipe
+    for scored in (False, True):
+        cands = [
+            replace(c, scored=scored, logit_row=1, layer_cache=(2,) * c.n) for c in _pool_of_two()
+        ]
+        table = _table(cands, seed=2)
+        for budget in (300, 500, 700):
+            plan = plan_assembly(cands, budget, compat=table, max_seams=3)
+            assert plan.bytes["total"] <= budget and ("cache" in plan.bytes) == scored
+            again = plan_chain(cands, plan.recipe.anchor, plan.chain, budget, compat=table)
+            assert again.objective == pytest.approx(plan.objective)
+            assert again.bytes == plan.bytes and again.recipe == plan.recipe
+
+
+def test_scored_plans_count_one_tokens_logits_and_the_kv_caches():
+    from dataclasses import replace
+
+    # logits of a whole call (40 B) against one token's (2 B); KV caches of 3 B a layer
+    big = replace(cand("big", 6, 100), logit_work=40, logit_row=2, layer_cache=(3,) * 6)
+    trained = plan_assembly([big], 10**6, max_seams=0)  # a training step's: whole logits
+    assert trained.bytes["work"] == 10 + 40 and "cache" not in trained.bytes
+    scored = plan_assembly([replace(big, scored=True)], 10**6, max_seams=0)
+    assert scored.bytes["work"] == 10 + 2 and scored.bytes["cache"] == 6 * 3
+    assert scored.bytes["total"] == 650 + 12 + 18 == scored.bytes["weights"] + 30
+    budget = scored.bytes["total"]  # the whole model fits, scored; not with whole logits
+    assert plan_assembly([replace(big, scored=True)], budget, max_seams=0).recipe.anchor == "big"
+    with pytest.raises(UsageError, match="below the smallest runnable"):
+        plan_assembly([big], budget, max_seams=0)
+    with pytest.raises(UsageError, match=r"\(680B"):  # the caches count in the minimum too
+        plan_assembly([replace(big, scored=True)], budget - 1, max_seams=0)
 
 
 def test_describe_recipe_puts_a_recipe_on_one_line():
@@ -483,8 +599,8 @@ def test_make_variants_adds_what_is_missing_once_and_the_plan_can_use_it(plan_po
     from assy.cli import cli
     from blockpool import add_quantized_variant
 
-    def whole(pool, names):  # bytes of the smallest of these models run whole
-        cands = pool_candidates(pool, tokens=32)
+    def whole(pool, names):  # bytes of the smallest of these models run whole, as scored
+        cands = pool_candidates(pool, tokens=32, scored=True)
         return min(
             plan_assembly(cands, 10**12, max_seams=0, anchors=[n]).bytes["total"] for n in names
         )

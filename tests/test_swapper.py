@@ -211,6 +211,13 @@ def test_parse_size_rejects(text):
         parse_size(text)
 
 
+def test_budget_allowance_is_the_budget_and_max_10_percent_or_32_mib():
+    from blockpool import budget_allowance
+
+    assert budget_allowance(100 * 10**6) == 100 * 10**6 + (32 << 20)  # small: 32 MiB
+    assert budget_allowance(4 * 10**9) == 4 * 10**9 + 4 * 10**8  # large: 10%
+
+
 def test_one_buffer_reads_equal_tensor_by_tensor_reads(tmp_path):
     """The swapper's loads read a block file with one read into one buffer: the same
     tensors and the same sum as a read per tensor, a misaligned tensor copied out, and a

@@ -45,8 +45,10 @@ data is what should replace them.
 **Bytes** (the budget contract of DESIGN.md): the anchor's embedding and head (a tied
 pair once), every layer, every adapter (its fp32 parameters and buffers), and the
 runtime's working memory of one forward call of ``batch × tokens`` (the largest layer call
-among the models used, plus the anchor's logits; planning for the swapper, one token's
-logits and the KV caches of the chain's layers: see :func:`plan_assembly`). Blocks are
+among the models used, plus the anchor's logits: a whole call's where the plan trains;
+where it is scored -- ``assy assemble``'s plans, :class:`Candidate`'s ``scored`` -- or runs
+through the swapper, one token's logits and the KV caches of the chain's layers, as the
+scoring engine holds them: see :func:`plan_assembly`). Blocks are
 counted as the runtime holds them (:func:`blockpool.block_nbytes`): int8 and 4-bit blocks
 packed, floating ones at the compute dtype, pruned ones dense (a pruned variant saves
 nothing in memory yet, and the planner says so rather than pretend otherwise).
@@ -122,6 +124,12 @@ class Candidate:
             run through the swapper holds beside the weights it streams).
         ends_key: the sums of its embedding and head blocks ("": unknown): anchors with
             the same key and root give the same ends, and are planned once.
+        scored: planned for the scoring engine (:mod:`assy.evaluation.scoring`: every
+            evaluation, the measured run of ``assy assemble``): its logits count one
+            token's worth (``logit_row``; the engine computes them in groups of the rows
+            that fit the room left, one at the least) and its layers' KV caches count (a
+            window fed in pieces, a shared context); ``False``: one whole call's logits
+            and no cache, what a training step holds (the federation's adapter rounds).
         precision, sparsity: a summary for the plan (the most common / the mean).
     """
 
@@ -139,6 +147,7 @@ class Candidate:
     logit_row: int = 0
     layer_cache: tuple[int, ...] = ()
     ends_key: str = ""
+    scored: bool = False
     precision: str = "fp32"
     sparsity: float = 0.0
 
@@ -596,7 +605,9 @@ def plan_candidates(
         pool_for = layers if max_seams else [anchor]
         if swap:  # layers pass through; adapters and KV caches are held (see _swap_bytes)
             pool_for = [_swap_bytes(c, capped) for c in pool_for]
-            anchor = next(c for c in pool_for if c.name == anchor.name)
+        else:  # resident: every layer held, with its KV cache where scored
+            pool_for = [_cached(c) for c in pool_for]
+        anchor = next(c for c in pool_for if c.name == anchor.name)
         search = _Search(pool_for, anchor, compat, seed)
         for level, largest in _levels(pool_for, real, swap):
             allowed = {
@@ -748,6 +759,8 @@ def plan_chain(
     pool_for = [c for c in candidates if c.n]
     if swap_ends is not None:
         pool_for = [_swap_bytes(c, False) for c in pool_for]
+    else:
+        pool_for = [_cached(c) for c in pool_for]
     head = next(c for c in pool_for if c.name == anchor)
     search = _Search(pool_for, head, compat, 0)
     index = {(c.name, i): k for k, (c, i) in enumerate(search.nodes)}
@@ -811,11 +824,25 @@ def _swap_bytes(c: Candidate, capped: bool) -> Candidate:
     return replace(c, layer_bytes=caches)
 
 
+def _cached(c: Candidate) -> Candidate:
+    """``c`` as a resident search counts its layers: their weights, and with
+    ``c.scored`` their KV caches beside."""
+    if not c.scored or not c.layer_cache:
+        return c
+    return replace(c, layer_bytes=tuple(b + c.cache(i) for i, b in enumerate(c.layer_bytes)))
+
+
+def _scored(anchor: Candidate, swap: bool) -> bool:
+    """Whether a plan counts one token's logits and its layers' KV caches: planned for the
+    scoring engine (``anchor.scored``) or for the swapper (whose runs are scored)."""
+    return swap or anchor.scored
+
+
 def _logit_bytes(anchor: Candidate, swap: bool) -> int:
-    """Working bytes of the anchor's logits in a plan: one forward call's when resident;
-    one token's for the swapper's (a budgeted run computes them in groups of the rows that
-    fit the room left, one at the least: :mod:`assy.evaluation.scoring`)."""
-    if swap and anchor.logit_row:
+    """Working bytes of the anchor's logits in a plan: one forward call's where it trains;
+    one token's where it is scored (:func:`_scored`: a budgeted run computes them in groups
+    of the rows that fit the room left, one at the least: :mod:`assy.evaluation.scoring`)."""
+    if _scored(anchor, swap) and anchor.logit_row:
         return min(anchor.logit_work, anchor.logit_row)
     return anchor.logit_work
 
@@ -886,9 +913,10 @@ def _to_plan(
         "work": work,
         "total": weights + adapters + work,
     }
-    if swap_ends is not None:
+    if _scored(anchor, swap_ends is not None):
         sizes["cache"] = sum(real[name].cache(i) for name, i in chain)
         sizes["total"] += sizes["cache"]
+    if swap_ends is not None:
         pinned = swap_ends[anchor.name] + adapters + work + sizes["cache"]
         sizes["working_set"] = pinned + max(layer_bytes, default=0)
         # what does not fit beside the pinned parts is read again on every pass
@@ -909,11 +937,12 @@ def _to_plan(
 
 
 def pool_candidates(
-    pool, *, dtype: str = "fp32", batch: int = 1, tokens: int = 512
+    pool, *, dtype: str = "fp32", batch: int = 1, tokens: int = 512, scored: bool = False
 ) -> list[Candidate]:
     """Every model of ``pool`` as a :class:`Candidate`: block bytes as the runtime holds
     them at ``dtype`` (headers read, nothing loaded) and the working memory of a
-    ``batch × tokens`` forward call."""
+    ``batch × tokens`` forward call; ``scored``: plans run by the scoring engine (one
+    token's logits and the KV caches of ``batch × tokens``: see :class:`Candidate`)."""
     from assy.assembly.recipe import lineage
     from blockpool import BlockRunner, block_nbytes
 
@@ -963,6 +992,7 @@ def pool_candidates(
                 logit_row=logit_work // (batch * tokens) if causal else 0,
                 layer_cache=(cache,) * len(layer_ids),
                 ends_key=",".join(_content_sum(pool, b) for b in ends),
+                scored=scored,
                 precision=max(set(precisions), key=precisions.count),
                 sparsity=sum(pool.blocks[b].sparsity for b in layer_ids) / max(len(layer_ids), 1),
             )

@@ -21,7 +21,10 @@ __all__ = ["assemble_cmd"]
 @click.command("assemble")
 @click.argument("pool", type=click.Path(path_type=Path))
 @click.option(
-    "--budget", required=True, help="Memory for weights, adapters and working memory: 4GB, 512MB."
+    "--budget",
+    required=True,
+    help="Memory the run may use over its warm floor (weights, adapters, working memory, "
+    "KV caches; peak RSS within it + max(10%, 32 MiB)): 4GB, 512MB.",
 )
 @click.option("--data", type=click.Path(path_type=Path), help="Your data: text, .jsonl or .json.")
 @click.option("--task", type=click.Choice(sorted(TASKS)), help="Or a task's validation split.")
@@ -150,18 +153,18 @@ def assemble_cmd(
     fitted in closed form on the first 80% of --data or --task and scored in bits per byte
     on the rest; states shared by candidates are computed once. The best is written, then
     evaluated in a fresh process within --budget: peak resident weights and peak RSS are
-    printed beside the plan's prediction. --dry-run prints the plan only.
+    printed beside the plan's prediction. Plans count what the scoring engine holds (one
+    token's logits at a time, the windows' KV caches); what the process holds beyond that
+    (a tokenizer's remnants, heap kept between calls) is measured: where the run's peak
+    RSS over its warm floor passes the budget contract (--budget + max(10%, 32 MiB)), the
+    plan is made again within less, by the excess, up to three runs. --dry-run prints
+    the plan only.
     """
     from assy.assembly import FitOptions, load_fit_data
-    from assy.assembly.planner import (
-        compat_source,
-        load_compat,
-        plan_shortlist,
-        pool_candidates,
-        swap_ends_bytes,
-    )
+    from assy.assembly.measure import CONTRACT_TRIES, contract_budget
+    from assy.assembly.planner import compat_source, load_compat, pool_candidates, swap_ends_bytes
     from assy.errors import UsageError
-    from blockpool import Pool, parse_size
+    from blockpool import Pool, budget_allowance, format_size, parse_size
 
     size = parse_size(budget)
     if max_read is not None and not allow_swap:
@@ -190,45 +193,130 @@ def assemble_cmd(
     made = _make_variants(Pool(pool), make_variants, say) if make_variants is not None else []
     opened = Pool(pool)
     table = load_compat(compat) if compat is not None else None
-    cands = pool_candidates(opened, dtype=dtype, tokens=seq_len)
+    cands = pool_candidates(opened, dtype=dtype, tokens=seq_len, scored=True)
     swap = (
         {c.name: swap_ends_bytes(opened, c.name, dtype=dtype) for c in cands if c.causal}
         if allow_swap
         else None
     )
-    tic = time.perf_counter()
-    plans, alone = plan_shortlist(
-        cands,
-        size,
-        max(candidates, 1),
-        compat=table,
-        max_seams=max_seams,
-        seed=seed,
-        swap_ends=swap,
-        max_read=read_cap,
-    )
-    plan = plans[0]
-    planning = time.perf_counter() - tic
-    doc: dict = {
-        "plan": plan.to_json(),
-        "single_model": alone.to_json() if alone else None,
-        "compatibility": compat_source(compat),
-        "planning_seconds": round(planning, 3),
-        "allow_swap": allow_swap,
-        "max_read": read_cap,
-        "made_variants": made,
-    }
-    say.plan(plan, alone, doc["compatibility"], planning)
+    doc: dict = {"allow_swap": allow_swap, "max_read": read_cap, "made_variants": made}
     by_name = {c.name: c for c in cands}
-    if dry_run:
-        if png is not None:
-            from assy.assembly.plot import plot_plan
+    planning = size  # what plans are made within: less, after a run broke the contract
+    attempts: list[dict] = []
+    for attempt in range(CONTRACT_TRIES):
+        plans, alone, planning_seconds = _plan(
+            cands, planning, size, candidates, table, max_seams, seed, swap, read_cap, attempts
+        )
+        plan = plans[0]
+        doc |= {
+            "plan": plan.to_json(),
+            "single_model": alone.to_json() if alone else None,
+            "compatibility": compat_source(compat),
+            "planning_seconds": round(planning_seconds, 3),
+        }
+        say.plan(plan, alone, doc["compatibility"], planning_seconds)
+        if dry_run:
+            if png is not None:
+                from assy.assembly.plot import plot_plan
 
-            plot_plan(plan, by_name, png)
-            say.line(f"plan picture: {png}")
-        if as_json:
-            click.echo(json.dumps(doc))
+                plot_plan(plan, by_name, png)
+                say.line(f"plan picture: {png}")
+            if as_json:
+                click.echo(json.dumps(doc))
+            return
+        plan, fitted = _choose_and_fit(
+            opened, plans, doc, fit_data, fit, candidates, score_windows, fit_mode, steps,
+            dtype, threads, say,
+        )  # fmt: skip
+        stage, measured = _write_and_measure(
+            opened, plan, fitted, by_name, out, png, size, task, fit_data, measure, seq_len,
+            dtype, threads, say,
+        )  # fmt: skip
+        try:
+            following = contract_budget(measured, size, planning) if measured else None
+            if measured:
+                attempts.append(
+                    {
+                        "planned_within": planning,
+                        "peak_rss_over_floor_bytes": measured["peak_rss_over_floor_bytes"],
+                        "within_contract": following is None,
+                    }
+                )
+            if following is None or attempt == CONTRACT_TRIES - 1:
+                if following is not None:
+                    say.line(
+                        f"  kept over the budget contract after {CONTRACT_TRIES} runs: use a "
+                        "larger --budget to keep it"
+                    )
+                _commit(stage, out, png, overwrite, say)
+                break
+            say.line(
+                f"  the run held {format_size(measured['peak_rss_over_floor_bytes'])} over its "
+                f"floor, beyond the {format_size(budget_allowance(size))} the budget allows: "
+                "the process holds memory the plan does not count (a tokenizer's remnants, "
+                f"heap kept between calls); planning again within {format_size(following)}"
+            )
+            planning = following
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    doc["plan"] = plan.to_json()
+    doc["measured"] = measured
+    doc["contract"] = {
+        "budget": size,
+        "allowance": budget_allowance(size),
+        "planned_within": planning,
+        "attempts": attempts,
+    }
+    doc["out"] = str(out)
+    if as_json:
+        click.echo(json.dumps(doc, default=str))
         return
+    say.line(
+        f"wrote {out} ({plan.seams} adapters; {doc['forwards']:,} block passes over "
+        f"windows in {doc['fit_seconds']:.0f} s)"
+    )
+
+
+def _plan(cands, planning, size, candidates, table, max_seams, seed, swap, read_cap, attempts):
+    """The shortlist within ``planning`` bytes (best first), the best single model and the
+    seconds it took. After a run broke the contract (``attempts``), a budget
+    below what any plan needs is said in terms of ``size``, the user's."""
+    from assy.assembly.planner import plan_shortlist
+    from assy.errors import UsageError
+    from blockpool import format_size
+
+    tic = time.perf_counter()
+    try:
+        plans, alone = plan_shortlist(
+            cands,
+            planning,
+            max(candidates, 1),
+            compat=table,
+            max_seams=max_seams,
+            seed=seed,
+            swap_ends=swap,
+            max_read=read_cap,
+        )
+    except UsageError as e:
+        if not attempts:
+            raise
+        held = attempts[-1]["peak_rss_over_floor_bytes"] - attempts[-1]["planned_within"]
+        raise UsageError(
+            f"--budget {format_size(size)}: the measured run held "
+            f"{format_size(attempts[-1]['peak_rss_over_floor_bytes'])} over its floor, "
+            f"{format_size(max(held, 0))} beyond its plan, and no smaller plan fits ({e}); "
+            "use a larger --budget"
+        ) from None
+    return plans, alone, time.perf_counter() - tic
+
+
+def _choose_and_fit(
+    opened, plans, doc, fit_data, fit, candidates, score_windows, fit_mode, steps, dtype,
+    threads, say,
+):  # fmt: skip
+    """The measured proxy's choice among the shortlist ``plans`` (or the planner's best,
+    ``plans[0]``), its adapters fitted (and trained with ``--fit train``); ``doc`` gains
+    what was scored."""
     from assy.assembly.states import FORWARDS, StateCache, default_cache_dir
 
     cache = StateCache(default_cache_dir())
@@ -254,6 +342,7 @@ def assemble_cmd(
     else:
         from assy.assembly import fit_assembly
 
+        plan = plans[0]
         fitted = fit_assembly(opened, plan.recipe, fit_data, fit, options=options, cache=cache)
     if fit_mode == "train":
         from dataclasses import replace
@@ -276,33 +365,7 @@ def assemble_cmd(
     fitted.report["plan"] = plan.to_json()
     if candidates:
         fitted.report["candidates"] = doc["candidates"]
-    doc["plan"] = plan.to_json()
-    measured = _write_and_measure(
-        opened,
-        plan,
-        fitted,
-        by_name,
-        out,
-        png,
-        overwrite,
-        size,
-        task,
-        fit_data,
-        measure,
-        seq_len,
-        dtype,
-        threads,
-        say,
-    )
-    doc["measured"] = measured
-    doc["out"] = str(out)
-    if as_json:
-        click.echo(json.dumps(doc, default=str))
-        return
-    say.line(
-        f"wrote {out} ({plan.seams} adapters; {doc['forwards']:,} block passes over "
-        f"windows in {doc['fit_seconds']:.0f} s)"
-    )
+    return plan, fitted
 
 
 def _make_variants(pool, spec: str, say) -> list[dict]:
@@ -372,24 +435,12 @@ def _fit_part(data):
 
 
 def _write_and_measure(
-    pool,
-    plan,
-    fitted,
-    by_name,
-    out,
-    png,
-    overwrite,
-    size,
-    task,
-    data,
-    measure,
-    seq_len,
-    dtype,
-    threads,
-    say,
-):
-    """Write the assembly (and its picture) beside ``out``, measure it there within the
-    budget, then rename it into place: all or nothing."""
+    pool, plan, fitted, by_name, out, png, size, task, data, measure, seq_len, dtype, threads, say
+):  # fmt: skip
+    """Write the assembly (and its picture) into a stage beside ``out`` and measure it
+    there, the swapper given the budget ``plan`` was made within; its peak RSS is judged
+    by the contract of ``size``, the user's budget. Returns ``(stage, measured)``
+    (``None`` with ``--measure 0``): :func:`_commit` renames it into place."""
     from assy.assembly import write_assembly
     from assy.assembly.measure import measure_assembly
     from assy.assembly.plot import plot_plan
@@ -402,59 +453,62 @@ def _write_and_measure(
         staged = stage / out.name
         write_assembly(staged, fitted)
         plot_plan(plan, by_name, staged / "plan.png")
-        measured = None
-        if measure:
-            say.line(
-                f"measuring the assembly within {format_size(size)} in a fresh process "
-                f"({task or 'perplexity'}, {measure} {'examples' if task else 'windows'})"
+        if not measure:
+            return stage, None
+        say.line(
+            f"measuring the assembly within {format_size(plan.budget)} in a fresh process "
+            f"({task or 'perplexity'}, {measure} {'examples' if task else 'windows'})"
+        )
+        how = {"dtype": dtype, "threads": threads or 1}
+        if task:
+            measured = measure_assembly(
+                pool.root, staged, plan.budget, task=task, limit=measure, **how
             )
-            if task:
-                measured = measure_assembly(
-                    pool.root,
-                    staged,
-                    size,
-                    task=task,
-                    limit=measure,
-                    dtype=dtype,
-                    threads=threads or 1,
-                )
-            else:
-                from assy.assembly.proxy import split_text
+        else:
+            from assy.assembly.proxy import split_text
 
-                text = stage / "heldback.txt"
-                text.write_text(split_text(data.text)[1])
-                measured = measure_assembly(
-                    pool.root,
-                    staged,
-                    size,
-                    task="perplexity",
-                    data=text,
-                    tokens=measure * seq_len,
-                    window=seq_len,
-                    dtype=dtype,
-                    threads=threads or 1,
-                )
-            (staged / "measured.json").write_text(json.dumps(measured, indent=1))
-            _print_measured(plan, measured, say.line)
-        if png is not None:
-            png = Path(png)
-            shutil.copyfile(staged / "plan.png", png)
-        if out.exists():
-            if not overwrite:
-                from assy.errors import UsageError
-
-                raise UsageError(f"{out} exists; choose another --out or pass --overwrite")
-            old = stage / "old"
-            os.replace(out, old)
-        os.replace(staged, out)
-        say.line(f"plan picture: {png or out / 'plan.png'}")
-        return measured
-    finally:
+            text = stage / "heldback.txt"
+            text.write_text(split_text(data.text)[1])
+            measured = measure_assembly(
+                pool.root, staged, plan.budget, task="perplexity", data=text,
+                tokens=measure * seq_len, window=seq_len, **how,
+            )  # fmt: skip
+        measured["rss_within_contract"] = _within_contract(measured, size)
+        (staged / "measured.json").write_text(json.dumps(measured, indent=1))
+        _print_measured(plan, measured, size, say.line)
+        return stage, measured
+    except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
-def _print_measured(plan, m, line) -> None:
-    from blockpool import format_size
+def _commit(stage: Path, out, png, overwrite: bool, say) -> None:
+    """Rename the staged assembly into ``out`` (and copy its picture to ``--png``)."""
+    out = Path(out)
+    staged = stage / out.name
+    if png is not None:
+        shutil.copyfile(staged / "plan.png", Path(png))
+    if out.exists():
+        if not overwrite:
+            from assy.errors import UsageError
+
+            raise UsageError(f"{out} exists; choose another --out or pass --overwrite")
+        os.replace(out, stage / "old")
+    os.replace(staged, out)
+    say.line(f"plan picture: {png or out / 'plan.png'}")
+
+
+def _within_contract(measured: dict, budget: int) -> bool | None:
+    """Whether the run's peak RSS over its warm floor kept DESIGN.md's budget contract
+    (:func:`blockpool.budget_allowance`); ``None`` where it was not read."""
+    from blockpool import budget_allowance
+
+    over = measured.get("peak_rss_over_floor_bytes")
+    return None if over is None else over <= budget_allowance(budget)
+
+
+def _print_measured(plan, m, size: int, line) -> None:
+    from blockpool import budget_allowance, format_size
 
     def fmt(v):
         return format_size(v) if v is not None else "n/a"
@@ -471,6 +525,12 @@ def _print_measured(plan, m, line) -> None:
         f"({fmt(m['peak_rss_over_floor_bytes'])} over a warm floor of "
         f"{fmt(m['floor_rss_bytes'])}), read {fmt(m['bytes_read'])} in {m['seconds']:.0f} s"
     )
+    if m.get("rss_within_contract") is False:
+        line(
+            f"  over the budget contract: {fmt(m['peak_rss_over_floor_bytes'])} of RSS over "
+            f"the floor against {fmt(budget_allowance(size))} (the budget and "
+            "max(10%, 32 MiB))"
+        )
     score = ", ".join(
         f"{k} {v:.4f} ± {m['score'][k + '_stderr']:.4f}"
         for k, v in m["score"].items()
