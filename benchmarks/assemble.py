@@ -18,6 +18,7 @@ per budget::
     R="$B --parts rows --limit 200"
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.35,1 --out results/assemble-rows-H.json
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.5,0.25 --out results/assemble-rows-I.json
+    .venv/bin/python benchmarks/assemble.py $R --budgets 0.25:swap --out results/assemble-rows-J.json
     .venv/bin/python benchmarks/assemble.py $R --budgets 4GB --out results/assemble-rows-A.json
 
 (The rows H and I ran two at a time; the 4 GB row and the quality part are from earlier
