@@ -26,6 +26,7 @@ from assy.errors import UsageError
 __all__ = [
     "CONTRACT_TRIES",
     "contract_budget",
+    "within_contract",
     "measure_assembly",
     "measure_runs",
     "tiny_config",
@@ -114,6 +115,16 @@ def tiny_forward(config: dict[str, Any]) -> None:
         tiny(input_ids=torch.ones(1, 4, dtype=torch.long))
 
 
+def within_contract(measured: dict[str, Any], budget: int) -> bool | None:
+    """Whether a measured run's peak RSS over its warm floor kept DESIGN.md's budget
+    contract for ``budget`` (:func:`blockpool.budget_allowance`); ``None`` where it was
+    not read."""
+    from blockpool import budget_allowance
+
+    over = measured.get("peak_rss_over_floor_bytes")
+    return None if over is None else over <= budget_allowance(budget)
+
+
 def contract_budget(measured: dict[str, Any], budget: int, planned_for: int) -> int | None:
     """The budget to plan within next when a measured run broke DESIGN.md's budget
     contract -- peak RSS over the warm floor above :func:`blockpool.budget_allowance` of
@@ -128,10 +139,10 @@ def contract_budget(measured: dict[str, Any], budget: int, planned_for: int) -> 
     """
     from blockpool import budget_allowance
 
-    over = measured.get("peak_rss_over_floor_bytes")
-    if over is None or over <= budget_allowance(budget):
+    if within_contract(measured, budget) is not False:
         return None
-    return planned_for - (over - budget_allowance(budget)) - (budget // 100 + (2 << 20))
+    excess = measured["peak_rss_over_floor_bytes"] - budget_allowance(budget)
+    return planned_for - excess - (budget // 100 + (2 << 20))
 
 
 def measure_assembly(

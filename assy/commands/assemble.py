@@ -442,7 +442,7 @@ def _write_and_measure(
     by the contract of ``size``, the user's budget. Returns ``(stage, measured)``
     (``None`` with ``--measure 0``): :func:`_commit` renames it into place."""
     from assy.assembly import write_assembly
-    from assy.assembly.measure import measure_assembly
+    from assy.assembly.measure import measure_assembly, within_contract
     from assy.assembly.plot import plot_plan
     from blockpool import format_size
 
@@ -473,7 +473,7 @@ def _write_and_measure(
                 pool.root, staged, plan.budget, task="perplexity", data=text,
                 tokens=measure * seq_len, window=seq_len, **how,
             )  # fmt: skip
-        measured["rss_within_contract"] = _within_contract(measured, size)
+        measured["rss_within_contract"] = within_contract(measured, size)
         (staged / "measured.json").write_text(json.dumps(measured, indent=1))
         _print_measured(plan, measured, size, say.line)
         return stage, measured
@@ -496,15 +496,6 @@ def _commit(stage: Path, out, png, overwrite: bool, say) -> None:
         os.replace(out, stage / "old")
     os.replace(staged, out)
     say.line(f"plan picture: {png or out / 'plan.png'}")
-
-
-def _within_contract(measured: dict, budget: int) -> bool | None:
-    """Whether the run's peak RSS over its warm floor kept DESIGN.md's budget contract
-    (:func:`blockpool.budget_allowance`); ``None`` where it was not read."""
-    from blockpool import budget_allowance
-
-    over = measured.get("peak_rss_over_floor_bytes")
-    return None if over is None else over <= budget_allowance(budget)
 
 
 def _print_measured(plan, m, size: int, line) -> None:
