@@ -42,6 +42,15 @@ def lock_holder(root: str | Path) -> dict[str, str | int] | None:
     return info if isinstance(info, dict) else None
 
 
+def _holder_of_refusal(root: str | Path) -> dict[str, str | int] | None:
+    """:func:`lock_holder` for a refused writer: the holder writes its record just after
+    taking the lock, so a refusal in between waits for it a little (at most 1 s)."""
+    deadline = time.monotonic() + 1.0
+    while (info := lock_holder(root)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return info
+
+
 def _describe(info: dict[str, str | int] | None) -> str:
     if not info:
         return "another process"
@@ -130,7 +139,7 @@ def pool_lock(root: str | Path, *, wait: bool = False) -> Iterator[Path]:
             fd = _open_locked(path, wait)
         if fd is None:
             raise PoolBusy(
-                f"pool {root} is being written by {_describe(lock_holder(root))}; wait for it "
+                f"pool {root} is being written by {_describe(_holder_of_refusal(root))}; wait for it "
                 f"to finish, or pass {arg('wait')} to wait for it"
             )
         try:
