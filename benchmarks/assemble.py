@@ -289,6 +289,52 @@ def proxy_choice(pool, cands, plans, budget, compat, swap, data, fit, args, cach
     return best, scored, singles
 
 
+def contract_choice(
+    pool, shaped, budget, plans, compat, swap, max_read, data, fit, args, cache, directory, heldout
+):
+    """``assy assemble``'s choice at ``budget``, measured in full (:func:`evaluate_dir`)
+    within the budget it was planned for; where its peak RSS breaks the budget contract it
+    is planned again within less by the excess (:func:`contract_budget`), as the command
+    does, up to ``CONTRACT_TRIES`` runs. ``plans`` is the first attempt's shortlist (or
+    None). Returns ``(planned, scored, singles, measured, planned_within, attempts)``:
+    every other recipe is then made within ``planned_within``, so that all have the same
+    room."""
+    planning, attempts = budget, []
+    for attempt in range(CONTRACT_TRIES):
+        try:
+            if attempt or plans is None:
+                plans = shortlist(shaped, planning, compat, args, swap, max_read)
+        except UsageError as e:  # nothing fits within less: the last run stands
+            print(f"  no plan within {format_size(planning)}: {e}", flush=True)
+            attempts.append({"planned_within": planning, "error": str(e)})
+            planning = attempts[-2]["planned_within"]
+            break
+        planned, scored, singles = proxy_choice(
+            pool, shaped, plans, planning, compat, swap, data, fit, args, cache, max_read
+        )
+        d = fit_and_write(pool, planned.plan.recipe, data, fit, directory, cache)
+        r = evaluate_dir(pool.root, d, planning, heldout, args)
+        following = contract_budget(r, budget, planning)
+        attempts.append(
+            {
+                "planned_within": planning,
+                "recipe": describe(planned.plan),
+                "bits_per_byte": r["bits_per_byte"],
+                "peak_rss_over_floor_bytes": r["peak_rss_over_floor_bytes"],
+            }
+        )
+        print(
+            f"  planned within {format_size(planning)}: {describe(planned.plan)}: "
+            f"{r['bits_per_byte']:.4f} bits/byte, peak RSS over floor "
+            f"{format_size(r['peak_rss_over_floor_bytes'])}",
+            flush=True,
+        )
+        if following is None or attempt == CONTRACT_TRIES - 1:
+            break
+        planning = following
+    return planned, scored, singles, r, planning, attempts
+
+
 def part_rows(pool, compat, data, heldout, args, work: Path) -> list[dict[str, Any]]:
     smol16 = next(
         c for c in pool_candidates(pool, dtype="fp16", tokens=args.seq_len) if c.name == ANCHOR
@@ -316,42 +362,21 @@ def part_rows(pool, compat, data, heldout, args, work: Path) -> list[dict[str, A
             max_read = budget
         print(f"[{label} = {format_size(budget)}] {note or 'resident plans'}", flush=True)
         directory = work / f"b{label}"
-        # assy assemble's choice, measured in full; where its peak RSS breaks the budget
-        # contract, planned again within less by the excess (contract_budget), as the
-        # command does; every other recipe is then made within what the planned one was
-        planning, attempts = budget, []
-        for attempt in range(CONTRACT_TRIES):
-            try:
-                if attempt or plans is None:
-                    plans = shortlist(shaped, planning, compat, args, swap, max_read)
-            except UsageError as e:  # nothing fits within less: the last run stands
-                print(f"  no plan within {format_size(planning)}: {e}", flush=True)
-                attempts.append({"planned_within": planning, "error": str(e)})
-                planning = attempts[-2]["planned_within"]
-                break
-            planned, scored, singles = proxy_choice(
-                pool, shaped, plans, planning, compat, swap, data, fit, args, cache, max_read
-            )
-            d = fit_and_write(pool, planned.plan.recipe, data, fit, directory / "planned", cache)
-            r = evaluate_dir(pool.root, d, planning, heldout, args)
-            following = contract_budget(r, budget, planning)
-            attempts.append(
-                {
-                    "planned_within": planning,
-                    "recipe": describe(planned.plan),
-                    "bits_per_byte": r["bits_per_byte"],
-                    "peak_rss_over_floor_bytes": r["peak_rss_over_floor_bytes"],
-                }
-            )
-            print(
-                f"  planned within {format_size(planning)}: {describe(planned.plan)}: "
-                f"{r['bits_per_byte']:.4f} bits/byte, peak RSS over floor "
-                f"{format_size(r['peak_rss_over_floor_bytes'])}",
-                flush=True,
-            )
-            if following is None or attempt == CONTRACT_TRIES - 1:
-                break
-            planning = following
+        planned, scored, singles, r, planning, attempts = contract_choice(
+            pool,
+            shaped,
+            budget,
+            plans,
+            compat,
+            swap,
+            max_read,
+            data,
+            fit,
+            args,
+            cache,
+            directory / "planned",
+            heldout,
+        )
         rows.append(
             _row(label, budget, swap, "planned", planned.plan, r)
             | {"proxy_candidates": [s.to_json() for s in scored], "contract_attempts": attempts}
@@ -463,7 +488,7 @@ def spearman(x, y) -> float:
         return float(spearmanr(x, y).statistic)
 
 
-def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> dict[str, Any]:
+def part_quality(pool, compat, data, heldout, args, work: Path) -> dict[str, Any]:
     from assy.assembly.chain import build_items
     from assy.evaluation import evaluate_target
 
@@ -474,16 +499,43 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
-    # the planned recipe is the proxy's choice (proxy_choice; its forwards are counted too)
+    heldout_text = heldout.read_text()
+    # the planned recipe is the rows' (and assy assemble's): planned on the evaluation's
+    # windows, measured within its budget, planned again within less where it breaks the
+    # budget contract; its proxy's forwards are counted too
     before = FORWARDS.value
-    plans = shortlist(cands, budget, compat, args)
-    choice, _, _ = proxy_choice(pool, cands, plans, budget, compat, None, data, fit, args, cache)
+    shaped = pool_candidates(pool, tokens=EVAL_WINDOW, scored=True)
+    print(f"[quality at {format_size(budget)}] the planned recipe", flush=True)
+    choice, _, _, measured, planning, attempts = contract_choice(
+        pool,
+        shaped,
+        budget,
+        None,
+        compat,
+        None,
+        None,
+        data,
+        fit,
+        args,
+        cache,
+        work / "quality-planned",
+        heldout,
+    )
     planned = choice.plan
     randoms = sample_plans(
-        cands, budget, compat, None, random.Random(args.seed + 1), args.random, exclude=[planned]
+        shaped,
+        planning,
+        compat,
+        None,
+        random.Random(args.seed + 1),
+        args.random,
+        exclude=[planned],
     )
     plans = [planned] + randoms
-    print(f"[quality at {format_size(budget)}] planned + {len(randoms)} random recipes", flush=True)
+    print(
+        f"[quality within {format_size(planning)}] planned + {len(randoms)} random recipes",
+        flush=True,
+    )
     scored = score_plans(pool, plans, data, fit, score_windows=args.score_windows, cache=cache)
     forwards = FORWARDS.value - before
     results = []
@@ -546,6 +598,10 @@ def part_quality(pool, cands, compat, data, heldout_text, args, work: Path) -> d
     rho = spearman([r["objective"] for r in results], [-x for x in bpb_all])
     summary = {
         "budget": format_size(budget),
+        "planned_within": format_size(planning),
+        "contract_attempts": attempts,
+        "planned_measured": measured,
+        "planned_rss_within_contract": within_contract(measured, budget),
         "recipes": n,
         "planned_rank_bits_per_byte": _ranks(bpb_all)[0],
         "planned_rank_bits_per_byte_90ci": _interval(bpb_ranks),
@@ -734,7 +790,7 @@ def main(argv=None) -> None:
         doc["cost"] = part_cost(cands, compat, args)
         save()
     if "quality" in parts:
-        doc["quality"] = part_quality(pool, cands, compat, data, held, args, work)
+        doc["quality"] = part_quality(pool, compat, data, heldout, args, work)
         save()
     if "rows" in parts:
         doc["rows"] = part_rows(pool, compat, data, heldout, args, work)
