@@ -28,8 +28,10 @@ fine-tuned relative joined the pool: it is fp16 with SmolLM2's quality prior, so
 enter a plan only where SmolLM2's fp32 layers can, at 100% and 4 GB; below, the
 planner's shortlists with and without it hold none of its layers.)
 
-A quick look (``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``): 39
-minutes in one process.
+The whole benchmark within about an hour (every part and budget, smaller samples:
+``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``, results/assemble-quick5):
+61 minutes in one process beside two other benchmark processes for most of it, 46
+minutes of CPU time.
 
 Parts (``--parts``):
 
