@@ -670,7 +670,10 @@ def _scatter(results, rho, ci, path: Path) -> None:
 
 
 def part_cost(cands, compat, args) -> list[dict[str, Any]]:
-    models = sorted([c for c in cands if c.n], key=lambda c: (not c.causal, c.name))
+    # the pool's own models (a pool with variants holds them too: they are not models)
+    models = sorted(
+        [c for c in cands if c.n and c.name == c.root], key=lambda c: (not c.causal, c.name)
+    )
     rows = []
     for m in (1, 2, 3):
         base = models[:m]
