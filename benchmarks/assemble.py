@@ -3,7 +3,7 @@
 The seed's Figures 13-16 in miniature, on a real pool (the three builtin models and any
 variants it holds). The run reported in the README (the issue's full size: all budgets,
 ``--limit 200``, 30 random recipes), on the 2-core CPU machine, up to four processes side
-by side: the cost part in 2 minutes, the quality part in about 40, the rows 20-36 minutes
+by side: the cost part in 15 seconds, the quality part in about 40, the rows 20-36 minutes
 per budget::
 
     assy build-pool smollm2-135m gemma3-270m minilm-l6 --out work/pool
@@ -14,7 +14,7 @@ per budget::
         --data ../shared/data/dolly-fed10/local_training_0.json
     assy compare work/pool --task piqa --samples 128 --out work/compare
     B="--pool work/pool --compat work/compare --samples 16 --seq-len 128 --threads 1"
-    .venv/bin/python benchmarks/assemble.py $B --parts cost --out results/assemble-cost.json
+    .venv/bin/python benchmarks/assemble.py $B --parts cost --out results/assemble-cost2.json
     .venv/bin/python benchmarks/assemble.py $B --parts quality --random 30 \\
         --quality-limit 200 --limit 200 --out results/assemble-quality4.json
     R="$B --parts rows --limit 200"
