@@ -3,7 +3,7 @@
 The seed's Figures 13-16 in miniature, on a real pool (the three builtin models and any
 variants it holds). The run reported in the README (the issue's full size: all budgets,
 ``--limit 200``, 30 random recipes), on the 2-core CPU machine, up to four processes side
-by side: the cost part in 15 seconds, the quality part in about 40, the rows 20-36 minutes
+by side: the cost part in 15 seconds, the quality part in 40-60 minutes, the rows 20-36 minutes
 per budget::
 
     assy build-pool smollm2-135m gemma3-270m minilm-l6 --out work/pool
