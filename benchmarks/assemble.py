@@ -3,8 +3,8 @@
 The seed's Figures 13-16 in miniature, on a real pool (the three builtin models and any
 variants it holds). The run reported in the README (the issue's full size: all budgets,
 ``--limit 200``, 30 random recipes), on the 2-core CPU machine, up to four processes side
-by side: the cost part in 15 seconds, the quality part in 40-60 minutes, the rows 20-36 minutes
-per budget::
+by side: the cost part in 15 seconds, the quality part in 40-60 minutes, the rows 20-36
+minutes per budget::
 
     assy build-pool smollm2-135m gemma3-270m minilm-l6 --out work/pool
     assy assemble work/pool --budget 300MB --make-variants int8,int4 --max-seams 0 --dry-run
@@ -19,11 +19,12 @@ per budget::
         --quality-limit 200 --limit 200 --out results/assemble-quality4.json
     R="$B --parts rows --limit 200"
     .venv/bin/python benchmarks/assemble.py $R --budgets 1,4GB --out results/assemble-rows-K.json
-    .venv/bin/python benchmarks/assemble.py $R --budgets 0.35 --out results/assemble-rows-H.json
+    .venv/bin/python benchmarks/assemble.py $R --budgets 0.35,1 --out results/assemble-rows-H.json
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.5,0.25 --out results/assemble-rows-I.json
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.25:swap --out results/assemble-rows-J.json
 
-(Two or three processes ran side by side. The rows at 50%, 35% and 25% ran before the
+(Two or three processes ran side by side; rows-H's 100% row is superseded by rows-K's.
+The rows at 50%, 35% and 25% ran before the
 fine-tuned relative joined the pool: it is fp16 with SmolLM2's quality prior, so it can
 enter a plan only where SmolLM2's fp32 layers can, at 100% and 4 GB; below, the
 planner's shortlists with and without it hold none of its layers.)
