@@ -23,15 +23,15 @@ minutes per budget::
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.5,0.25 --out results/assemble-rows-I.json
     .venv/bin/python benchmarks/assemble.py $R --budgets 0.25:swap --out results/assemble-rows-J.json
 
-(Two or three processes ran side by side; rows-H's 100% row is superseded by rows-K's.
-The rows at 50%, 35% and 25% ran before the
-fine-tuned relative joined the pool: it is fp16 with SmolLM2's quality prior, so it can
-enter a plan only where SmolLM2's fp32 layers can, at 100% and 4 GB; below, the
-planner's shortlists with and without it hold none of its layers.)
+(Two or three processes ran side by side; rows-H's 100% row is superseded by rows-K's. The
+rows at 50%, 35% and 25% ran before the fine-tuned relative joined the pool: it is fp16
+with SmolLM2's quality prior, so it can enter a plan only where SmolLM2's fp32 layers can,
+at 100% and 4 GB; below, the planner's shortlists with and without it hold none of its
+layers.)
 
 The whole benchmark within about an hour (every part and budget, smaller samples:
-``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``, results/assemble-quick5):
-61 minutes in one process beside two other benchmark processes for most of it, 46
+``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``, results/assemble-
+quick5): 61 minutes in one process beside two other benchmark processes for most of it, 46
 minutes of CPU time.
 
 Parts (``--parts``):
