@@ -30,9 +30,9 @@ at 100% and 4 GB; below, the planner's shortlists with and without it hold none 
 layers.)
 
 The whole benchmark within about an hour (every part and budget, smaller samples:
-``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``, results/assemble-
-quick5): 61 minutes in one process beside two other benchmark processes for most of it, 46
-minutes of CPU time.
+``--limit 20 --random 12 --quality-limit 50 --heldout-tokens 1024``,
+results/assemble-quick5): 61 minutes in one process beside two other benchmark processes
+for most of it, 46 minutes of CPU time.
 
 Parts (``--parts``):
 
