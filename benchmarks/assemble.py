@@ -344,19 +344,15 @@ def contract_choice(
     return planned, scored, singles, r, planning, attempts
 
 
-def part_rows(pool, compat, data, heldout, args, work: Path) -> list[dict[str, Any]]:
-    smol16 = next(
-        c for c in pool_candidates(pool, dtype="fp16", tokens=args.seq_len) if c.name == ANCHOR
-    )
+def part_rows(
+    pool, shaped, anchor_bytes, compat, data, heldout, args, work: Path
+) -> list[dict[str, Any]]:
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
     rows = []
-    # the rows' plans are run by the scoring engine on the evaluation's windows (256
-    # tokens): one token's logits at a time and the KV caches of a window
-    shaped = pool_candidates(pool, tokens=EVAL_WINDOW, scored=True)
     for given in args.budgets:
         spec, _, mode = given.partition(":")
-        budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
+        budget = _budget(spec, anchor_bytes)
         label = f"{float(spec):.0%}" if _is_fraction(spec) else spec
         swap, note, max_read, plans = None, "", None, None
         try:
@@ -468,6 +464,11 @@ def _row(label, budget, swap, name, plan, r):
     }
 
 
+def _budget(spec: str, anchor_bytes: int) -> int:
+    """A budget given as a fraction of SmolLM2's fp16 bytes (``0.35``) or a size."""
+    return int(float(spec) * anchor_bytes) if _is_fraction(spec) else parse_size(spec)
+
+
 def _is_fraction(spec: str) -> bool:
     try:
         return float(spec) <= 1.0
@@ -497,15 +498,13 @@ def spearman(x, y) -> float:
         return float(spearmanr(x, y).statistic)
 
 
-def part_quality(pool, compat, data, heldout, args, work: Path) -> dict[str, Any]:
+def part_quality(
+    pool, shaped, anchor_bytes, compat, data, heldout, args, work: Path
+) -> dict[str, Any]:
     from assy.assembly.chain import build_items
     from assy.evaluation import evaluate_target
 
-    smol16 = next(
-        c for c in pool_candidates(pool, dtype="fp16", tokens=args.seq_len) if c.name == ANCHOR
-    )
-    spec = args.quality_budget
-    budget = int(float(spec) * smol16.bytes) if _is_fraction(spec) else parse_size(spec)
+    budget = _budget(args.quality_budget, anchor_bytes)
     fit = FitOptions(samples=args.samples, seq_len=args.seq_len, seed=args.seed)
     cache = StateCache(work / "states")
     heldout_text = heldout.read_text()
@@ -513,7 +512,6 @@ def part_quality(pool, compat, data, heldout, args, work: Path) -> dict[str, Any
     # windows, measured within its budget, planned again within less where it breaks the
     # budget contract; its proxy's forwards are counted too
     before = FORWARDS.value
-    shaped = pool_candidates(pool, tokens=EVAL_WINDOW, scored=True)
     print(f"[quality at {format_size(budget)}] the planned recipe", flush=True)
     choice, _, _, measured, planning, attempts = contract_choice(
         pool,
@@ -781,6 +779,14 @@ def main(argv=None) -> None:
     pool = Pool(args.pool)
     compat = load_compat(args.compat) if args.compat else None
     cands = pool_candidates(pool, tokens=args.seq_len, scored=True)
+    # the rows' and the quality part's plans are run by the scoring engine on the
+    # evaluation's windows (256 tokens): one token's logits at a time, a window's KV caches
+    shaped = pool_candidates(pool, tokens=EVAL_WINDOW, scored=True)
+    anchor_bytes = next(
+        c.bytes
+        for c in pool_candidates(pool, dtype="fp16", tokens=args.seq_len)
+        if c.name == ANCHOR
+    )
     held = heldout_text(20_000)
     heldout = work / "heldout.txt"
     heldout.write_text(held)
@@ -802,10 +808,10 @@ def main(argv=None) -> None:
         doc["cost"] = part_cost(cands, compat, args)
         save()
     if "quality" in parts:
-        doc["quality"] = part_quality(pool, compat, data, heldout, args, work)
+        doc["quality"] = part_quality(pool, shaped, anchor_bytes, compat, data, heldout, args, work)
         save()
     if "rows" in parts:
-        doc["rows"] = part_rows(pool, compat, data, heldout, args, work)
+        doc["rows"] = part_rows(pool, shaped, anchor_bytes, compat, data, heldout, args, work)
         save()
     args.out.with_suffix(".md").write_text(markdown(doc))
     print(markdown(doc))
